@@ -1,0 +1,5 @@
+import sys
+
+from sceneparse.cli.main import main
+
+sys.exit(main())
