@@ -1,5 +1,39 @@
-"""Placeholder: the owner of this command replaces it."""
+"""`sceneparse convert csail`: CSAIL's encoder/decoder files -> one sceneparse checkpoint."""
+from __future__ import annotations
+
+import argparse
 
 
 def register(subparsers) -> None:
-    pass
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert weights from other code bases",
+        description="Convert weights from other code bases into a sceneparse checkpoint.",
+    )
+    sources = parser.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    csail = sources.add_parser(
+        "csail",
+        help="CSAIL semantic-segmentation-pytorch ADE20K models",
+        description="Convert CSAIL's encoder_epoch_N.pth and decoder_epoch_N.pth (ADE20K, 150 classes) "
+        "into one checkpoint with ADE20K's class names and palette.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    csail.add_argument("--encoder", required=True, metavar="E.pth", help="CSAIL encoder_epoch_N.pth")
+    csail.add_argument("--decoder", required=True, metavar="D.pth", help="CSAIL decoder_epoch_N.pth")
+    csail.add_argument(
+        "--arch",
+        required=True,
+        metavar="NAME",
+        help="CSAIL model name, e.g. resnet50dilated-ppm_deepsup, resnet101-upernet, hrnetv2-c1",
+    )
+    csail.add_argument("--output", required=True, metavar="model.pt", help="checkpoint to write")
+    csail.set_defaults(func=_convert_csail)
+
+
+def _convert_csail(args) -> int:
+    # Imported here so that `sceneparse --help` does not load torch.
+    from sceneparse.zoo.csail import convert_csail_files
+
+    path = convert_csail_files(args.encoder, args.decoder, args.arch, args.output)
+    print(f"wrote {path} ({args.arch}, 150 ADE20K classes)")
+    return 0

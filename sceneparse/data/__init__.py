@@ -1,0 +1,62 @@
+"""Datasets, metadata, transforms, samplers and the data check.
+
+Conventions (docs/architecture.md): class ids 0..C-1, `IGNORE_INDEX` (255) for unlabelled pixels;
+samples are `{"image": Image uint8 3xHxW, "mask": Mask int64 HxW, "path": str}`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sceneparse.data.datasets import ADE20K, CamVid, Folder, LabelMapper, SegmentationDataset
+from sceneparse.data.meta import IGNORE_INDEX, builtin_meta, make_palette
+from sceneparse.data.synthetic import Synthetic
+from sceneparse.errors import SceneparseError
+
+__all__ = [
+    "ADE20K", "CamVid", "DATASETS", "Folder", "IGNORE_INDEX", "LabelMapper", "SegmentationDataset",
+    "Synthetic", "build_dataset", "builtin_meta", "make_palette",
+]
+
+
+def _ade20k(cfg: dict, split: str, transforms, strict: bool = True):
+    return ADE20K(cfg.get("root"), split, odgt=cfg.get("odgt"), transforms=transforms, strict=strict)
+
+
+def _camvid(cfg: dict, split: str, transforms, strict: bool = True):
+    return CamVid(cfg.get("root"), split, transforms=transforms, strict=strict)
+
+
+def _folder(cfg: dict, split: str, transforms, strict: bool = True):
+    return Folder(
+        cfg.get("root"), split, classes_file=cfg.get("classes_file"), transforms=transforms, strict=strict
+    )
+
+
+def _synthetic(cfg: dict, split: str, transforms, strict: bool = True):
+    count = cfg.get("num_images")
+    if isinstance(count, Mapping):  # {train: 100, val: 30}
+        count = count.get(split)
+    return Synthetic(
+        split, num_images=count, seed=cfg.get("seed") or 0,
+        image_size=cfg.get("image_size") or 128, transforms=transforms,
+    )
+
+
+# kind -> builder(cfg, split, transforms, strict); strict=False keeps a broken listing for the data check
+DATASETS = {"ade20k": _ade20k, "camvid": _camvid, "folder": _folder, "synthetic": _synthetic}
+
+
+def build_dataset(data_cfg, split: str, transforms=None) -> SegmentationDataset:
+    """The dataset of `split` described by a config's `data:` section (a mapping or OmegaConf node)
+    with keys `kind` (ade20k|camvid|folder|synthetic), `root`, `odgt` (ade20k; a path or
+    {train: path, val: path}), `classes_file` (folder), `seed`, `num_images`, `image_size` (synthetic)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(data_cfg, DictConfig):
+        data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    if not isinstance(data_cfg, Mapping):
+        raise SceneparseError(f"the data settings must be a mapping, got {type(data_cfg).__name__}")
+    kind = data_cfg.get("kind")
+    if kind not in DATASETS:
+        raise SceneparseError(f"unknown dataset kind {kind!r} (`data.kind`)", f"use one of: {', '.join(DATASETS)}")
+    return DATASETS[kind](dict(data_cfg), split, transforms)

@@ -1,0 +1,339 @@
+"""Dataset checks: the cheap start-up check the trainer runs, and the full `sceneparse data check`.
+
+`quick_check(dataset)`: files exist and pair up, headers readable, image and label sizes agree
+(no pixel decoding). `check_datasets(...)`: reads every file once, in a thread pool, and reports
+every problem below plus the per-class pixel histogram.
+
+Problem codes (severity): missing_file, image_without_label, unreadable_image, unreadable_label,
+size_mismatch, color_label, bad_label_values, exif_rotated (errors); label_without_image,
+duplicate_files, unused_classes (warnings).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sceneparse.data.io import ColorLabelError, exif_orientation, image_size, label_size, read_image
+from sceneparse.data.meta import IGNORE_INDEX
+from sceneparse.errors import SceneparseError
+
+ERROR, WARNING = "error", "warning"
+
+
+@dataclass
+class Problem:
+    code: str
+    severity: str
+    message: str
+    files: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+
+def _listing_problems(dataset) -> list[Problem]:
+    listing = dataset.listing
+    problems = [
+        Problem("missing_file", ERROR, f"{p} is listed ({listing.where}) but does not exist", [str(p)])
+        for p in listing.missing
+    ]
+    problems += [
+        Problem("image_without_label", ERROR, f"image {p} has no label file", [str(p)])
+        for p in listing.images_without_labels
+    ]
+    problems += [
+        Problem("label_without_image", WARNING, f"label {p} has no image (ignored)", [str(p)])
+        for p in listing.labels_without_images
+    ]
+    if not listing.pairs and not listing.missing and not listing.images_without_labels:
+        problems.append(Problem("no_files", ERROR, f"no image/label pairs in {listing.where}"))
+    return problems
+
+
+def _quick_pair(pair: tuple[str, str]) -> list[Problem]:
+    image, label = pair
+    problems = []
+    try:
+        image_hw = image_size(image)
+    except SceneparseError as err:
+        return [Problem("unreadable_image", ERROR, err.message, [image])]
+    try:
+        label_hw = label_size(label)
+    except SceneparseError as err:
+        return [Problem("unreadable_label", ERROR, err.message, [label])]
+    if image_hw != label_hw:
+        problems.append(_size_problem(image, image_hw, label, label_hw))
+    return problems
+
+
+def _size_problem(image, image_hw, label, label_hw) -> Problem:
+    return Problem(
+        "size_mismatch", ERROR,
+        f"image {image} is {image_hw[0]}x{image_hw[1]} (HxW) but its label {label} is {label_hw[0]}x{label_hw[1]}",
+        [str(image), str(label)], {"image_size": list(image_hw), "label_size": list(label_hw)},
+    )
+
+
+def quick_check(dataset, workers: int | None = None) -> list[Problem]:
+    """The cheap checks (listing, headers, sizes) of a dataset; [] when nothing is wrong.
+
+    The trainer runs it at start-up and refuses a dataset with any problem of severity "error".
+    """
+    if not getattr(dataset, "on_disk", True):
+        return []
+    problems = _listing_problems(dataset)
+    with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
+        for found in pool.map(_quick_pair, dataset.files, chunksize=64):
+            problems.extend(found)
+    return problems
+
+
+def _default_workers() -> int:
+    return min(8, (os.cpu_count() or 2) * 2)
+
+
+# --------------------------------------------------------------------------- full check
+
+
+@dataclass
+class _PairResult:
+    image: str
+    digest: str | None = None
+    counts: np.ndarray | None = None  # pixels per class id, then the ignore count last
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _full_pair(dataset, image: str, label: str) -> _PairResult:
+    result = _PairResult(image)
+    try:
+        data = Path(image).read_bytes()
+        result.digest = hashlib.sha1(data).hexdigest()
+        image_hw = tuple(read_image(image).shape[-2:])
+    except (OSError, SceneparseError) as err:
+        message = err.message if isinstance(err, SceneparseError) else f"cannot read image {image}: {err}"
+        result.problems.append(Problem("unreadable_image", ERROR, message, [image]))
+        image_hw = None
+    orientation = exif_orientation(image) if image_hw else 1
+    if orientation != 1:
+        result.problems.append(Problem(
+            "exif_rotated", ERROR,
+            f"image {image} has EXIF orientation {orientation}: it is shown rotated, its label {label} "
+            "would be misaligned",
+            [image, label], {"orientation": orientation},
+        ))
+    try:
+        raw = dataset.read_raw_label(label)
+    except ColorLabelError:
+        result.problems.append(Problem(
+            "color_label", ERROR,
+            f"label {label} is an RGB colour image where class ids were expected "
+            "(convert colours to ids; palette PNGs are fine)", [label],
+        ))
+        return result
+    except SceneparseError as err:
+        result.problems.append(Problem("unreadable_label", ERROR, err.message, [label]))
+        return result
+    if image_hw is not None and image_hw != raw.shape:
+        result.problems.append(_size_problem(image, image_hw, label, raw.shape))
+    mapped, bad = dataset.mapper.map_values(raw)
+    if bad:
+        result.problems.append(Problem(
+            "bad_label_values", ERROR,
+            f"label {label} has values {', '.join(map(str, bad[:12]))} that are neither a class nor "
+            f"the ignore value ({dataset.mapper.describe()})",
+            [label], {"values": bad},
+        ))
+    valid = mapped[mapped >= 0]
+    counts = np.bincount(valid.ravel(), minlength=IGNORE_INDEX + 1)
+    result.counts = np.append(counts[: dataset.num_classes], counts[IGNORE_INDEX])
+    return result
+
+
+@dataclass
+class CheckReport:
+    kind: str
+    root: str
+    splits: dict[str, int]  # split -> number of image/label pairs
+    class_names: list[str]
+    pixel_counts: list[int]  # per class id
+    ignore_pixels: int
+    problems: list[Problem]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == WARNING]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok, "kind": self.kind, "root": self.root, "splits": self.splits,
+            "num_errors": len(self.errors), "num_warnings": len(self.warnings),
+            "problems": [asdict(p) for p in self.problems],
+            "classes": [
+                {"id": i, "name": n, "pixels": c} for i, (n, c) in enumerate(zip(self.class_names, self.pixel_counts))
+            ],
+            "ignore_pixels": self.ignore_pixels,
+        }
+
+    def format_text(self, max_per_code: int = 20) -> str:
+        lines = [f"{self.kind} dataset at {self.root}: "
+                 + ", ".join(f"{split} {n} pairs" for split, n in self.splits.items())]
+        for title, group in (("errors", self.errors), ("warnings", self.warnings)):
+            if not group:
+                continue
+            lines.append(f"{title} ({len(group)}):")
+            by_code = defaultdict(list)
+            for problem in group:
+                by_code[problem.code].append(problem)
+            for code, items in by_code.items():
+                lines += [f"  {p}" for p in items[:max_per_code]]
+                if len(items) > max_per_code:
+                    lines.append(f"  [{code}] ... and {len(items) - max_per_code} more (--json lists all)")
+        total = sum(self.pixel_counts) + self.ignore_pixels
+        if total:
+            width = max(len(n) for n in self.class_names)
+            lines.append("pixels per class:")
+            rows = [(str(i), n, c) for i, (n, c) in enumerate(zip(self.class_names, self.pixel_counts))]
+            rows.append(("-", "(ignored)", self.ignore_pixels))
+            for ident, name, count in rows:
+                lines.append(f"  {ident:>3}  {name:<{width}}  {count:>12,}  {100 * count / total:6.2f}%")
+        lines.append(f"result: {len(self.errors)} errors, {len(self.warnings)} warnings"
+                     + ("" if self.ok else " -> fix the errors before training"))
+        return "\n".join(lines)
+
+    def save_histogram(self, path: str | Path) -> Path:
+        """Bar chart of pixels per class (log scale) as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        n = len(self.class_names)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * n + 2), 4.5))
+        ax.bar(range(n), [max(c, 0) for c in self.pixel_counts], color="tab:blue")
+        ax.set_yscale("symlog")
+        ax.set_xticks(range(n))
+        ax.set_xticklabels(self.class_names, rotation=90, fontsize=7 if n > 40 else 9)
+        ax.set_ylabel("pixels")
+        ax.set_title(f"{self.kind}: pixels per class ({', '.join(self.splits)}); ignored: {self.ignore_pixels:,}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def check_datasets(datasets: dict, root: str = "", workers: int | None = None, progress: bool = True) -> CheckReport:
+    """Full check of `{split: dataset}` (same kind and classes): every file read once."""
+    from tqdm import tqdm
+
+    first = next(iter(datasets.values()))
+    problems: list[Problem] = []
+    counts = np.zeros(first.num_classes + 1, dtype=np.int64)
+    digests: dict[str, list[str]] = defaultdict(list)
+    jobs = []
+    for dataset in datasets.values():
+        if getattr(dataset, "on_disk", True):
+            problems += _listing_problems(dataset)
+            jobs += [(dataset, image, label) for image, label in dataset.files]
+    with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
+        results = pool.map(lambda job: _full_pair(*job), jobs)
+        for result in tqdm(results, total=len(jobs), desc="checking", unit="pair", disable=not progress):
+            problems += result.problems
+            if result.counts is not None:
+                counts += result.counts
+            if result.digest:
+                digests[result.digest].append(result.image)
+    for files in digests.values():
+        if len(files) > 1:
+            problems.append(Problem(
+                "duplicate_files", WARNING, f"{len(files)} images have the same content: {', '.join(files)}", files
+            ))
+    class_counts = counts[:-1].tolist()
+    unused = [name for name, c in zip(first.class_names, class_counts) if c == 0]
+    if jobs and unused:
+        problems.append(Problem(
+            "unused_classes", WARNING,
+            f"{len(unused)} classes never occur: {', '.join(unused[:30])}" + (" ..." if len(unused) > 30 else ""),
+            details={"classes": unused},
+        ))
+    return CheckReport(
+        first.kind, str(root), {split: len(ds) for split, ds in datasets.items()},
+        list(first.class_names), class_counts, int(counts[-1]), problems,
+    )
+
+
+# --------------------------------------------------------------------------- what to check
+
+CHECK_SPLITS = {"ade20k": ["train", "val"], "camvid": ["train", "val", "test"]}
+
+
+def datasets_to_check(target, kind: str | None = None, split: str | None = None, classes_file=None) -> tuple[dict, str]:
+    """`({split: dataset}, root)` for a dataset folder (layout auto-detected unless `kind`) or a
+    YAML config (its `data:` section), built without refusing broken listings."""
+    from sceneparse.data import DATASETS
+    from sceneparse.data.datasets import detect_kind
+
+    target = Path(target).expanduser()
+    if target.is_file() and target.suffix.lower() in (".yaml", ".yml"):
+        from omegaconf import OmegaConf
+
+        try:
+            cfg = OmegaConf.to_container(OmegaConf.load(target), resolve=True)
+        except Exception as err:  # noqa: BLE001 - any parse error is the user's file
+            raise SceneparseError(f"cannot read config {target}: {err}") from None
+        data = cfg.get("data") if isinstance(cfg, dict) else None
+        if not isinstance(data, dict) or "kind" not in data:
+            raise SceneparseError(f"config {target} has no `data:` section with a `kind`")
+        if kind:
+            data["kind"] = kind
+    elif target.is_dir():
+        data = {"kind": kind or detect_kind(target), "root": str(target), "classes_file": classes_file}
+        if data["kind"] is None:
+            raise SceneparseError(
+                f"cannot tell the dataset layout of {target}",
+                "pass --kind (ade20k, camvid, folder) or point at a YAML config; a folder dataset is "
+                "ROOT/images + ROOT/labels + ROOT/classes.yaml",
+            )
+    else:
+        raise SceneparseError(f"{target} is neither a dataset folder nor a YAML config", "check the path")
+    if data["kind"] not in DATASETS:
+        raise SceneparseError(f"unknown dataset kind {data['kind']!r}", f"use one of: {', '.join(DATASETS)}")
+    splits = [split] if split else _splits(data)
+    built = {(s or "all"): DATASETS[data["kind"]](data, s, None, strict=False) for s in splits}
+    return built, str(data.get("root") or target)
+
+
+def _splits(data: dict) -> list:
+    kind, root = data["kind"], Path(data.get("root") or ".")
+    if kind == "synthetic":
+        return ["train", "val"]
+    if kind == "ade20k":
+        if data.get("odgt") and not isinstance(data["odgt"], dict):
+            return ["train"]  # one list: check it once
+        return ["train", "val"]
+    if kind == "camvid":
+        found = [s for s in CHECK_SPLITS["camvid"] if (root / s / "images").is_dir()]
+        return found or ["train"]
+    # folder: split subfolders, then list files, else everything as one split
+    images = root / "images"
+    subdirs = sorted(p.name for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
+    if subdirs:
+        return subdirs
+    lists = [s for s in ("train", "val", "test") if (root / f"{s}.txt").is_file()]
+    return lists or [None]

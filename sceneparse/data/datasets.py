@@ -1,0 +1,529 @@
+"""File-backed segmentation datasets: ADE20K, CamVid and a folder of the user's own data.
+
+Every dataset returns `{"image": Image uint8 3xHxW, "mask": Mask int64 HxW, "path": str}` with
+class ids `0..C-1` and `IGNORE_INDEX` for unlabelled pixels (each dataset translates its own
+label encoding through a `LabelMapper`), and exposes `class_names`, `palette`, `num_classes`,
+`files` [(image, label)] and `image_sizes()`.
+
+Labels are validated on every load (values, size against the image). Constructors refuse broken
+listings (images without labels, files named by a list that do not exist); `strict=False` keeps
+them in `listing` instead, which is what `sceneparse data check` reports from.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from sceneparse.data.io import (
+    IMAGE_EXTENSIONS,
+    LABEL_EXTENSIONS,
+    image_size,
+    read_image,
+    read_label,
+)
+from sceneparse.data.meta import IGNORE_INDEX, builtin_meta, make_palette
+from sceneparse.errors import SceneparseError
+
+
+@dataclass
+class Listing:
+    """What a dataset found on disk."""
+
+    pairs: list[tuple[Path, Path]]
+    images_without_labels: list[Path] = field(default_factory=list)
+    labels_without_images: list[Path] = field(default_factory=list)
+    missing: list[Path] = field(default_factory=list)  # named by a list file, absent on disk
+    sizes: list[tuple[int, int]] | None = None  # (H, W) per pair when a list file gives them
+    where: str = ""  # the folders or list file searched, for messages
+
+
+class LabelMapper:
+    """Raw label values -> sceneparse ids through a lookup table.
+
+    Raw values `offset .. offset+C-1` become `0..C-1`, the dataset's ignore values become
+    `IGNORE_INDEX`; any other value is an error naming the file and the values.
+    """
+
+    def __init__(self, num_classes: int, offset: int = 0, ignore_values: tuple[int, ...] = (IGNORE_INDEX,)):
+        if not 1 <= num_classes <= IGNORE_INDEX:
+            raise SceneparseError(
+                f"{num_classes} classes: sceneparse supports 1..{IGNORE_INDEX} classes "
+                f"({IGNORE_INDEX} is the ignore label)"
+            )
+        self.num_classes = num_classes
+        self.offset = offset
+        self.ignore_values = tuple(int(v) for v in ignore_values)
+        self._lut = self._build(256)
+
+    def _build(self, size: int) -> np.ndarray:
+        lut = np.full(size, -1, dtype=np.int64)
+        hi = min(size, self.offset + self.num_classes)
+        lut[self.offset:hi] = np.arange(hi - self.offset)
+        for value in self.ignore_values:
+            if 0 <= value < size:
+                lut[value] = IGNORE_INDEX
+        return lut
+
+    def describe(self) -> str:
+        ids = f"{self.offset}..{self.offset + self.num_classes - 1}"
+        ignore = ", ".join(map(str, self.ignore_values)) or "none"
+        return f"expected class values {ids}, ignore value {ignore}"
+
+    def invalid_values(self, raw: np.ndarray) -> list[int]:
+        """Raw values present in `raw` that are neither a class nor an ignore value."""
+        _, bad = self.map_values(raw)
+        return bad
+
+    def map_values(self, raw: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """(mapped ids with -1 where invalid, sorted invalid raw values)."""
+        raw = np.asarray(raw)
+        if raw.size == 0:
+            return raw.astype(np.int64), []
+        vmax = int(raw.max())
+        lut = self._lut if vmax < len(self._lut) else self._build(vmax + 1)
+        if raw.dtype.kind == "i" and raw.min() < 0:
+            mapped = np.full(raw.shape, -1, dtype=np.int64)
+            mapped[raw >= 0] = lut[raw[raw >= 0]]
+        else:
+            mapped = lut[raw]
+        if mapped.min() >= 0:
+            return mapped, []
+        return mapped, [int(v) for v in np.unique(raw[mapped < 0])]
+
+    def __call__(self, raw: np.ndarray, path: str | Path = "<array>") -> np.ndarray:
+        mapped, bad = self.map_values(raw)
+        if bad:
+            shown = ", ".join(map(str, bad[:12])) + (" ..." if len(bad) > 12 else "")
+            raise SceneparseError(
+                f"label file {path} has values outside the {self.num_classes} classes: {shown} "
+                f"({self.describe()})",
+                "fix the label file, or declare the value as the ignore value / add the class",
+            )
+        return mapped
+
+
+class SegmentationDataset(Dataset):
+    """Base class: pairs of (image, label) files, metadata and the label mapping."""
+
+    kind = "base"
+    layout = ""
+    on_disk = True
+
+    def __init__(
+        self,
+        listing: Listing,
+        class_names: list[str],
+        palette: list[list[int]],
+        mapper: LabelMapper,
+        transforms=None,
+        label_colors: dict[tuple[int, int, int], int] | None = None,
+        strict: bool = True,
+    ):
+        if len(class_names) != mapper.num_classes or len(palette) != len(class_names):
+            raise SceneparseError(
+                f"{len(class_names)} class names, {len(palette)} palette colours and "
+                f"{mapper.num_classes} label classes do not agree"
+            )
+        self.listing = listing
+        self.files = [(str(image), str(label)) for image, label in listing.pairs]
+        self.class_names = list(class_names)
+        self.palette = [[int(c) for c in colour] for colour in palette]
+        self.mapper = mapper
+        self.transforms = transforms
+        self.label_colors = label_colors
+        self._sizes = listing.sizes
+        if strict:
+            self.raise_if_broken()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def raise_if_broken(self) -> None:
+        listing = self.listing
+        if listing.missing:
+            raise SceneparseError(
+                f"{len(listing.missing)} files listed for the {self.kind} dataset do not exist, "
+                f"e.g. {_some(listing.missing)}",
+                f"check the dataset root and list file ({listing.where})",
+            )
+        if listing.images_without_labels:
+            raise SceneparseError(
+                f"{len(listing.images_without_labels)} images have no label file: "
+                f"{_some(listing.images_without_labels)}",
+                "add the labels (same file stem, in the labels folder) or remove the images; "
+                "`sceneparse data check` lists every problem",
+            )
+        if not listing.pairs:
+            raise SceneparseError(
+                f"no image/label pairs found for the {self.kind} dataset in {listing.where}",
+                f"expected layout: {self.layout}",
+            )
+
+    def read_raw_label(self, label_path: str | Path) -> np.ndarray:
+        return read_label(label_path, self.label_colors)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image uint8 3xHxW and mask int64 HxW (mapped and validated) of sample `index`."""
+        image_path, label_path = self.files[index]
+        image = read_image(image_path)
+        raw = self.read_raw_label(label_path)
+        if tuple(image.shape[-2:]) != raw.shape:
+            raise SceneparseError(
+                f"image {image_path} is {image.shape[-2]}x{image.shape[-1]} (HxW) but its label "
+                f"{label_path} is {raw.shape[0]}x{raw.shape[1]}",
+                "a label must have its image's size (an EXIF-rotated photo also mismatches: "
+                "save the image upright)",
+            )
+        return image, torch.from_numpy(self.mapper(raw, label_path))
+
+    def __getitem__(self, key):
+        """`dataset[i]`, or `dataset[(i, short_side)]` from a batch sampler that picks one scale per
+        batch (see `samplers.AspectRatioBatchSampler`): the transforms then resize to it."""
+        from torchvision import tv_tensors
+
+        index, short_side = key if isinstance(key, tuple) else (key, None)
+        image, mask = self.load(index)
+        image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
+        if short_side is not None:
+            if not getattr(self.transforms, "accepts_short_side", False):
+                raise ValueError("a per-batch short side needs transforms from build_train_transforms")
+            image, mask = self.transforms(image, mask, short_side=short_side)
+        elif self.transforms is not None:
+            image, mask = self.transforms(image, mask)
+        return {"image": image, "mask": mask, "path": self.sample_path(index)}
+
+    def sample_path(self, index: int) -> str:
+        return self.files[index][0]
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(H, W) per sample, from a list file or the image headers (cached)."""
+        if self._sizes is None:
+            self._sizes = [image_size(path) for path, _ in self.files]
+        return list(self._sizes)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} samples, {self.num_classes} classes)"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _some(paths, n: int = 5) -> str:
+    shown = ", ".join(str(p) for p in list(paths)[:n])
+    return shown + (f" (and {len(paths) - n} more)" if len(paths) > n else "")
+
+
+def _existing_root(root, layout: str) -> Path:
+    if root is None or str(root) == "":
+        raise SceneparseError("the dataset root is not set (`data.root`)", f"expected layout: {layout}")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise SceneparseError(f"dataset root {path} does not exist or is not a folder", f"expected layout: {layout}")
+    return path
+
+
+def _files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions
+    )
+
+
+def pair_folders(image_dir: Path, label_dir: Path, keep=None) -> Listing:
+    """Pair images and labels by file stem (`a.jpg` <-> `a.png`); `keep(path)` filters images."""
+    images = [p for p in _files(image_dir, IMAGE_EXTENSIONS) if keep is None or keep(p)]
+    labels: dict[str, Path] = {}
+    if label_dir.is_dir():
+        for p in _files(label_dir, LABEL_EXTENSIONS):
+            # prefer a PNG when two label files share a stem
+            if p.stem not in labels or p.suffix.lower() == ".png":
+                labels[p.stem] = p
+    stems = {p.stem for p in images}
+    pairs = [(p, labels[p.stem]) for p in images if p.stem in labels]
+    unlabelled = [p for p in images if p.stem not in labels]
+    orphans = sorted(p for stem, p in labels.items() if stem not in stems and (keep is None or keep(p)))
+    return Listing(pairs, unlabelled, orphans, where=f"{image_dir} + {label_dir}")
+
+
+def _split(split: str | None, names: Mapping[str, str], kind: str) -> str:
+    if split not in names:
+        raise SceneparseError(
+            f"unknown {kind} split {split!r}", f"use one of: {', '.join(sorted(set(names)))}"
+        )
+    return names[split]
+
+
+# --------------------------------------------------------------------------- ADE20K
+
+
+class ADE20K(SegmentationDataset):
+    """ADE20K SceneParsing (ADEChallengeData2016): 150 classes, raw 0 = unlabelled.
+
+    Raw label 0 -> IGNORE_INDEX, raw k (1..150) -> k-1. Files come from the official folders, from
+    flat `images/` + `annotations/` folders (split picked by the `ADE_train_`/`ADE_val_` prefix),
+    or from an `.odgt` list (JSON lines with fpath_img, fpath_segm, width, height).
+    """
+
+    kind = "ade20k"
+    layout = (
+        "ROOT/ADEChallengeData2016/images/{training,validation}/*.jpg and "
+        "ROOT/ADEChallengeData2016/annotations/{training,validation}/*.png "
+        "(ROOT may also be ADEChallengeData2016 itself), or an .odgt list (`data.odgt`)"
+    )
+    SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
+    PREFIX = {"training": "ADE_train_", "validation": "ADE_val_"}
+
+    def __init__(self, root, split: str = "train", odgt=None, transforms=None, strict: bool = True):
+        sub = _split(split, self.SPLITS, self.kind)
+        if isinstance(odgt, Mapping):  # {train: path, val: path}
+            odgt = odgt.get(split) or odgt.get(sub)
+        if odgt:
+            listing = read_odgt(odgt, root)
+        else:
+            listing = self._scan(_existing_root(root, self.layout), sub)
+        meta = builtin_meta("ade20k")
+        mapper = LabelMapper(150, offset=1, ignore_values=(0,))
+        super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
+
+    def _scan(self, root: Path, sub: str) -> Listing:
+        base = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+        if not (base / "images").is_dir():
+            raise SceneparseError(f"{root} has no ADE20K images folder", f"expected layout: {self.layout}")
+        if (base / "images" / sub).is_dir():
+            return pair_folders(base / "images" / sub, base / "annotations" / sub)
+        # flat folders: the official file names say the split
+        prefix = self.PREFIX[sub]
+        names = [p.name for p in _files(base / "images", IMAGE_EXTENSIONS)]
+        if any(n.startswith(("ADE_train_", "ADE_val_")) for n in names):
+            return pair_folders(base / "images", base / "annotations", keep=lambda p: p.name.startswith(prefix))
+        return pair_folders(base / "images", base / "annotations")
+
+
+def read_odgt(odgt, root) -> Listing:
+    """Pairs and sizes from an .odgt list; paths are relative to `root` (or its parent, so that
+    `root` may be ADEChallengeData2016 itself while the paths start with that folder's name)."""
+    odgt = Path(odgt).expanduser()
+    if not odgt.is_file():
+        raise SceneparseError(f"odgt list {odgt} does not exist", "set `data.odgt` to an existing .odgt file")
+    base = Path(root).expanduser() if root else odgt.parent
+    pairs, sizes, missing, unlabelled = [], [], [], []
+    with open(odgt, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                img_rel, seg_rel = record["fpath_img"], record["fpath_segm"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SceneparseError(
+                    f"{odgt} line {number} is not an odgt record",
+                    'each line must be JSON like {"fpath_img": ..., "fpath_segm": ..., "width": W, "height": H}',
+                ) from None
+            image = _resolve(base, img_rel)
+            label = _resolve(base, seg_rel)
+            if not image.is_file():
+                missing.append(image)
+                continue
+            if not label.is_file():
+                unlabelled.append(image)
+                continue
+            pairs.append((image, label))
+            if "width" in record and "height" in record:
+                sizes.append((int(record["height"]), int(record["width"])))
+    return Listing(
+        pairs, unlabelled, [], missing, sizes if len(sizes) == len(pairs) else None, where=str(odgt)
+    )
+
+
+def _resolve(base: Path, rel: str) -> Path:
+    path = Path(rel)
+    if path.is_absolute():
+        return path
+    first = base / path
+    if first.exists() or len(path.parts) < 2 or path.parts[0] != base.name:
+        return first
+    return base.parent / path
+
+
+# --------------------------------------------------------------------------- CamVid
+
+
+class CamVid(SegmentationDataset):
+    """CamVid, 11 classes: raw 0..10 are the classes, raw 11 (void) -> IGNORE_INDEX."""
+
+    kind = "camvid"
+    layout = "ROOT/{train,val,test}/images/*.jpg|png and ROOT/{train,val,test}/labels/*.png (same stems)"
+    SPLITS = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test"}
+
+    def __init__(self, root, split: str = "train", transforms=None, strict: bool = True):
+        root = _existing_root(root, self.layout)
+        sub = _split(split, self.SPLITS, self.kind)
+        if not (root / sub / "images").is_dir():
+            raise SceneparseError(f"{root / sub / 'images'} does not exist", f"expected layout: {self.layout}")
+        listing = pair_folders(root / sub / "images", root / sub / "labels")
+        meta = builtin_meta("camvid")
+        mapper = LabelMapper(11, offset=0, ignore_values=(11,))
+        super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
+
+
+# --------------------------------------------------------------------------- Folder
+
+CLASSES_FILE_NAMES = ("classes.yaml", "classes.yml", "classes.json")
+CLASSES_FILE_EXAMPLE = (
+    "a classes.yaml such as:\n"
+    "    classes: [background, person, car]   # class ids 0, 1, 2 in the label files\n"
+    "    palette: [[0, 0, 0], [220, 20, 60], [0, 0, 142]]   # optional\n"
+    "    ignore_index: 255   # optional: the label value of unlabelled pixels (default 255)"
+)
+_CLASSES_KEYS = {"classes", "palette", "ignore_index", "label_colors", "ignore_colors"}
+
+
+@dataclass
+class ClassesSpec:
+    names: list[str]
+    palette: list[list[int]]
+    ignore_index: int | None
+    label_colors: dict[tuple[int, int, int], int] | None
+
+
+def load_classes_file(path: str | Path) -> ClassesSpec:
+    """Read a folder dataset's classes file (YAML or JSON).
+
+    Keys: `classes` (list of names, id = position), `palette` (optional, one [r, g, b] per class;
+    generated when absent), `ignore_index` (label value of unlabelled pixels, default 255, null for
+    none), `label_colors` (optional: the label files are colour-coded; `true` to use the palette,
+    or one [r, g, b] per class) with `ignore_colors` (colours meaning unlabelled).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SceneparseError(f"classes file {path} does not exist", f"write {CLASSES_FILE_EXAMPLE}")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SceneparseError(f"cannot parse classes file {path}: {err}") from None
+    if isinstance(spec, list):
+        spec = {"classes": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("classes"), list) or not spec["classes"]:
+        raise SceneparseError(f"classes file {path} has no `classes` list", f"write {CLASSES_FILE_EXAMPLE}")
+    unknown = sorted(set(spec) - _CLASSES_KEYS)
+    if unknown:
+        raise SceneparseError(
+            f"classes file {path}: unknown key(s) {', '.join(unknown)}",
+            f"known keys: {', '.join(sorted(_CLASSES_KEYS))}",
+        )
+    names = [str(n) for n in spec["classes"]]
+    palette = spec.get("palette") or make_palette(len(names))
+    if len(palette) != len(names) or not all(_is_rgb(c) for c in palette):
+        raise SceneparseError(
+            f"classes file {path}: `palette` needs one [r, g, b] (0..255) per class "
+            f"({len(names)} classes, {len(palette)} colours)"
+        )
+    ignore = spec.get("ignore_index", IGNORE_INDEX)
+    if ignore is not None and (not isinstance(ignore, int) or ignore < 0 or ignore < len(names)):
+        raise SceneparseError(
+            f"classes file {path}: `ignore_index` {ignore!r} must be an integer >= the number of classes "
+            f"({len(names)}), or null"
+        )
+    colors = None
+    spec_colors = spec.get("label_colors")
+    if spec_colors:
+        per_class = palette if spec_colors is True else spec_colors
+        ignore_colors = spec.get("ignore_colors") or []
+        if len(per_class) != len(names) or not all(_is_rgb(c) for c in [*per_class, *ignore_colors]):
+            raise SceneparseError(f"classes file {path}: `label_colors` needs one [r, g, b] per class")
+        if ignore_colors and ignore is None:
+            raise SceneparseError(f"classes file {path}: `ignore_colors` needs an `ignore_index`")
+        colors = {tuple(int(v) for v in c): i for i, c in enumerate(per_class)}
+        colors.update({tuple(int(v) for v in c): ignore for c in ignore_colors})
+    return ClassesSpec(names, [list(map(int, c)) for c in palette], ignore, colors)
+
+
+def _is_rgb(colour) -> bool:
+    return (
+        isinstance(colour, (list, tuple)) and len(colour) == 3
+        and all(isinstance(v, int) and 0 <= v <= 255 for v in colour)
+    )
+
+
+def find_classes_file(root: Path) -> Path | None:
+    return next((root / n for n in CLASSES_FILE_NAMES if (root / n).is_file()), None)
+
+
+class Folder(SegmentationDataset):
+    """The user's own data: `ROOT/images/*` and `ROOT/labels/*` paired by file stem.
+
+    Splits: `images/<split>/` + `labels/<split>/` subfolders, or a list file `ROOT/<split>.txt`
+    (one image stem or file name per line); with neither, every pair belongs to every split.
+    Labels hold class ids 0..C-1 (palette PNGs: the palette indices) and the classes file's
+    `ignore_index` for unlabelled pixels, or colours with `label_colors`.
+    """
+
+    kind = "folder"
+    layout = (
+        "ROOT/images/* and ROOT/labels/*.png with matching file stems (optionally in "
+        "<split>/ subfolders, or listed in ROOT/<split>.txt), plus ROOT/classes.yaml"
+    )
+
+    def __init__(self, root, split: str | None = "train", classes_file=None, transforms=None, strict: bool = True):
+        root = _existing_root(root, self.layout)
+        classes_path = Path(classes_file).expanduser() if classes_file else find_classes_file(root)
+        if classes_path is None:
+            raise SceneparseError(
+                f"{root} has no classes file ({' / '.join(CLASSES_FILE_NAMES)})",
+                f"write {CLASSES_FILE_EXAMPLE}\nor set `data.classes_file`",
+            )
+        spec = load_classes_file(classes_path)
+        self.classes_file = classes_path
+        listing = self._scan(root, split)
+        ignore = () if spec.ignore_index is None else (spec.ignore_index,)
+        mapper = LabelMapper(len(spec.names), offset=0, ignore_values=ignore)
+        super().__init__(
+            listing, spec.names, spec.palette, mapper, transforms, label_colors=spec.label_colors, strict=strict
+        )
+
+    def _scan(self, root: Path, split: str | None) -> Listing:
+        if not (root / "images").is_dir():
+            raise SceneparseError(f"{root / 'images'} does not exist", f"expected layout: {self.layout}")
+        if split and (root / "images" / split).is_dir():
+            return pair_folders(root / "images" / split, root / "labels" / split)
+        listing = pair_folders(root / "images", root / "labels")
+        list_file = root / f"{split}.txt" if split else None
+        if list_file is None or not list_file.is_file():
+            return listing
+        wanted = [line.strip() for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        by_stem = {image.stem: (image, label) for image, label in listing.pairs}
+        unlabelled = {p.stem: p for p in listing.images_without_labels}
+        pairs, missing, no_label = [], [], []
+        for entry in wanted:
+            stem = Path(entry).stem
+            if stem in by_stem:
+                pairs.append(by_stem[stem])
+            elif stem in unlabelled:
+                no_label.append(unlabelled[stem])
+            else:
+                missing.append(root / "images" / entry)
+        return Listing(pairs, no_label, [], missing, where=str(list_file))
+
+
+def detect_kind(root: Path) -> str | None:
+    """Guess a folder's dataset layout: ade20k, camvid or folder (None when unknown)."""
+    root = Path(root)
+    if (root / "ADEChallengeData2016").is_dir() or ((root / "images").is_dir() and (root / "annotations").is_dir()):
+        return "ade20k"
+    if any((root / s / "images").is_dir() and (root / s / "labels").is_dir() for s in ("train", "val", "test")):
+        return "camvid"
+    if (root / "images").is_dir():
+        return "folder"
+    return None

@@ -1,0 +1,191 @@
+"""Reading images and label maps, with errors that name the file.
+
+Images: torchvision's decoders (JPEG, PNG, WebP, GIF, AVIF...), EXIF orientation applied, always
+returned as RGB `uint8` 3xHxW (grayscale, RGBA, palette, CMYK and 16-bit inputs included). Formats
+torchvision cannot decode (BMP, TIFF...) fall back to Pillow.
+
+Labels: Pillow, because a palette PNG must be read as its palette *indices* (the class ids), not as
+colours. A label is one channel of ids; an RGB label whose channels differ is a colour-coded label
+and is refused unless a colour -> id mapping is given.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from sceneparse.errors import SceneparseError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
+LABEL_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".pgm", ".gif")
+EXIF_ORIENTATION_TAG = 0x0112
+
+# torchvision 0.29 warns on every decode that its decoders will move to TorchCodec; they are the
+# decoders this project uses (torchcodec is not a dependency), so silence just that message.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+
+# torchvision raises RuntimeError on undecodable data; Pillow raises these.
+_PIL_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class ColorLabelError(SceneparseError):
+    """A label file holds RGB colours where class ids were expected."""
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """RGB `uint8` tensor 3xHxW with the EXIF orientation applied."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.transforms.v2.functional import to_dtype
+
+    path = Path(path)
+    try:
+        data = read_file(str(path))
+    except (RuntimeError, OSError) as err:
+        raise SceneparseError(f"cannot read image {path}: {err}") from None
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError as err:
+        if "Unsupported image file" not in str(err):
+            raise SceneparseError(
+                f"cannot decode image {path}: {_short(err)}",
+                "the file is corrupt or truncated: re-export it or remove it from the dataset",
+            ) from None
+        image = _read_image_pil(path)
+    if image.dtype != torch.uint8:  # 16-bit PNG: keep the top 8 bits
+        image = to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+def _read_image_pil(path: Path) -> torch.Tensor:
+    from PIL import ImageOps
+
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.asarray(img, dtype=np.float64)
+                array = np.clip(array / 257.0 if array.max() > 255 else array, 0, 255).round().astype(np.uint8)
+                img = Image.fromarray(array)
+            array = np.asarray(img.convert("RGB"))
+    except _PIL_ERRORS as err:
+        raise SceneparseError(
+            f"cannot decode image {path}: {err}",
+            "the file is corrupt, truncated or not an image: re-export it or remove it from the dataset",
+        ) from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def read_label(path: str | Path, colors: dict[tuple[int, int, int], int] | None = None) -> np.ndarray:
+    """Raw label values as an HxW integer array (palette PNGs: palette indices).
+
+    `colors` maps RGB triples to raw values for colour-coded label files; without it an RGB label
+    raises `ColorLabelError` (an RGB file whose three channels are equal is read as ids).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
+                array = np.asarray(img.convert("RGB") if mode != "LA" else img)
+            else:
+                array = np.asarray(img)  # L, P (indices), 1, I;16, I, F
+    except FileNotFoundError:
+        raise SceneparseError(f"label file {path} does not exist") from None
+    except _PIL_ERRORS as err:
+        raise SceneparseError(
+            f"cannot decode label {path}: {err}",
+            "the file is corrupt or truncated: re-export it or remove it from the dataset",
+        ) from None
+    if mode == "LA":
+        return array[..., 0]
+    if array.ndim == 3:
+        if colors is not None:
+            return colors_to_ids(array, colors, path)
+        if (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all():
+            return array[..., 0].copy()  # ids saved as a grey RGB image
+        raise ColorLabelError(
+            f"label file {path} is an RGB colour image; sceneparse expects one channel of class ids",
+            "convert the colours to class ids (a single-channel or palette PNG), or for a folder "
+            "dataset give `label_colors` in the classes file",
+        )
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        return array.astype(np.int64)
+    return array
+
+
+def colors_to_ids(rgb: np.ndarray, colors: dict[tuple[int, int, int], int], path: Path) -> np.ndarray:
+    """Colour-coded HxWx3 label -> raw ids via `colors`; unknown colours are an error naming them."""
+    code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    keys = np.array([(r << 16) | (g << 8) | b for (r, g, b) in colors], dtype=np.int64)
+    values = np.array(list(colors.values()), dtype=np.int64)
+    order = np.argsort(keys)
+    keys, values = keys[order], values[order]
+    pos = np.clip(np.searchsorted(keys, code), 0, len(keys) - 1)
+    known = keys[pos] == code
+    if not known.all():
+        bad = np.unique(code[~known])[:8]
+        names = ", ".join(f"({c >> 16}, {(c >> 8) & 255}, {c & 255})" for c in bad)
+        raise SceneparseError(
+            f"label file {path} has colours that are not in `label_colors`: {names}",
+            "add them to `label_colors` (or to the ignore colours) in the classes file",
+        )
+    return values[pos]
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) as `read_image` will return it, read from the header only (EXIF rotation included)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = _orientation(img)
+    except FileNotFoundError:
+        raise SceneparseError(f"image {path} does not exist") from None
+    except _PIL_ERRORS as err:
+        raise SceneparseError(f"cannot read the header of {path}: {err}") from None
+    if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees: width and height swap
+        return width, height
+    return height, width
+
+
+def label_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of a label file from its header (labels are never EXIF-rotated)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise SceneparseError(f"label file {path} does not exist") from None
+    except _PIL_ERRORS as err:
+        raise SceneparseError(f"cannot read the header of {path}: {err}") from None
+    return height, width
+
+
+def exif_orientation(path: str | Path) -> int:
+    """The EXIF orientation tag (1 = upright, also when absent or unreadable)."""
+    try:
+        with Image.open(path) as img:
+            return _orientation(img)
+    except _PIL_ERRORS:
+        return 1
+
+
+def _orientation(img: Image.Image) -> int:
+    with warnings.catch_warnings():  # Pillow warns about odd EXIF blocks; the tag is all we need
+        warnings.simplefilter("ignore")
+        try:
+            return int(img.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block means "no orientation"
+            return 1
+
+
+def _short(err: Exception) -> str:
+    # torchvision prefixes its messages with "function, source.cpp:line, "; keep the readable part
+    return re.sub(r"^[^,]*, [^,]*:\d+, ", "", str(err).strip()) or type(err).__name__

@@ -1,0 +1,438 @@
+"""Speed benchmarks for any segmentation model: `sceneparse bench`.
+
+Tasks (each at a fixed input size, logits at that size as the Segmenter returns them):
+- latency:    inference at batch 1, milliseconds per image.
+- throughput: inference at batch N, images per second.
+- train:      one training step (forward, loss, backward, SGD step) at batch N on random tensors.
+- train-data: the same step fed by a real DataLoader (JPEG/PNG decoding and augmentation in
+              worker processes, pinned memory, non-blocking copies, normalisation on the device).
+- eval:       evaluation at batch N: forward, argmax, confusion-matrix update.
+
+Every requested speed option (autocast dtype, channels-last, torch.compile, CUDA graphs) is measured
+alone and combined, each next to the fp32 eager run of the same model in the same process, and
+reported with its ratio to it. Timing: warm-up iterations first, `torch.cuda.synchronize()` before
+reading the clock on CUDA, median over repeats.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sceneparse.errors import SceneparseError
+
+IGNORE_INDEX = 255
+TASKS = ("latency", "throughput", "train", "train-data", "eval")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FORMAT = "sceneparse-bench/1"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the model. The default is the fp32 eager baseline."""
+
+    amp: str | None = None  # "bf16" | "fp16"
+    channels_last: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = [self.amp or "fp32"]
+        if self.channels_last:
+            parts.append("channels-last")
+        if self.compile:
+            parts.append("compile")
+        if self.cuda_graphs:
+            parts.append("cuda-graphs")
+        if len(parts) == 1:
+            parts.append("eager")
+        return "+".join(parts)
+
+
+def variants_for(amp: str | None = None, channels_last: bool = False, compile: bool = False,
+                 cuda_graphs: bool = False) -> list[Variant]:
+    """The fp32 eager baseline, each requested option alone, and all of them together."""
+    singles = []
+    if amp:
+        singles.append(Variant(amp=amp))
+    if channels_last:
+        singles.append(Variant(channels_last=True))
+    if compile:
+        singles.append(Variant(compile=True))
+    if cuda_graphs:
+        singles.append(Variant(cuda_graphs=True))
+    out = [Variant(), *singles]
+    if len(singles) > 1:
+        out.append(Variant(amp=amp, channels_last=channels_last, compile=compile, cuda_graphs=cuda_graphs))
+    return out
+
+
+@dataclass
+class BenchSettings:
+    size: tuple[int, int] = (512, 512)
+    batch: int = 16
+    tasks: tuple[str, ...] = ("latency", "throughput", "train", "eval")
+    warmup: int = 5
+    iters: int = 10  # timed iterations per repeat
+    repeats: int = 3  # the median over repeats is reported
+    lr: float = 1e-3  # small: the weights only need to stay finite
+    deepsup_weight: float = 0.4  # CSAIL's auxiliary-loss weight
+    data: dict | None = None  # {"kind": ..., "root": ..., "workers": ...} for train-data
+    variants: list[Variant] = field(default_factory=lambda: [Variant()])
+
+
+@dataclass
+class Row:
+    task: str
+    variant: str
+    batch: int
+    ms_per_iter: float | None = None
+    images_per_s: float | None = None
+    speedup: float | None = None  # images_per_s / the fp32 eager baseline's, same task
+    peak_mem_mib: float | None = None  # CUDA only
+    note: str | None = None  # why a row has no numbers (skipped or failed)
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, iters: int,
+            repeats: int) -> float:
+    """Median seconds per call of `fn` over `repeats` runs of `iters` calls, after `warmup` calls.
+    CUDA work is asynchronous: synchronise before each clock read so the GPU time is counted."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) / iters)
+    return statistics.median(times)
+
+
+# -------------------------------------------------------------------------------- model variants
+
+def _autocast(device: torch.device, variant: Variant):
+    if variant.amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[variant.amp])
+
+
+def _prepare(model: nn.Module, variant: Variant) -> nn.Module:
+    """A model set up for `variant`: channels-last memory format and/or torch.compile.
+    CUDA graphs with compile use compile's "reduce-overhead" mode (cudagraph trees)."""
+    if variant.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if variant.compile:
+        mode = "reduce-overhead" if variant.cuda_graphs else None
+        model = torch.compile(model, mode=mode)
+    return model
+
+
+def _input(batch: int, size: tuple[int, int], device: torch.device, variant: Variant,
+           seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, *size, generator=gen).to(device)
+    if variant.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits and deep-supervision logits (None when the decoder has none)."""
+    if isinstance(out, torch.Tensor):
+        return out, None
+    return out.logits, out.aux
+
+
+def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], object]:
+    """Capture `fn` (fixed input tensors, no grad) into a CUDA graph and return its replay.
+    Warm-up on a side stream first, as torch.cuda.graph requires."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _inference_fn(model, variant, device, batch, size):
+    model.eval()
+    net = _prepare(model, variant)
+    x = _input(batch, size, device, variant)
+
+    def forward():
+        with torch.no_grad(), _autocast(device, variant):
+            return net(x)
+
+    if variant.cuda_graphs and not variant.compile:
+        return _graphed(forward, device)
+    return forward
+
+
+def _loss(out, target: torch.Tensor, deepsup_weight: float) -> torch.Tensor:
+    logits, aux = _split_output(out)
+    loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    if aux is not None:
+        loss = loss + deepsup_weight * F.cross_entropy(aux, target, ignore_index=IGNORE_INDEX)
+    return loss
+
+
+class _Trainer:
+    """One SGD training step as the training loop runs it (autocast, GradScaler for fp16)."""
+
+    def __init__(self, model: nn.Module, variant: Variant, device: torch.device, lr: float,
+                 deepsup_weight: float):
+        model.train()
+        self.net = _prepare(model, variant)
+        self.variant = variant
+        self.device = device
+        self.deepsup_weight = deepsup_weight
+        # The fused SGD kernel exists for CUDA tensors only.
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4,
+                                         fused=device.type == "cuda" or None)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=variant.amp == "fp16")
+
+    def step(self, images: torch.Tensor, target: torch.Tensor) -> None:
+        with _autocast(self.device, self.variant):
+            loss = _loss(self.net(images), target, self.deepsup_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def _train_fn(model, variant, device, batch, size, num_classes, settings):
+    trainer = _Trainer(model, variant, device, settings.lr, settings.deepsup_weight)
+    x = _input(batch, size, device, variant)
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randint(0, num_classes, (batch, *size), generator=gen).to(device)
+    return lambda: trainer.step(x, y)
+
+
+def _eval_fn(model, variant, device, batch, size, num_classes):
+    from sceneparse.engine.metrics import ConfusionMatrix
+
+    model.eval()
+    net = _prepare(model, variant)
+    x = _input(batch, size, device, variant)
+    gen = torch.Generator().manual_seed(2)
+    y = torch.randint(0, num_classes, (batch, *size), generator=gen).to(device)
+    cm = ConfusionMatrix(num_classes, device=device)
+
+    def evaluate():
+        with torch.no_grad(), _autocast(device, variant):
+            logits = net(x)
+        cm.update(logits.argmax(1), y)
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------- real data loading
+
+def train_loader(data: dict, batch: int, size: tuple[int, int], seed: int = 0):
+    """A training DataLoader over a real dataset: random scale (0.5-2x), crops of `size` and flips,
+    decoded and augmented in `data["workers"]` worker processes, batches in pinned memory."""
+    from sceneparse.data import build_dataset
+    from sceneparse.data.transforms import build_train_transforms, collate_pad
+
+    from sceneparse.engine.distributed import loader_generator
+
+    transforms = build_train_transforms(
+        {"scales": None, "scale_range": [0.5, 2.0], "crop": list(size), "flip": True})
+    dataset = build_dataset({"kind": data["kind"], "root": data["root"]}, "train", transforms)
+    workers = int(data.get("workers", 4))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        collate_fn=collate_pad,
+        generator=loader_generator(seed),
+    )
+
+
+def _train_data_fn(model, variant, device, loader, settings, normalization):
+    from sceneparse.data.transforms import normalize
+
+    if len(loader) == 0:
+        raise SceneparseError("the dataset has fewer images than one batch", "lower --batch")
+    trainer = _Trainer(model, variant, device, settings.lr, settings.deepsup_weight)
+    batches = iter(loader)
+    mean, std = normalization
+
+    def step():
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:  # epoch over: persistent workers restart at once
+            batches = iter(loader)
+            batch = next(batches)
+        images = batch["image"].to(device, non_blocking=True)
+        target = batch["mask"].to(device, non_blocking=True)
+        images = normalize(images, mean, std)
+        if variant.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        trainer.step(images, target)
+
+    return step
+
+
+# ------------------------------------------------------------------------------------- the run
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
+                  device: torch.device, normalization=None, log: Callable[[str], None] = print) -> dict:
+    """Run every (variant, task) pair on fresh copies of `model` and return the JSON-ready report."""
+    unknown = set(settings.tasks) - set(TASKS)
+    if unknown:
+        raise SceneparseError(f"unknown bench task(s): {', '.join(sorted(unknown))}",
+                              f"choose from {', '.join(TASKS)}")
+    if any(t in settings.tasks for t in ("train", "train-data")) and settings.batch < 2:
+        raise SceneparseError("training benchmarks need --batch >= 2 (BatchNorm over one image "
+                              "fails in pooled decoder branches)", "raise --batch")
+    if "train-data" in settings.tasks and not settings.data:
+        raise SceneparseError("task train-data needs a dataset", "pass --data ROOT")
+    if any(v.cuda_graphs for v in settings.variants) and device.type != "cuda":
+        raise SceneparseError("--cuda-graphs needs a CUDA device", "drop --cuda-graphs on CPU")
+    if normalization is None:
+        normalization = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+    loader = None
+    if "train-data" in settings.tasks:
+        loader = train_loader(settings.data, settings.batch, settings.size)
+
+    rows: list[Row] = []
+    baseline: dict[str, float] = {}
+    for variant in settings.variants:
+        for task in settings.tasks:
+            batch = 1 if task == "latency" else settings.batch
+            row = Row(task=task, variant=variant.name, batch=batch)
+            if task in ("train", "train-data") and variant.cuda_graphs and not variant.compile:
+                row.note = "skipped: CUDA graphs without --compile are inference-only here"
+                rows.append(row)
+                continue
+            log(f"bench: {task} {variant.name} batch {batch} ...")
+            net = copy.deepcopy(model).to(device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                if task in ("latency", "throughput"):
+                    fn = _inference_fn(net, variant, device, batch, settings.size)
+                elif task == "train":
+                    fn = _train_fn(net, variant, device, batch, settings.size, num_classes, settings)
+                elif task == "eval":
+                    fn = _eval_fn(net, variant, device, batch, settings.size, num_classes)
+                else:
+                    fn = _train_data_fn(net, variant, device, loader, settings, normalization)
+                seconds = measure(fn, device, settings.warmup, settings.iters, settings.repeats)
+            except SceneparseError:
+                raise
+            except Exception as err:  # e.g. torch.compile without a working compiler: report, go on
+                row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                rows.append(row)
+                log(f"bench: {task} {variant.name}: {row.note}")
+                continue
+            finally:
+                del net
+            row.ms_per_iter = seconds * 1000
+            row.images_per_s = batch / seconds
+            if device.type == "cuda":
+                row.peak_mem_mib = torch.cuda.max_memory_allocated(device) / 2**20
+            if variant == Variant():
+                baseline[task] = row.images_per_s
+            if task in baseline:
+                row.speedup = row.images_per_s / baseline[task]
+            rows.append(row)
+        if variant.compile:
+            torch.compiler.reset()  # free compiled graphs (and CUDA graph pools) before the next variant
+
+    return {
+        "format": FORMAT,
+        "meta": {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": str(device),
+            "device_name": _device_name(device),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "threads": torch.get_num_threads(),
+            "model": dict(getattr(model, "config", {}) or {}),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "num_classes": num_classes,
+            "size": list(settings.size),
+            "batch": settings.batch,
+            "warmup": settings.warmup,
+            "iters": settings.iters,
+            "repeats": settings.repeats,
+            "data": settings.data,
+        },
+        "results": [asdict(r) for r in rows],
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: dict) -> str:
+    """The results as a fixed-width text table (rows without numbers show their note)."""
+    header = ["task", "variant", "batch", "ms/iter", "img/s", "vs fp32", "peak MiB"]
+    cells = []
+    for r in report["results"]:
+        row = [r["task"], r["variant"], str(r["batch"])]
+        if r["note"]:
+            row.append(r["note"])
+        else:
+            row += [_fmt(r["ms_per_iter"], ".1f"), _fmt(r["images_per_s"], ".2f"),
+                    "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+                    _fmt(r["peak_mem_mib"], ".0f")]
+        cells.append(row)
+    widths = [max([len(h)] + [len(c[i]) for c in cells if len(c) == len(header)])
+              for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    for c in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+    meta = report["meta"]
+    lines.append(f"device: {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
+                 f"{meta['size'][0]}x{meta['size'][1]}, median of {meta['repeats']} repeats of "
+                 f"{meta['iters']} iterations after {meta['warmup']} warm-up")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

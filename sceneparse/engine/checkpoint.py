@@ -1,0 +1,189 @@
+"""One-file checkpoints: a plain dict written atomically, loadable with `torch.load(weights_only=True)`.
+
+Format (see docs/architecture.md)::
+
+    {"format": "sceneparse-checkpoint/1",
+     "model": {"config": build_model kwargs, "state_dict": ...},
+     "class_names": [...], "palette": [[r, g, b], ...],
+     "normalization": {"mean": [...], "std": [...]},
+     "train_state": {...}}            # only in training checkpoints
+
+A crash, a full disk or a kill while saving never leaves a half-written file under the final name:
+we write a temporary file in the same folder, fsync it, `os.replace` it over the target and fsync
+the folder, so the previous checkpoint stays intact until the new one is complete.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sceneparse.errors import SceneparseError
+
+FORMAT = "sceneparse-checkpoint/1"
+DEFAULT_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Segmenter behind DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some file systems (and Windows) cannot open folders: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """`torch.save(obj)` to `path` atomically; OSError (disk full, read-only) -> SceneparseError."""
+    path = Path(path)
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+        _fsync_dir(path.parent)
+    except OSError as err:
+        raise SceneparseError(
+            f"could not write checkpoint {path}: {err.strerror or err}",
+            hint="free disk space or choose a writable output_dir; the previous checkpoint is untouched",
+        ) from None
+    finally:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return path
+
+
+def save_model(
+    path: str | Path,
+    model: torch.nn.Module,
+    class_names: list[str],
+    palette: list[list[int]],
+    normalization: dict | None = None,
+    train_state: dict | None = None,
+) -> Path:
+    """Write a sceneparse checkpoint for `model` (a Segmenter, possibly wrapped) to `path`."""
+    model = _unwrap(model)
+    config = dict(getattr(model, "config", None) or {})
+    if not config:
+        raise ValueError("save_model needs a Segmenter built by build_model (it has no .config)")
+    if config.get("num_classes") != len(class_names):
+        raise SceneparseError(
+            f"{path}: the model predicts {config.get('num_classes')} classes "
+            f"but {len(class_names)} class names were given"
+        )
+    ckpt = {
+        "format": FORMAT,
+        "model": {"config": config, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
+        "class_names": [str(n) for n in class_names],
+        "palette": [[int(c) for c in rgb] for rgb in palette],
+        "normalization": {k: [float(x) for x in v] for k, v in (normalization or DEFAULT_NORMALIZATION).items()},
+    }
+    if train_state is not None:
+        ckpt["train_state"] = train_state
+    return atomic_save(ckpt, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read and validate a sceneparse checkpoint file (no code runs: weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SceneparseError(f"checkpoint not found: {path}", hint="check the path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, garbage bytes, pickled code objects...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SceneparseError(
+            f"{path} is not a readable checkpoint (corrupt, truncated or not a torch file): {first}",
+            hint="use another checkpoint, e.g. best.pt or last.pt from the same run",
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise SceneparseError(
+            f"{path} is not a sceneparse checkpoint (no format={FORMAT!r} entry)",
+            hint="CSAIL encoder/decoder .pth files: convert them with `sceneparse convert`",
+        )
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "<checkpoint>", device: str | torch.device = "cpu"):
+    """Build the Segmenter a loaded checkpoint dict describes, load its weights (strictly)."""
+    from sceneparse.models import build_model
+
+    config = dict(ckpt["model"]["config"])
+    class_names = list(ckpt["class_names"])
+    if config.get("num_classes") != len(class_names):
+        raise SceneparseError(
+            f"{path}: model config says {config.get('num_classes')} classes "
+            f"but the checkpoint lists {len(class_names)} class names"
+        )
+    model = build_model(**config)
+    try:
+        model.load_state_dict(ckpt["model"]["state_dict"])
+    except RuntimeError as err:
+        raise SceneparseError(
+            f"{path}: weights do not fit the model {config.get('encoder')}+{config.get('decoder')} "
+            f"with {config.get('num_classes')} classes: {str(err).splitlines()[0]}"
+        ) from None
+    model.class_names = class_names
+    model.palette = [list(rgb) for rgb in ckpt["palette"]]
+    model.normalization = dict(ckpt.get("normalization") or DEFAULT_NORMALIZATION)
+    return model.to(device).eval()
+
+
+def load_model(path_or_name: str | Path, device: str | torch.device = "cpu"):
+    """A Segmenter in eval mode from a checkpoint file, or from a zoo name when no such file exists."""
+    path = Path(path_or_name)
+    if not path.exists() and not any(sep in str(path_or_name) for sep in ("/", os.sep)) and path.suffix == "":
+        from sceneparse import zoo
+
+        path = Path(zoo.resolve(str(path_or_name)))
+    return model_from_checkpoint(load_checkpoint(path), path, device)
+
+
+# ----------------------------------------------------------------- RNG state, weights_only-safe
+def rng_state() -> dict:
+    """Every RNG a training step touches, as tensors/lists/ints (what weights_only=True can read)."""
+    version, mt, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt), gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

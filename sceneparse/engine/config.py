@@ -1,0 +1,188 @@
+"""Run configuration: OmegaConf structured dataclasses, a YAML file merged on top, `key=value` overrides.
+
+`load_config("configs/quickstart.yaml", ["train.iterations=100"])` returns a typed `DictConfig`.
+Unknown keys, wrong types, a missing or malformed YAML file become `SceneparseError`s that name the
+key or file and list the valid keys next to it.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sceneparse.errors import SceneparseError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "resnet50dilated"
+    decoder: str = "ppm_deepsup"
+    num_classes: Optional[int] = None  # None: taken from the dataset
+    encoder_weights: Optional[str] = None  # path or URL of ImageNet weights, None: random init
+    encoder_options: Dict[str, Any] = field(default_factory=dict)  # build_model(encoder_options=...)
+    decoder_options: Dict[str, Any] = field(default_factory=dict)  # e.g. {pool_scales: [1, 2, 3, 6]}
+
+
+@dataclass
+class DataConfig:
+    kind: str = "ade20k"  # ade20k | camvid | folder | synthetic
+    root: Optional[str] = None
+    odgt: Optional[Any] = None  # a list file, or {train: file, val: file}
+    classes_file: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    # Training resize (CSAIL): the short side is drawn from `scales`, the long side capped at max_size.
+    scales: List[int] = field(default_factory=lambda: [300, 375, 450, 525, 600])
+    max_size: int = 1000
+    # crop_size set: instead of the above, rescale by a factor from scale_range, then square crops.
+    crop_size: Optional[int] = None
+    scale_range: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: bool = True
+    color_jitter: float = 0.0  # strength of brightness/contrast/saturation jitter, 0: off
+    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    batch_size: int = 2
+    num_workers: int = 4
+    batching: str = "aspect"  # aspect: CSAIL's aspect-ratio grouping | crop: fixed-size crops
+    # kind=synthetic: {num_images: int or {train: N, val: M}, seed: int, image_size: int}
+    synthetic: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 100_000
+    lr_encoder: float = 0.02
+    lr_decoder: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # not applied to norm weights and biases
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    deepsup_weight: float = 0.4
+    class_weights: Optional[Any] = None  # None | list of floats | "auto" (median frequency)
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    channels_last: bool = False
+    compile: bool = False
+    val_every: int = 5000
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    seed: int = 304
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    on_nonfinite: str = "stop"  # stop | skip
+
+
+@dataclass
+class EvalConfig:
+    scales: List[int] = field(default_factory=lambda: [300, 375, 450, 525, 600])
+    flip: bool = False
+    max_size: int = 1000
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/default"
+    overwrite: bool = False
+
+
+CHOICES = {
+    "data.batching": ("aspect", "crop"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "train.on_nonfinite": ("stop", "skip"),
+}
+
+
+def default_config() -> DictConfig:
+    return OmegaConf.structured(Config)
+
+
+def _valid_keys_near(cfg: DictConfig, dotted: str) -> str:
+    """The keys at the level where `dotted` went wrong, closest first."""
+    parts = dotted.split(".")
+    node: Any = cfg
+    for part in parts[:-1]:
+        if isinstance(node, DictConfig) and part in node and isinstance(node[part], DictConfig):
+            node = node[part]
+        else:
+            break
+    keys = list(node.keys()) if isinstance(node, DictConfig) else list(cfg.keys())
+    close = difflib.get_close_matches(parts[-1], keys, n=3)
+    ordered = close + [k for k in keys if k not in close]
+    return ", ".join(ordered)
+
+
+def _error_key(err: OmegaConfBaseException) -> str:
+    return str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
+
+
+def _friendly(err: OmegaConfBaseException, base: DictConfig, where: str) -> SceneparseError:
+    key = _error_key(err)
+    first_line = str(err).splitlines()[0]
+    if key and OmegaConf.select(base, key, default="<missing>") != "<missing>":
+        # The key exists, the value does not fit its type: show the default as an example.
+        hint = f"{key} expects a value like {OmegaConf.select(base, key)!r}"
+    else:
+        hint = f"valid keys there: {_valid_keys_near(base, key)}"
+    return SceneparseError(f"{where}: invalid setting {key!r}: {first_line}", hint=hint)
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise SceneparseError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    weights = cfg.train.class_weights
+    if weights is not None and weights != "auto" and not OmegaConf.is_list(weights):
+        raise SceneparseError(
+            f"train.class_weights={weights!r}: expected null, 'auto' or a list of numbers"
+        )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Structured defaults <- YAML file <- dotted `key=value` overrides."""
+    cfg = default_config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SceneparseError(f"config file not found: {path}", hint="check the path")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # yaml.YAMLError and friends: name the file, keep the parser's position
+            raise SceneparseError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(loaded, DictConfig):
+            raise SceneparseError(f"{path}: expected a mapping of settings at the top level")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as err:
+            raise _friendly(err, default_config(), str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise SceneparseError(f"override {item!r} is not key=value", hint="e.g. train.iterations=1000")
+        key, value = item.split("=", 1)
+        try:
+            dotlist = OmegaConf.from_dotlist([f"{key}={value}"])
+            cfg = OmegaConf.merge(cfg, dotlist)
+        except OmegaConfBaseException as err:
+            raise _friendly(err, default_config(), f"override {item!r}") from None
+    _check_choices(cfg)
+    return cfg
+
+
+def dataset_settings(data_cfg: DictConfig) -> dict:
+    """The `data:` section as `sceneparse.data.build_dataset` reads it (synthetic options flattened in)."""
+    settings = OmegaConf.to_container(data_cfg, resolve=True)
+    settings.update(settings.pop("synthetic", None) or {})
+    return settings
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(cfg))

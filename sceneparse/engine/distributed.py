@@ -1,0 +1,235 @@
+"""Multi-GPU and multi-node training with PyTorch's own machinery: torchrun + DDP + SyncBatchNorm.
+
+Launch with `torchrun --nproc-per-node N -m sceneparse train CFG` (see docs/distributed.md).
+torchrun starts one process per device and exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT; `init_from_env` reads them. Without WORLD_SIZE (a plain `sceneparse train`) every
+function here is a single-process no-op, so the training loop has one code path.
+
+Conventions: the config's batch_size is *per process*; the global batch is
+batch_size x world_size. Only rank 0 (`is_main()`) writes logs and checkpoints.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sceneparse.errors import SceneparseError
+
+__all__ = [
+    "DistInfo",
+    "init_from_env",
+    "wrap_model",
+    "unwrap",
+    "all_reduce_",
+    "reduce_mean",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "is_main",
+    "shard",
+    "rank_seed",
+    "loader_generator",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in the job. A single-process run is rank 0 of world size 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SceneparseError(
+            f"environment variable {name}={value!r} is not an integer",
+            "launch with torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK itself",
+        ) from None
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SceneparseError(
+            f"device {str(device)!r} requested but CUDA is not available",
+            "use --device cpu (or 'auto'), or install a CUDA build of torch",
+        )
+    return device
+
+
+def init_from_env(device: str | torch.device = "auto") -> DistInfo:
+    """Join the process group torchrun set up, or return a single-process `DistInfo`.
+
+    On CUDA each process uses GPU LOCAL_RANK and the NCCL backend; on CPU the gloo backend.
+    Calling it again after the group is up returns the same answer without re-initialising.
+    """
+    requested = _resolve_device(device)
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size <= 1:
+        if requested.type == "cuda" and requested.index is None:
+            requested = torch.device("cuda", torch.cuda.current_device())
+        return DistInfo(device=requested)
+
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise SceneparseError(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set",
+            "start distributed runs with torchrun (e.g. torchrun --nproc-per-node 2 -m sceneparse train CFG)",
+        )
+
+    if requested.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise SceneparseError(
+                f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s)",
+                "set --nproc-per-node to at most the number of GPUs per machine",
+            )
+        # One GPU per process, chosen by LOCAL_RANK (torchrun's per-machine index).
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        dev = torch.device("cpu")
+        backend = "gloo"
+
+    if not dist.is_initialized():
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def wrap_model(
+    model: nn.Module,
+    info: DistInfo,
+    sync_bn: bool = True,
+    find_unused_parameters: bool = False,
+) -> nn.Module:
+    """Move `model` to `info.device` and, when distributed, wrap it in DDP.
+
+    With `sync_bn` and CUDA, BatchNorm layers become SyncBatchNorm so their batch statistics are
+    computed over the global batch (what a single big-batch run would see). torch's SyncBatchNorm
+    only runs on GPU-like devices (it raises on CPU tensors), so on CPU/gloo plain BatchNorm is
+    kept: each process normalises with the statistics of its own share of the batch.
+    """
+    model = model.to(info.device)
+    if not info.distributed:
+        return model
+    if sync_bn and info.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(
+        model,
+        device_ids=device_ids,
+        output_device=device_ids[0] if device_ids else None,
+        find_unused_parameters=find_unused_parameters,
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP and/or torch.compile wrappers (what checkpoints store)."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main() -> bool:
+    """True on rank 0 and in single-process runs: the process that logs and saves."""
+    return not _active() or dist.get_rank() == 0
+
+
+def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce across processes (no-op in a single process); returns `tensor`.
+
+    NCCL needs CUDA tensors, gloo CPU tensors: reduce on the device the backend expects.
+    ReduceOp.AVG is NCCL-only; use `reduce_mean` for a portable mean.
+    """
+    if _active():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` over processes, as a new tensor (e.g. the loss to log on rank 0)."""
+    out = tensor.detach().clone()
+    if _active():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= dist.get_world_size()
+    return out
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s picklable `obj` on every process (e.g. a run directory chosen on rank 0)."""
+    if not _active():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def cleanup() -> None:
+    if _active():
+        dist.destroy_process_group()
+
+
+def shard(dataset: torch.utils.data.Dataset, info: DistInfo) -> torch.utils.data.Dataset:
+    """This rank's share of an evaluation set: items rank, rank + W, rank + 2W, ...
+
+    Unlike DistributedSampler it never pads with repeated items, so per-rank confusion matrices
+    summed with all_reduce count every image exactly once.
+    """
+    if not info.distributed:
+        return dataset
+    return torch.utils.data.Subset(dataset, range(info.rank, len(dataset), info.world_size))
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A 32-bit seed derived from (seed, rank): different per rank, the same on every rerun."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def loader_generator(seed: int, rank: int = 0) -> torch.Generator:
+    """The `generator=` for a training DataLoader: different on every rank, the same on every rerun.
+
+    torch seeds worker w of a loader (torch, `random` and NumPy) with a base seed drawn from this
+    generator plus w, so every (rank, worker) pair gets its own reproducible augmentation stream;
+    no `worker_init_fn` is needed for that.
+    """
+    return torch.Generator().manual_seed(rank_seed(seed, rank))

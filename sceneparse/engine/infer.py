@@ -1,0 +1,320 @@
+"""Inference at the original image size: multi-scale, flip, sliding windows, CSAIL's protocol.
+
+For each test scale the image is resized (short side = scale, long side at most `max_size`,
+optionally rounded up to a multiple by resizing, as CSAIL does), run through the model, and the
+logits are upsampled bilinearly (align_corners=False) to the original size and turned into
+probabilities with a softmax; the probabilities are averaged over scales and flips. This is CSAIL's
+evaluation procedure (their decoders upsample logits to the label size, then softmax; eval.py
+averages over scales).
+
+When the model is a Segmenter and the network input is already a multiple of its pad multiple, the
+decoder's feature-resolution logits are upsampled straight to the original size (one interpolation,
+exactly as CSAIL's decoders do) instead of going through the input size first.
+
+Memory: the class probabilities at the original size cost C x H x W floats; above
+`max_prob_bytes`, `predict()` builds the label map in horizontal stripes instead, and network
+inputs larger than `window` pixels on a side run as overlapping windows (probabilities averaged),
+so large photographs do not run out of memory.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sceneparse.data.transforms import CSAIL_MAX_SIZE, CSAIL_SCALES, IMAGENET_MEAN, IMAGENET_STD, normalize
+
+# CSAIL's ADE20K test sizes are its training scales (mit_semseg config imgSizes, imgMaxSize);
+# single-scale evaluation uses 450 alone.
+CSAIL_SINGLE_SCALE = (450,)
+IMAGENET_NORMALIZATION = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+RESIZE_MODES = ("torch", "pil")
+
+
+def round_up(x: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` that is >= x (CSAIL's round2nearest_multiple)."""
+    return ((x - 1) // multiple + 1) * multiple
+
+
+def csail_resize_shape(h: int, w: int, short_side: int, max_size: int = CSAIL_MAX_SIZE,
+                       multiple: int = 8) -> tuple[int, int]:
+    """The network input size CSAIL's ValDataset uses for an `h x w` image at one test scale.
+
+    Scale so the short side becomes `short_side` unless that makes the long side exceed
+    `max_size`; truncate to integers; round each side *up* to `multiple` (the image is then resized
+    to exactly that size, slightly changing its aspect ratio).
+    """
+    scale = min(short_side / float(min(h, w)), max_size / float(max(h, w)))
+    th, tw = int(h * scale), int(w * scale)
+    return round_up(th, multiple), round_up(tw, multiple)
+
+
+def model_pad_multiple(model: nn.Module) -> int:
+    """What the model's input sides must be multiples of (1 when it does not say)."""
+    encoder = getattr(_unwrap(model), "encoder", None)
+    return int(getattr(encoder, "pad_multiple", 1) or 1)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from sceneparse.engine.checkpoint import _unwrap as unwrap
+
+    return unwrap(model)
+
+
+class Predictor:
+    """Class probabilities / labels of one image at its original size.
+
+    Args:
+        model: a Segmenter (or any module mapping normalised `N x 3 x H x W` to logits
+            `N x C x H x W`). It is put in eval mode (and moved to `device`, converted to
+            channels-last when asked) in place.
+        scales: short sides to test at; `None` entries (the default `(None,)`) mean the original size.
+        flip: also run each scale on the horizontally flipped image.
+        max_size: cap on the resized long side (ignored for the original size).
+        pad_multiple: round every network input size up to this multiple *by resizing* (CSAIL);
+            `None` leaves sizes as they are (the Segmenter pads internally).
+        normalization: `{"mean": [...], "std": [...]}` on the 0..1 scale; default: the model's
+            `normalization` attribute (set by load_model), else ImageNet's.
+        device: where to run; default: where the model's parameters are.
+        window: network inputs with a side above this run as overlapping `window x window` tiles.
+        window_overlap: fraction of a window shared with its neighbour.
+        amp_dtype: run the model under autocast with this dtype (e.g. torch.bfloat16).
+        channels_last: run the model in channels-last memory format.
+        resize: "torch" (bilinear with antialiasing, on the device) or "pil" (Pillow's bilinear on
+            the uint8 image, as CSAIL's imresize does).
+        max_prob_bytes: above this size of the C x H x W probability map, `predict()` works in stripes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scales: Iterable[int | None] | int | None = (None,),
+        flip: bool = False,
+        max_size: int = CSAIL_MAX_SIZE,
+        pad_multiple: int | None = None,
+        normalization: dict | None = None,
+        device: torch.device | str | None = None,
+        window: int | None = None,
+        window_overlap: float = 1 / 3,
+        amp_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        resize: str = "torch",
+        max_prob_bytes: int = 1 << 30,
+    ):
+        if scales is None or isinstance(scales, int):
+            scales = (scales,)
+        self.scales = tuple(None if s is None else int(s) for s in scales)
+        if not self.scales:
+            raise ValueError("scales must not be empty")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        if window is not None and window < 32:
+            raise ValueError(f"window must be at least 32 pixels, got {window}")
+        if not 0 <= window_overlap < 1:
+            raise ValueError(f"window_overlap must be in [0, 1), got {window_overlap}")
+        self.flip = flip
+        self.max_size = max_size
+        self.pad_multiple = pad_multiple
+        self.window = window
+        self.window_overlap = window_overlap
+        self.amp_dtype = amp_dtype
+        self.channels_last = channels_last
+        self.resize = resize
+        self.max_prob_bytes = max_prob_bytes
+        if device is None:
+            param = next(model.parameters(), None)
+            device = param.device if param is not None else "cpu"
+        self.device = torch.device(device)
+        model.to(self.device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model.eval()
+        norm = normalization or getattr(_unwrap(model), "normalization", None) or IMAGENET_NORMALIZATION
+        self.mean = [float(x) for x in norm["mean"]]
+        self.std = [float(x) for x in norm["std"]]
+
+    @classmethod
+    def csail(cls, model: nn.Module, single_scale: bool = False, flip: bool = False,
+              pad_multiple: int | None = None, **options) -> "Predictor":
+        """CSAIL's ADE20K test protocol: short sides 300..600 (450 alone for single scale), long side
+        at most 1000, sizes rounded up to the model's pad multiple by Pillow bilinear resizing,
+        ImageNet normalisation unless `normalization` is given."""
+        return cls(
+            model,
+            scales=CSAIL_SINGLE_SCALE if single_scale else CSAIL_SCALES,
+            flip=flip,
+            max_size=CSAIL_MAX_SIZE,
+            pad_multiple=pad_multiple or model_pad_multiple(model),
+            resize="pil",
+            **{"normalization": IMAGENET_NORMALIZATION, **options},
+        )
+
+    # ------------------------------------------------------------------ sizes and inputs
+    def input_size(self, h: int, w: int, scale: int | None) -> tuple[int, int]:
+        """Network input size for an `h x w` image at one scale."""
+        if scale is None:
+            multiple = self.pad_multiple or 1
+            return round_up(h, multiple), round_up(w, multiple)
+        return csail_resize_shape(h, w, scale, self.max_size, self.pad_multiple or 1)
+
+    def _load(self, image) -> torch.Tensor:
+        if isinstance(image, (str, Path)):
+            from sceneparse.data.io import read_image
+
+            image = read_image(image)
+        image = torch.as_tensor(image).as_subclass(torch.Tensor)  # drop tv_tensors wrappers
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a uint8 3xHxW image, got {image.dtype} {tuple(image.shape)}")
+        return image
+
+    def _inputs(self, image: torch.Tensor):
+        """Yield the normalised `1 x 3 x th x tw` network input of each scale."""
+        h, w = image.shape[-2:]
+        full = None
+        for scale in self.scales:
+            size = self.input_size(h, w, scale)
+            if self.resize == "pil" and size != (h, w):
+                from PIL import Image
+
+                pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+                resized = np.asarray(pil.resize((size[1], size[0]), Image.BILINEAR))
+                x = torch.from_numpy(resized.copy()).permute(2, 0, 1)[None].to(self.device)
+                yield normalize(x, self.mean, self.std)
+                continue
+            if full is None:  # normalising commutes with bilinear resizing: do it once
+                full = normalize(image[None].to(self.device, non_blocking=True), self.mean, self.std)
+            if size == (h, w):
+                yield full
+            else:
+                yield F.interpolate(full, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    # ------------------------------------------------------------------ network passes
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits covering the input `x`, at the decoder's resolution when that is exact."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        net = self.model
+        encoder, decoder = getattr(net, "encoder", None), getattr(net, "decoder", None)
+        multiple = getattr(encoder, "pad_multiple", 0)
+        with self._autocast():
+            if decoder is not None and multiple and x.shape[-2] % multiple == 0 and x.shape[-1] % multiple == 0:
+                # no padding needed: the Segmenter would only resize these logits to the input size
+                out = decoder(encoder(x))
+            else:
+                out = net(x)
+        if isinstance(out, tuple):  # a training-style output; the main logits come first
+            out = out[0]
+        return out.float()
+
+    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of `x` from overlapping windows (probabilities averaged)."""
+        _, _, h, w = x.shape
+        win = self.window
+        stride = max(1, int(win * (1 - self.window_overlap)))
+        total = counts = None
+        for top in _starts(h, win, stride):
+            for left in _starts(w, win, stride):
+                tile = x[..., top:top + win, left:left + win]
+                th, tw = tile.shape[-2:]
+                probs = F.interpolate(self._network(tile), size=(th, tw), mode="bilinear",
+                                      align_corners=False).softmax(dim=1)
+                if total is None:
+                    total = x.new_zeros((x.shape[0], probs.shape[1], h, w))
+                    counts = x.new_zeros((1, 1, h, w))
+                total[..., top:top + th, left:left + tw] += probs
+                counts[..., top:top + th, left:left + tw] += 1
+        return (total / counts).clamp(min=1e-12).log()
+
+    @torch.inference_mode()
+    def _passes(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Logits `C x h x w` of every (scale, flip) pass, un-flipped, each covering the image."""
+        outs = []
+        for x in self._inputs(image):
+            if self.flip:
+                x = torch.cat([x, x.flip(-1)])
+            big = self.window is not None and max(x.shape[-2:]) > self.window
+            logits = self._windows(x) if big else self._network(x)
+            outs.append(logits[0])
+            if self.flip:
+                outs.append(logits[1].flip(-1))
+        return outs
+
+    # ------------------------------------------------------------------ public
+    @torch.inference_mode()
+    def probabilities(self, image) -> torch.Tensor:
+        """Class probabilities `C x H x W` (float32, on `self.device`) of a uint8 3xHxW image or a path."""
+        image = self._load(image)
+        size = tuple(image.shape[-2:])
+        passes = self._passes(image)
+        probs = None
+        for logits in passes:
+            p = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0].softmax(dim=0)
+            probs = p if probs is None else probs.add_(p)
+        return probs.div_(len(passes))
+
+    @torch.inference_mode()
+    def predict(self, image) -> torch.Tensor:
+        """Label map `H x W` (int64, on `self.device`): argmax of `probabilities()`."""
+        image = self._load(image)
+        h, w = image.shape[-2:]
+        passes = self._passes(image)
+        num_classes = passes[0].shape[0]
+        if num_classes * h * w * 4 <= self.max_prob_bytes:
+            probs = None
+            for logits in passes:
+                p = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0].softmax(dim=0)
+                probs = p if probs is None else probs.add_(p)
+            return probs.argmax(dim=0)
+        return _labels_in_stripes(passes, (h, w), self.max_prob_bytes)
+
+    __call__ = predict
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    """Window start offsets covering [0, length): regular steps plus one flush with the end."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride))
+    return starts + [length - window]
+
+
+def _linear_weights(in_size: int, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and weights of 1-D linear resizing with align_corners=False (as F.interpolate)."""
+    src = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5)
+    src = src.clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    return i0, i1, (src - i0).float()
+
+
+def _labels_in_stripes(passes: list[torch.Tensor], size: tuple[int, int], budget: int) -> torch.Tensor:
+    """argmax of the averaged upsampled softmax, computed a band of output rows at a time."""
+    h, w = size
+    num_classes = passes[0].shape[0]
+    device = passes[0].device
+    rows = max(1, budget // (num_classes * w * 4 * 2))  # two C x rows x W buffers alive at once
+    cols = [_linear_weights(p.shape[-1], w, device) for p in passes]
+    lines = [_linear_weights(p.shape[-2], h, device) for p in passes]
+    labels = torch.empty((h, w), dtype=torch.int64, device=device)
+    for top in range(0, h, rows):
+        band = slice(top, min(top + rows, h))
+        total = None
+        for logits, (r0, r1, rw), (c0, c1, cw) in zip(passes, lines, cols):
+            rw_band = rw[band].view(1, -1, 1)
+            x = logits[:, r0[band]] * (1 - rw_band) + logits[:, r1[band]] * rw_band
+            x = x[..., c0] * (1 - cw) + x[..., c1] * cw
+            p = x.softmax(dim=0)
+            total = p if total is None else total.add_(p)
+        labels[band] = total.argmax(dim=0)
+    return labels
+

@@ -1,0 +1,45 @@
+"""SGD parameter groups (encoder/decoder learning rates, no weight decay on norms and biases) and poly LR."""
+from __future__ import annotations
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, lr_encoder: float, lr_decoder: float, weight_decay: float) -> list[dict]:
+    """Four groups: {encoder, decoder} x {decayed weights, norm weights and biases (no decay)}.
+
+    Every 1-d parameter is a bias or a norm scale/shift, which CSAIL (and most recipes) leave
+    out of weight decay.
+    """
+    groups = []
+    for part, lr in (("encoder", lr_encoder), ("decoder", lr_decoder)):
+        decay, no_decay = [], []
+        for p in getattr(model, part).parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups.append({"name": f"{part}", "params": decay, "lr": lr, "weight_decay": weight_decay})
+        groups.append({"name": f"{part}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def poly_lambda(iterations: int, power: float = 0.9, warmup_iters: int = 0):
+    """LR factor at step `it`: (1 - it/iterations)^power, ramped linearly over the first warmup_iters."""
+
+    def factor(it: int) -> float:
+        poly = max(0.0, 1.0 - it / iterations) ** power
+        if it < warmup_iters:
+            return poly * (it + 1) / warmup_iters
+        return poly
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, train_cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    optimizer = torch.optim.SGD(
+        param_groups(model, train_cfg.lr_encoder, train_cfg.lr_decoder, train_cfg.weight_decay),
+        lr=train_cfg.lr_decoder,
+        momentum=train_cfg.momentum,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_lambda(train_cfg.iterations, train_cfg.poly_power, train_cfg.warmup_iters)
+    )
+    return optimizer, scheduler

@@ -1,0 +1,513 @@
+"""The training loop: `train(cfg) -> dict`, also `sceneparse train CONFIG [key=value ...]`.
+
+CSAIL's recipe: SGD with momentum, poly learning rate (power 0.9, optional linear warmup),
+separate encoder/decoder learning rates, no weight decay on norms and biases, cross-entropy that
+ignores IGNORE_INDEX pixels plus 0.4 x the deep-supervision (auxiliary) loss.
+
+Reproducible and resumable: batch `i` is a pure function of (seed, i) - which images
+(`TrainBatches`) and their augmentations (`SeededDataset` seeds every RNG per sample) - so a run
+resumed from `last.pt` sees exactly the batches the uninterrupted run would have, whatever the
+number of DataLoader workers. Checkpoints hold the optimizer, scheduler, grad scaler, data
+position and RNG states as well as the weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from sceneparse.engine import distributed as dist_utils
+from sceneparse.engine.checkpoint import load_checkpoint, rng_state, save_model, set_rng_state
+from sceneparse.engine.config import dataset_settings, save_config
+from sceneparse.engine.logger import RunLogger
+from sceneparse.engine.optim import build_optimizer
+from sceneparse.errors import SceneparseError
+
+# What a previous run leaves in its output folder (an existing one is refused without --overwrite).
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "curves.png", "tb")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM: the current step finished, `last.pt` was saved; `str()` says how to resume."""
+
+
+# --------------------------------------------------------------------------- reproducible data
+def _seed_of(*numbers: int) -> int:
+    """A 32-bit seed mixing the given non-negative ints (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1)[0])
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """`dataset[(index, seed)]`: the sample with torch, `random` and numpy seeded by `seed`.
+
+    The caller's RNG states are left as they were, so with num_workers=0 the training process's
+    own random stream (dropout, ...) does not depend on the data pipeline.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        key, seed = item  # key: an index, or (index, short_side) from AspectRatioBatchSampler
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed)
+                return self.dataset[key]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class TrainBatches(torch.utils.data.Sampler):
+    """Batch sampler over iterations `start_iter..iterations`, starting at data position `start`.
+
+    `epoch_batches(e)` is epoch e's list of index batches (deterministic in e). Each yielded batch
+    is a list of `(index, seed)` pairs for `SeededDataset`; the seed depends on (seed, rank,
+    iteration, slot) only. `walk()` replays the same sequence with its (epoch, offset) positions.
+    """
+
+    def __init__(self, epoch_batches: Callable[[int], list[list[int]]], seed: int, iterations: int,
+                 start_iter: int = 0, start: tuple[int, int] = (0, 0), rank: int = 0):
+        self.epoch_batches = epoch_batches
+        self.seed, self.rank = seed, rank
+        self.iterations, self.start_iter, self.start = iterations, start_iter, tuple(start)
+
+    def walk(self):
+        epoch, offset = self.start
+        it = self.start_iter
+        while it < self.iterations:
+            batches = self.epoch_batches(epoch)
+            if not batches:
+                raise SceneparseError("the training set is smaller than one batch", "lower data.batch_size")
+            while offset < len(batches) and it < self.iterations:
+                yield it, epoch, offset, batches[offset]
+                offset += 1
+                it += 1
+            epoch, offset = epoch + 1, 0
+
+    def __iter__(self):
+        for it, _, _, batch in self.walk():
+            yield [(index, _seed_of(self.seed, self.rank, it, slot)) for slot, index in enumerate(batch)]
+
+    def __len__(self) -> int:
+        return self.iterations - self.start_iter
+
+
+def train_transform_options(data_cfg) -> dict:
+    """DataConfig -> `build_train_transforms` options: CSAIL short-side resize, or scale + crop."""
+    jitter = data_cfg.color_jitter or None
+    if data_cfg.crop_size:
+        return {"scales": None, "scale_range": list(data_cfg.scale_range), "crop": data_cfg.crop_size,
+                "flip": data_cfg.flip, "jitter": jitter}
+    return {"scales": list(data_cfg.scales), "max_size": data_cfg.max_size, "flip": data_cfg.flip,
+            "jitter": jitter}
+
+
+def epoch_batches_fn(dataset, data_cfg, seed: int, info) -> Callable[[int], list[list]]:
+    """Epoch -> this rank's batches, a pure function of (seed, epoch).
+
+    `aspect`: CSAIL's grouping of landscape/portrait images, one short side drawn per batch
+    (items are `(index, short_side)`); `crop`: a plain shuffle (fixed-size crops need no grouping).
+    """
+    from sceneparse.data.samplers import AspectRatioBatchSampler
+
+    if data_cfg.batching == "aspect":
+        sampler = AspectRatioBatchSampler(
+            dataset.image_sizes(), data_cfg.batch_size, seed=seed, num_replicas=info.world_size,
+            rank=info.rank, scales=None if data_cfg.crop_size else list(data_cfg.scales),
+        )
+        return functools.lru_cache(maxsize=2)(sampler.batches)
+
+    @functools.lru_cache(maxsize=2)
+    def batches(epoch: int) -> list[list[int]]:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(_seed_of(seed, epoch)))
+        b = data_cfg.batch_size
+        all_batches = [order[i : i + b].tolist() for i in range(0, len(order) - b + 1, b)]
+        # Same order on every rank; each takes every world_size-th batch (equal counts).
+        per_rank = len(all_batches) // info.world_size
+        return all_batches[info.rank :: info.world_size][:per_rank]
+
+    return batches
+
+
+# --------------------------------------------------------------------------- set-up helpers
+def prepare_output(output_dir: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse to mix two runs in one folder; make sure we can write there before training."""
+    previous = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if previous and not (overwrite or resuming):
+        raise SceneparseError(
+            f"output folder {output_dir} already holds a run ({', '.join(previous)})",
+            "continue it with --resume, start over with --overwrite, or set output_dir=OTHER_FOLDER",
+        )
+    if previous and overwrite and not resuming:
+        for name in previous:
+            target = output_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise SceneparseError(
+            f"cannot write to output folder {output_dir}: {err.strerror or err}",
+            "choose a writable output_dir",
+        ) from None
+
+
+def _data_error_message(err: BaseException) -> str:
+    """The useful line of a (possibly DataLoader-worker re-raised) exception: the original error."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if "Original Traceback" in str(err):
+        # The re-raised text ends with "<Type>: <message>" (and maybe a "fix:" line): keep those.
+        for i in range(len(lines) - 1, -1, -1):
+            if not lines[i].startswith(" ") and ": " in lines[i]:
+                return "\n".join(lines[i:])
+    return "\n".join(lines) or type(err).__name__
+
+
+def median_frequency_weights(dataset, num_classes: int, num_workers: int = 0) -> torch.Tensor:
+    """Class weights median(freq) / freq_c (Eigen & Fergus), freq_c = pixels of c / pixels of the
+    images where c occurs. Classes never seen get weight 1 (they never appear as targets anyway)."""
+    from sceneparse.data import IGNORE_INDEX
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    pixels = torch.zeros(num_classes, dtype=torch.float64)
+    image_pixels = torch.zeros(num_classes, dtype=torch.float64)
+    for sample in loader:
+        mask = sample["mask"].reshape(-1)
+        mask = mask[mask != IGNORE_INDEX]
+        counts = torch.bincount(mask, minlength=num_classes)[:num_classes].double()
+        pixels += counts
+        image_pixels += (counts > 0).double() * mask.numel()
+    seen = pixels > 0
+    freq = torch.where(seen, pixels / image_pixels.clamp(min=1), torch.ones_like(pixels))
+    weights = torch.ones(num_classes, dtype=torch.float64)
+    weights[seen] = freq[seen].median() / freq[seen]
+    return weights.float()
+
+
+def build_criterion(cfg: DictConfig, raw_train_set: Callable, num_classes: int, device) -> nn.Module:
+    """Cross-entropy ignoring IGNORE_INDEX; `raw_train_set()` (untransformed) only for class_weights=auto."""
+    from sceneparse.data import IGNORE_INDEX
+
+    weights = cfg.train.class_weights
+    if weights == "auto":
+        weights = median_frequency_weights(raw_train_set(), num_classes, cfg.data.num_workers)
+    elif weights is not None:
+        weights = torch.tensor([float(w) for w in weights])
+        if len(weights) != num_classes:
+            raise SceneparseError(
+                f"train.class_weights has {len(weights)} values but there are {num_classes} classes"
+            )
+    if weights is not None:
+        weights = weights.to(device)
+    return nn.CrossEntropyLoss(weight=weights, ignore_index=IGNORE_INDEX)
+
+
+def _autocast(amp: str, device: torch.device):
+    # bf16/fp16 autocast only on CUDA: CPU autocast is slow for convolutions and rarely what's wanted.
+    if amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def wrap_model(model: nn.Module, cfg: DictConfig, info) -> nn.Module:
+    """Device, memory format, DDP (when launched with torchrun) and torch.compile: one place."""
+    model = dist_utils.wrap_model(model, info)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    return model
+
+
+class _StopSignal:
+    """SIGINT/SIGTERM set `received`; the loop finishes its step, saves and stops. A second
+    signal gets the default behaviour back (immediate KeyboardInterrupt / termination)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        self._restore()
+
+    def _restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+
+
+class NonFiniteLoss(SceneparseError):
+    pass
+
+
+def _resume_command(output_dir: Path) -> str:
+    return f"sceneparse train {output_dir / 'config.yaml'} --resume {output_dir / 'last.pt'}"
+
+
+# --------------------------------------------------------------------------- the loop
+def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
+    """Train as `cfg` says; `resume=True` continues from OUTPUT/last.pt, a path from that file.
+
+    Returns {"output_dir", "last", "best", "curves", "iterations", "metrics" (last validation),
+    "best_miou", "skipped"}.
+    """
+    from sceneparse.data import build_dataset, quick_check
+    from sceneparse.data.transforms import build_train_transforms, collate_pad, normalize
+    from sceneparse.engine.evaluate import evaluate
+    from sceneparse.engine.visualize import save_curves_png
+    from sceneparse.models import build_model
+    from sceneparse.models.pretrained import load_encoder_weights
+
+    tc, dc = cfg.train, cfg.data
+    info = dist_utils.init_from_env(tc.device)
+    device, is_main = info.device, info.is_main
+    output_dir = Path(cfg.output_dir)
+    resume_path = (output_dir / "last.pt") if resume is True else (Path(resume) if resume else None)
+    if is_main:
+        prepare_output(output_dir, cfg.overwrite, resume_path is not None)
+    ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+
+    # Data: refuse a broken dataset before spending any time on it.
+    data_settings = dataset_settings(dc)
+    train_set = build_dataset(data_settings, dc.train_split, build_train_transforms(train_transform_options(dc)))
+    val_set = build_dataset(data_settings, dc.val_split, None)
+    problems = quick_check(train_set)
+    if problems:
+        raise SceneparseError(
+            f"the training data has problems:\n  - " + "\n  - ".join(map(str, problems)),
+            "fix the files, or run `sceneparse data check` for a full report",
+        )
+    num_classes = cfg.model.num_classes or train_set.num_classes
+    if num_classes != train_set.num_classes:
+        raise SceneparseError(
+            f"model.num_classes={num_classes} but the {dc.kind} dataset has {train_set.num_classes} classes",
+            "remove model.num_classes (it is taken from the dataset) or fix the dataset's classes",
+        )
+    if ckpt is not None and len(ckpt["class_names"]) != num_classes:
+        raise SceneparseError(
+            f"{resume_path} was trained for {len(ckpt['class_names'])} classes, "
+            f"this config/dataset has {num_classes}",
+            "resume with the config the checkpoint was trained with",
+        )
+
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = build_model(cfg.model.encoder, cfg.model.decoder, num_classes,
+                        encoder_options=OmegaConf.to_container(cfg.model.encoder_options),
+                        decoder_options=OmegaConf.to_container(cfg.model.decoder_options))
+    if cfg.model.encoder_weights and ckpt is None:
+        load_encoder_weights(model.encoder, cfg.model.encoder_weights)
+    optimizer, scheduler = build_optimizer(model, tc)
+    scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and device.type == "cuda")
+    criterion = build_criterion(cfg, lambda: build_dataset(data_settings, dc.train_split, None), num_classes, device)
+
+    start_iter, position, best_miou, skipped = 0, (0, 0), float("-inf"), 0
+    if ckpt is not None:
+        if ckpt["model"]["config"] != dict(model.config):
+            raise SceneparseError(
+                f"{resume_path} holds a different model ({ckpt['model']['config']}) than the config "
+                f"({dict(model.config)})",
+                "resume with the config the checkpoint was trained with",
+            )
+        model.load_state_dict(ckpt["model"]["state_dict"])
+    model = wrap_model(model, cfg, info)
+    if ckpt is not None:
+        state = ckpt["train_state"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_iter, position = state["iteration"], tuple(state["data_position"])
+        best_miou, skipped = state["best_miou"], state["skipped"]
+        set_rng_state(state["rng"])
+    if is_main:
+        save_config(cfg, output_dir / "config.yaml")
+
+    sampler = TrainBatches(epoch_batches_fn(train_set, dc, tc.seed, info), tc.seed, tc.iterations,
+                           start_iter, position, info.rank)
+    loader = torch.utils.data.DataLoader(
+        SeededDataset(train_set), batch_sampler=sampler, collate_fn=collate_pad,
+        num_workers=dc.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=dc.num_workers > 0 and len(sampler) > 0,
+        generator=torch.Generator(),  # keeps the DataLoader from drawing on the global RNG
+    )
+    mean, std = list(dc.mean), list(dc.std)
+    class_names, palette = list(train_set.class_names), [list(c) for c in train_set.palette]
+    normalization = {"mean": list(dc.mean), "std": list(dc.std)}
+    logger = RunLogger(output_dir, resume_from=start_iter if ckpt is not None else None) if is_main else None
+
+    def train_state(iteration: int, next_position: tuple[int, int]) -> dict:
+        return {
+            "iteration": iteration, "data_position": list(next_position),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "best_miou": best_miou, "skipped": skipped,
+            "rng": rng_state(), "config": OmegaConf.to_container(cfg),
+        }
+
+    def save(name: str, iteration: int, next_position, with_state: bool = True) -> Path:
+        state = train_state(iteration, next_position) if with_state else None
+        return save_model(output_dir / name, model, class_names, palette, normalization, state)
+
+    window: list[torch.Tensor] = []  # this log window's per-step losses, on the device
+    window_paths: list[list[str]] = []
+    window_start, window_time = start_iter, time.perf_counter()
+
+    def flush(iteration: int) -> None:
+        """One host sync per log window: check the losses, log their mean."""
+        nonlocal window_start, window_time
+        if not window:
+            return
+        losses = torch.stack(window).float().cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise NonFiniteLoss(
+                f"training loss became {losses[i].item()} at iteration {window_start + i + 1} "
+                f"on images: {', '.join(window_paths[i])}",
+                "lower the learning rate, check those files, or set train.on_nonfinite=skip; "
+                f"the last good checkpoint is {output_dir / 'last.pt'}",
+            )
+        elapsed = time.perf_counter() - window_time
+        lrs = scheduler.get_last_lr()
+        record = {"iter": iteration, "loss": losses.mean().item(), "lr": lrs[-1], "lr_encoder": lrs[0],
+                  "img_per_s": len(window) * dc.batch_size * info.world_size / max(elapsed, 1e-9),
+                  "skipped": skipped}
+        if logger is not None:
+            logger.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            img_s=f"{record['img_per_s']:.1f}")
+        window.clear()
+        window_paths.clear()
+        window_start, window_time = iteration, time.perf_counter()
+
+    last_metrics: dict = {}
+
+    def validate(iteration: int, next_position) -> None:
+        nonlocal best_miou, last_metrics
+        core = dist_utils.unwrap(model)
+        core.eval()
+        metrics = evaluate(core, val_set, scales=list(cfg.eval.scales), flip=cfg.eval.flip,
+                           max_size=cfg.eval.max_size, mean=list(dc.mean), std=list(dc.std), device=device)
+        core.train()
+        last_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if logger is not None:
+            logger.log({"iter": iteration, "val_miou": metrics["mean_iou"],
+                        "val_pixel_accuracy": metrics["pixel_accuracy"], "val_score": metrics["score"]})
+            if metrics["mean_iou"] > best_miou:
+                best_miou = metrics["mean_iou"]
+                save("best.pt", iteration, next_position, with_state=False)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=tc.iterations, initial=start_iter, disable=not is_main, desc="train",
+               dynamic_ncols=True, file=sys.stderr)
+    model.train()
+    it, next_position = start_iter, position
+    positions = sampler.walk()
+    batches = iter(loader)
+    autocast = _autocast(tc.amp, device)
+    with _StopSignal() as stop:
+        try:
+            while it < tc.iterations:
+                try:
+                    batch = next(batches)
+                except (OSError, SceneparseError, RuntimeError) as err:
+                    if isinstance(err, RuntimeError) and "Original Traceback" not in str(err):
+                        raise
+                    raise SceneparseError(
+                        f"reading training data failed at iteration {it + 1}: {_data_error_message(err)}",
+                        f"restore the dataset files, then resume: {_resume_command(output_dir)}",
+                    ) from None
+                _, epoch, offset, _ = next(positions)
+                it, next_position = it + 1, (epoch, offset + 1)
+                images = batch["image"].to(device, non_blocking=True)
+                masks = batch["mask"].to(device, non_blocking=True)
+                images = normalize(images, mean, std)
+                if tc.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    out = model(images)
+                    if hasattr(out, "aux"):
+                        loss = criterion(out.logits, masks) + tc.deepsup_weight * criterion(out.aux, masks)
+                    else:
+                        loss = criterion(out, masks)
+                if tc.on_nonfinite == "skip" and not bool(torch.isfinite(loss)):  # a sync, by request
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    bar.write(f"iteration {it}: non-finite loss, batch skipped ({', '.join(batch['paths'])})")
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    window.append(loss.detach())
+                    window_paths.append(list(batch["paths"]))
+                bar.update(1)
+
+                done = it == tc.iterations
+                validate_now = tc.val_every > 0 and (it % tc.val_every == 0 or done)
+                save_now = it % tc.checkpoint_every == 0 or done or stop.received or validate_now
+                if it % tc.log_every == 0 or save_now:
+                    flush(it)  # also the non-finite check: nothing is saved after a bad step
+                if validate_now:
+                    validate(it, next_position)
+                if is_main and save_now:
+                    save("last.pt", it, next_position)
+                if stop.received and not done:
+                    bar.close()
+                    message = (f"{stop.received} received: stopped after iteration {it}, saved "
+                               f"{output_dir / 'last.pt'}.\nResume with:\n  {_resume_command(output_dir)}")
+                    print(message, file=sys.stderr)
+                    raise TrainingInterrupted(message)
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+
+    result = {
+        "output_dir": str(output_dir), "last": str(output_dir / "last.pt"), "iterations": it,
+        "best": str(output_dir / "best.pt") if (output_dir / "best.pt").exists() else None,
+        "metrics": last_metrics, "best_miou": best_miou if best_miou > float("-inf") else None,
+        "skipped": skipped, "curves": None,
+    }
+    if is_main:
+        result["curves"] = str(save_curves_png(logger.records(), output_dir / "curves.png"))
+        print(f"training done: {it} iterations; outputs in {output_dir}"
+              + (f" (best mIoU {best_miou:.4f})" if result["best_miou"] is not None else ""),
+              file=sys.stderr)
+    return result

@@ -1,0 +1,96 @@
+"""Strict loading of weight files into encoders (ImageNet backbones) and modules in general.
+
+`load_encoder_weights(encoder, source)` accepts CSAIL's ImageNet backbones (`resnet{18,50,101}-
+imagenet.pth`, `mobilenet_v2.pth.tar`, `hrnetv2_w48-imagenet.pth`) and timm's own state_dicts.
+The classifier head is the only thing dropped; every other difference is an error that names
+the keys, because a silently half-loaded backbone trains, just badly.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sceneparse.errors import SceneparseError
+
+# torch counts BN batches only for momentum=None; files from other code never carry it.
+_OPTIONAL_SUFFIX = "num_batches_tracked"
+_SHOWN = 5  # keys listed per kind of mismatch
+
+
+def read_state_dict(source: str | os.PathLike, what: str = "weights file") -> dict[str, Tensor]:
+    """`torch.load` a file safely (weights_only) and return its state_dict.
+
+    Unwraps `{"state_dict": ...}` and DataParallel's `module.` prefixes.
+    """
+    path = Path(source)
+    if not path.is_file():
+        raise SceneparseError(f"{what} {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or foreign files
+        raise SceneparseError(
+            f"cannot read {what} {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            hint="the file is truncated, corrupt or not a PyTorch weights file; download it again",
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise SceneparseError(f"{what} {path} does not hold a state_dict (a dict of tensors)")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _summary(label: str, items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOWN])
+    more = f" (+{len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+    return f"{len(items)} {label}: {shown}{more}"
+
+
+def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """Load `state` into `module` requiring the same keys and shapes (apart from BN batch counters).
+
+    Mismatches raise SceneparseError naming `what` and a summary of missing/unexpected keys and
+    shape differences.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith(_OPTIONAL_SUFFIX)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} file {list(state[k].shape)} vs model {list(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    problems = [
+        _summary(label, items)
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if items
+    ]
+    if problems:
+        raise SceneparseError(
+            f"{what} does not match the model: " + "; ".join(problems),
+            hint="check that the file was made for this architecture and class count",
+        )
+    full = {k: state.get(k, v) for k, v in own.items()}  # batch counters keep their value
+    module.load_state_dict(full, strict=True)
+
+
+def load_encoder_weights(encoder: nn.Module, source: str | os.PathLike) -> None:
+    """Load backbone weights (a local path or an http(s) URL) into `encoder`, strictly.
+
+    Keys under the encoder's classifier-head prefixes are dropped; the rest is renamed from the
+    file's layout (CSAIL's or timm's) to ours and must match exactly.
+    """
+    text = str(source)
+    if text.startswith(("http://", "https://")):
+        from sceneparse.zoo.download import fetch  # needs the network only for URLs
+
+        path = fetch(text)
+    else:
+        path = Path(text)
+    state = read_state_dict(path, "encoder weights file")
+    body = {k: v for k, v in state.items() if not k.startswith(encoder.head_prefixes)}
+    load_state_dict_strict(encoder, encoder.adapt_state_dict(body), f"encoder weights file {path}")

@@ -1,0 +1,259 @@
+"""Download + cache for the published models.
+
+Cache layout (root: `SCENEPARSE_CACHE`, else `~/.cache/sceneparse`)::
+
+    <root>/checksums.json                            SHA-256 of every file fetched (trust on first use)
+    <root>/ade20k-<name>/{encoder,decoder}_epoch_N.pth   CSAIL's raw files, as on their server
+    <root>/<name>.pt                                 our converted one-file checkpoint
+
+Downloads stream into `<file>.part` and are renamed into place only once complete and verified, so an
+interrupted download never leaves a file that looks finished; the next run resumes the `.part` with an
+HTTP Range request.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from sceneparse.errors import SceneparseError
+from sceneparse.zoo.registry import ZOO, ZooEntry, get_entry
+
+CACHE_ENV = "SCENEPARSE_CACHE"
+MANIFEST = "checksums.json"
+TIMEOUT_S = 30
+CHUNK = 1 << 20
+
+
+class OfflineError(SceneparseError):
+    """The server could not be reached at all (no network, DNS failure, connection refused)."""
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sceneparse"
+
+
+def _root(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(root: Path) -> dict[str, str]:
+    path = root / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SceneparseError(f"{path} is not valid JSON ({err})",
+                              hint="delete it; hashes are recorded again on the next download") from err
+
+
+def _record_hash(root: Path, key: str, digest: str) -> None:
+    manifest = _read_manifest(root)
+    manifest[key] = digest
+    # atomic replace so a crash never leaves half a manifest
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".checksums.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    os.replace(tmp, root / MANIFEST)
+
+
+def fetch(url: str, sha256: str | None = None, cache_dir: str | os.PathLike | None = None,
+          progress: bool = True, filename: str | None = None) -> Path:
+    """Download `url` into the cache (as `filename`, a path relative to the cache root; default: the
+    URL's last path component) and return the file's path. Reuses a verified cached copy.
+
+    The file is checked against `sha256` if given, else against the hash recorded in the cache's
+    manifest when the file was first downloaded (a cached file that no longer matches is fetched again).
+    """
+    root = _root(cache_dir)
+    key = filename or Path(urllib.parse.urlparse(url).path).name
+    dest = root / key
+    recorded = _read_manifest(root).get(key)
+    expected = sha256 or recorded
+
+    if dest.exists():
+        actual = sha256_file(dest)
+        if expected is None:
+            _record_hash(root, key, actual)  # e.g. a file the user put there by hand
+            return dest
+        if actual == expected:
+            return dest
+        print(f"sceneparse: cached {dest} is corrupted (sha256 {actual}, expected {expected}); "
+              "deleted it, downloading it again", file=sys.stderr)
+        dest.unlink()
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    _download(url, part, dest, progress)
+    actual = sha256_file(part)
+    if expected is not None and actual != expected:
+        part.unlink()
+        hint = "try again later, or check the URL"
+        if sha256 is None:
+            hint = (f"the file on the server is not the one recorded in {root / MANIFEST}; if it changed "
+                    f"on purpose, delete the entry {key!r} there and run again")
+        raise SceneparseError(
+            f"checksum mismatch for {url}: sha256 {actual}, expected {expected}; "
+            "the downloaded file was deleted", hint=hint)
+    os.replace(part, dest)
+    if recorded != actual:
+        _record_hash(root, key, actual)
+    return dest
+
+
+def _download(url: str, part: Path, dest: Path, progress: bool, _retry: bool = True) -> None:
+    """Stream `url` into `part`, resuming from the bytes already there when the server allows it."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "sceneparse"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset and _retry:  # .part already as long as (or longer than) the file
+            part.unlink()
+            return _download(url, part, dest, progress, _retry=False)
+        if err.code == 404:
+            raise SceneparseError(f"{url} does not exist on the server (HTTP 404)",
+                                  hint="check the model name and the zoo URL (SCENEPARSE_ZOO_URL)") from err
+        raise SceneparseError(f"downloading {url} failed: HTTP {err.code} {err.reason}",
+                              hint="try again later") from err
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise OfflineError(
+            f"cannot download {url}: {reason}",
+            hint=f"if this machine is offline, fetch {url} by hand and save it as {dest}") from err
+
+    with response:
+        resuming = bool(offset) and response.status == 206
+        if resuming and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+            if not _retry:
+                raise SceneparseError(f"{url}: the server answered a resume request with the wrong range")
+            response.close()
+            part.unlink()
+            return _download(url, part, dest, progress, _retry=False)
+        if not resuming:
+            offset = 0  # a 200 answer is the whole file: a server that ignores Range; start over
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        with open(part, "ab" if resuming else "wb") as f, tqdm(
+            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=dest.name, disable=not progress, file=sys.stderr,
+        ) as bar:
+            try:
+                while block := response.read(CHUNK):
+                    f.write(block)
+                    bar.update(len(block))
+            except (OSError, http.client.HTTPException) as err:
+                raise _interrupted(url, part, err) from err
+    if total is not None and part.stat().st_size != total:
+        raise _interrupted(url, part, f"got {part.stat().st_size} of {total} bytes")
+
+
+def _interrupted(url: str, part: Path, why) -> SceneparseError:
+    return SceneparseError(f"download of {url} was interrupted ({why}); the partial file {part} is kept",
+                           hint="run the same command again to resume")
+
+
+# --- published models -------------------------------------------------------------------------
+
+def raw_paths(entry: ZooEntry, cache_dir=None) -> tuple[Path, Path]:
+    """Where CSAIL's encoder and decoder files of `entry` live in the cache."""
+    folder = _root(cache_dir) / entry.folder
+    return folder / entry.filenames[0], folder / entry.filenames[1]
+
+
+def checkpoint_path(entry: ZooEntry, cache_dir=None) -> Path:
+    """Where the converted sceneparse checkpoint of `entry` lives in the cache."""
+    return _root(cache_dir) / f"{entry.name}.pt"
+
+
+def cache_state(name: str, cache_dir=None) -> str:
+    """'converted', 'raw' (CSAIL files present, not yet converted) or 'missing'."""
+    entry = get_entry(name)
+    if checkpoint_path(entry, cache_dir).exists():
+        return "converted"
+    if all(p.exists() for p in raw_paths(entry, cache_dir)):
+        return "raw"
+    return "missing"
+
+
+def missing_model_message(name: str, cache_dir=None) -> str:
+    """What to tell a user who asked for a published model that is not in the cache."""
+    entry = get_entry(name)
+    encoder_url, decoder_url = entry.urls()
+    folder = raw_paths(entry, cache_dir)[0].parent
+    return (
+        f"model {entry.name!r} is not in the cache ({_root(cache_dir)}). Download it with "
+        f"`sceneparse zoo download {entry.name}`, or, offline, fetch these two files by hand:\n"
+        f"  {encoder_url}\n  {decoder_url}\n"
+        f"and put them in {folder}/ (sceneparse converts them on first use)"
+    )
+
+
+def _convert(entry: ZooEntry, encoder: Path, decoder: Path, output: Path) -> None:
+    # Imported here: conversion needs torch and the model code, the rest of the zoo does not.
+    from sceneparse.zoo.csail import convert_csail_files
+
+    convert_csail_files(encoder, decoder, entry.name, output)
+
+
+def download_model(name: str, cache_dir=None, progress: bool = True) -> Path:
+    """Fetch (or reuse) CSAIL's encoder and decoder files of a published model, convert them to one
+    sceneparse checkpoint `<cache>/<name>.pt` and return its path."""
+    entry = get_entry(name)
+    output = checkpoint_path(entry, cache_dir)
+    if output.exists():
+        return output
+    raw = []
+    for url, path in zip(entry.urls(), raw_paths(entry, cache_dir)):
+        try:
+            raw.append(fetch(url, cache_dir=cache_dir, progress=progress,
+                             filename=f"{entry.folder}/{path.name}"))
+        except OfflineError as err:
+            raise SceneparseError(f"cannot reach the model server ({err.message}).\n"
+                                  + missing_model_message(name, cache_dir)) from err
+    _convert(entry, raw[0], raw[1], output)
+    return output
+
+
+def resolve(name: str, cache_dir=None, missing_ok: bool = False) -> Path | None:
+    """The cached checkpoint of a published model, converting CSAIL files already in the cache
+    (no network). When nothing is cached: SceneparseError saying what to download and where to put
+    it, or None with `missing_ok=True`. Unknown names always raise SceneparseError."""
+    entry = get_entry(name)
+    output = checkpoint_path(entry, cache_dir)
+    if output.exists():
+        return output
+    encoder, decoder = raw_paths(entry, cache_dir)
+    if encoder.exists() and decoder.exists():
+        _convert(entry, encoder, decoder, output)
+        return output
+    if missing_ok:
+        return None
+    raise SceneparseError(missing_model_message(name, cache_dir))
+
+
+__all__ = [
+    "ZOO", "OfflineError", "cache_state", "checkpoint_path", "default_cache_dir", "download_model",
+    "fetch", "missing_model_message", "raw_paths", "resolve", "sha256_file",
+]

@@ -1,0 +1,176 @@
+"""Checkpoints: round trip, atomic writes under crashes and full disks, clear errors for bad files."""
+from __future__ import annotations
+
+import errno
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from sceneparse.engine import checkpoint as ckpt_mod
+from sceneparse.engine.checkpoint import (
+    FORMAT,
+    atomic_save,
+    load_checkpoint,
+    load_model,
+    rng_state,
+    save_model,
+    set_rng_state,
+)
+from sceneparse.errors import SceneparseError
+from sceneparse.models import build_model
+
+NAMES = ["sky", "road", "car"]
+PALETTE = [[0, 0, 255], [128, 64, 128], [255, 0, 0]]
+
+
+def tiny_model(num_classes: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model("timm:test_efficientnet", "c1", num_classes)
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_round_trip_restores_weights_metadata_and_eval_mode(tmp_path):
+    model = tiny_model()
+    norm = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    path = save_model(tmp_path / "m.pt", model, NAMES, PALETTE, norm)
+
+    raw = torch.load(path, weights_only=True)  # the format promise: plain data, no code
+    assert raw["format"] == FORMAT and raw["class_names"] == NAMES and "train_state" not in raw
+
+    loaded = load_model(path)
+    assert not loaded.training
+    assert loaded.class_names == NAMES and loaded.palette == PALETTE
+    assert loaded.normalization == norm
+    assert loaded.config == model.config
+    x = torch.randn(1, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_default_normalization_is_imagenet(tmp_path):
+    path = save_model(tmp_path / "m.pt", tiny_model(), NAMES, PALETTE)
+    assert load_model(path).normalization == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    old = tiny_model(seed=1)
+    save_model(path, old, NAMES, PALETTE)
+    before = path.read_bytes()
+
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(100)  # partial bytes on disk, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(path, tiny_model(seed=2), NAMES, PALETTE)
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+    reloaded = load_model(path)
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), reloaded.state_dict().values()))
+
+
+def test_disk_full_is_a_user_error_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_model(path, tiny_model(seed=1), NAMES, PALETTE)
+    before = path.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.os, "fsync", no_space)
+    with pytest.raises(SceneparseError, match="No space left on device") as info:
+        save_model(path, tiny_model(seed=2), NAMES, PALETTE)
+    assert str(path) in str(info.value)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and _leftovers(tmp_path) == []
+
+
+def test_unwritable_folder_is_a_user_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SceneparseError, match="could not write checkpoint"):
+        atomic_save({"a": 1}, blocker / "sub" / "x.pt")
+
+
+def test_missing_truncated_garbage_and_foreign_files(tmp_path):
+    with pytest.raises(SceneparseError, match="checkpoint not found"):
+        load_model(tmp_path / "nope.pt")
+
+    good = save_model(tmp_path / "good.pt", tiny_model(), NAMES, PALETTE)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(SceneparseError, match="truncated.pt is not a readable checkpoint"):
+        load_model(truncated)
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00\x01 definitely not torch" * 10)
+    with pytest.raises(SceneparseError, match="garbage.pt is not a readable checkpoint"):
+        load_checkpoint(garbage)
+
+    foreign = tmp_path / "encoder_epoch_20.pth"  # what CSAIL publishes: a bare state_dict
+    torch.save(tiny_model().state_dict(), foreign)
+    with pytest.raises(SceneparseError, match="encoder_epoch_20.pth is not a sceneparse checkpoint"):
+        load_model(foreign)
+
+
+def test_class_count_that_does_not_fit_is_refused(tmp_path):
+    path = save_model(tmp_path / "m.pt", tiny_model(), NAMES, PALETTE)
+    ckpt = torch.load(path, weights_only=True)
+
+    ckpt["class_names"] = NAMES[:2]
+    torch.save(ckpt, tmp_path / "names.pt")
+    with pytest.raises(SceneparseError, match="names.pt: model config says 3 classes but the checkpoint lists 2"):
+        load_model(tmp_path / "names.pt")
+
+    ckpt["class_names"] = NAMES + ["bus"]
+    ckpt["palette"] = PALETTE + [[1, 2, 3]]
+    ckpt["model"]["config"]["num_classes"] = 4  # config and names agree, the weights do not
+    torch.save(ckpt, tmp_path / "weights.pt")
+    with pytest.raises(SceneparseError, match="weights.pt: weights do not fit"):
+        load_model(tmp_path / "weights.pt")
+
+    with pytest.raises(SceneparseError, match="2 class names"):
+        save_model(tmp_path / "bad.pt", tiny_model(), NAMES[:2], PALETTE[:2])
+
+
+def test_a_name_that_is_not_a_file_goes_to_the_zoo(tmp_path, monkeypatch):
+    path = save_model(tmp_path / "cached.pt", tiny_model(), NAMES, PALETTE)
+    asked = []
+
+    def fake_resolve(name):
+        asked.append(name)
+        return path
+
+    import sceneparse.zoo
+
+    monkeypatch.setattr(sceneparse.zoo, "resolve", fake_resolve)
+    model = load_model("resnet50dilated-ppm_deepsup")
+    assert asked == ["resnet50dilated-ppm_deepsup"] and model.class_names == NAMES
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
+    torch.manual_seed(3)
+    random.seed(4)
+    np.random.seed(5)
+    atomic_save({"rng": rng_state()}, tmp_path / "rng.pt")
+    expected = (torch.rand(4), random.random(), np.random.rand(3))
+
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    got = (torch.rand(4), random.random(), np.random.rand(3))
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1] and np.array_equal(got[2], expected[2])

@@ -1,0 +1,396 @@
+"""Datasets (real samples and tmp files), build_dataset, transforms, collate and samplers."""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torchvision import tv_tensors
+
+from sceneparse.data import ADE20K, IGNORE_INDEX, CamVid, Folder, Synthetic, build_dataset, builtin_meta
+from sceneparse.data.samplers import AspectRatioBatchSampler, InfiniteBatchSampler
+from sceneparse.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PairTransform,
+    RandomShortSideResize,
+    build_eval_transforms,
+    build_train_transforms,
+    collate_pad,
+    normalize,
+)
+from sceneparse.errors import SceneparseError
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = SHARED / "data"
+
+
+def need_shared(*parts: str) -> Path:
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"../shared not found: {path} is needed for this test")
+    return path
+
+
+def raw_png(path) -> np.ndarray:
+    return np.array(Image.open(path))
+
+
+# --------------------------------------------------------------------------- ADE20K
+
+
+def _official_ade_layout(tmp_path: Path) -> Path:
+    """ROOT/ADEChallengeData2016/{images,annotations}/{training,validation} linking the samples."""
+    samples = need_shared("ade20k_samples")
+    base = tmp_path / "ADEChallengeData2016"
+    for kind, ext in (("images", "jpg"), ("annotations", "png")):
+        for sub, prefix in (("training", "ADE_train_"), ("validation", "ADE_val_")):
+            (base / kind / sub).mkdir(parents=True)
+            for f in sorted((samples / kind).glob(f"{prefix}*.{ext}")):
+                os.symlink(f, base / kind / sub / f.name)
+    return tmp_path
+
+
+def _check_ade_mapping(ds: ADE20K):
+    for i in range(len(ds)):
+        sample = ds[i]
+        raw = raw_png(ds.files[i][1]).astype(np.int64)
+        expected = np.where(raw == 0, IGNORE_INDEX, raw - 1)
+        assert sample["mask"].dtype == torch.int64
+        np.testing.assert_array_equal(sample["mask"].numpy(), expected)
+        assert sample["image"].dtype == torch.uint8
+        assert tuple(sample["image"].shape) == (3, *raw.shape)
+        assert isinstance(sample["image"], tv_tensors.Image) and isinstance(sample["mask"], tv_tensors.Mask)
+
+
+def test_ade20k_official_layout_and_label_mapping(tmp_path):
+    root = _official_ade_layout(tmp_path)
+    val = ADE20K(root, "val")
+    assert len(val) == 5 and len(ADE20K(root, "train")) == 1
+    assert [Path(p).name for p, _ in val.files][:2] == ["ADE_val_00000001.jpg", "ADE_val_00000002.jpg"]
+    _check_ade_mapping(val)
+    # ROOT may point at ADEChallengeData2016 itself
+    assert ADE20K(root / "ADEChallengeData2016", "validation").files == val.files
+    assert val.image_sizes() == [raw_png(lbl).shape for _, lbl in val.files]
+
+
+def test_ade20k_flat_samples_split_by_name():
+    samples = need_shared("ade20k_samples")
+    train, val = ADE20K(samples, "train"), ADE20K(samples, "val")
+    assert [Path(p).name for p, _ in train.files] == ["ADE_train_00000036.jpg"]
+    assert len(val) == 5
+    _check_ade_mapping(train)
+
+
+def test_ade20k_odgt_gives_files_and_sizes(tmp_path):
+    root = _official_ade_layout(tmp_path)
+    lines = [
+        {"fpath_img": "ADEChallengeData2016/images/validation/ADE_val_00000002.jpg",
+         "fpath_segm": "ADEChallengeData2016/annotations/validation/ADE_val_00000002.png", "width": 999, "height": 7},
+        {"fpath_img": "ADEChallengeData2016/images/validation/ADE_val_00000001.jpg",
+         "fpath_segm": "ADEChallengeData2016/annotations/validation/ADE_val_00000001.png", "width": 5, "height": 6},
+    ]
+    odgt = tmp_path / "validation.odgt"
+    odgt.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    for base in (root, root / "ADEChallengeData2016"):  # paths resolve from ROOT or its parent
+        ds = build_dataset({"kind": "ade20k", "root": str(base), "odgt": {"val": str(odgt)}}, "val")
+        assert [Path(p).name for p, _ in ds.files] == ["ADE_val_00000002.jpg", "ADE_val_00000001.jpg"]
+        assert ds.image_sizes() == [(7, 999), (6, 5)]  # from the list, not the headers
+    lines[0]["fpath_img"] = "ADEChallengeData2016/images/validation/nope.jpg"
+    odgt.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    with pytest.raises(SceneparseError, match="nope.jpg"):
+        ADE20K(root, "val", odgt=odgt)
+
+
+def test_ade20k_builtin_metadata_matches_the_official_files():
+    meta = builtin_meta("ade20k")
+    assert len(meta["class_names"]) == 150 and len(meta["palette"]) == 150
+    assert meta["class_names"][:3] == ["wall", "building", "sky"] and meta["palette"][0] == [120, 120, 120]
+    meta_dir = DATA / "ade20k_meta"
+    if meta_dir.exists():
+        with open(meta_dir / "object150_info.csv", newline="") as f:
+            names = [row["Name"].split(";")[0] for row in csv.DictReader(f)]
+        assert meta["class_names"] == names
+        assert meta["palette"] == json.loads((meta_dir / "color150.json").read_text())
+
+
+# --------------------------------------------------------------------------- CamVid, VOC as a folder
+
+
+def test_camvid_loads_with_void_ignored():
+    root = need_shared("camvid")
+    ds = CamVid(root, "val")
+    assert len(ds) == 101 and ds.num_classes == 11
+    assert ds.class_names[0] == "sky" and ds.palette[3] == [128, 64, 128]
+    for i in (0, 50):
+        raw = raw_png(ds.files[i][1]).astype(np.int64)
+        assert (raw == 11).any()  # these frames have void pixels
+        expected = np.where(raw == 11, IGNORE_INDEX, raw)
+        np.testing.assert_array_equal(ds[i]["mask"].numpy(), expected)
+    assert set(ds.image_sizes()) == {(360, 480)}
+
+
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]
+
+
+def test_voc_samples_as_a_folder_dataset(tmp_path):
+    voc = need_shared("voc_samples")
+    os.symlink(voc / "JPEGImages", tmp_path / "images")
+    os.symlink(voc / "SegmentationClass", tmp_path / "labels")
+    (tmp_path / "voc.yaml").write_text(f"classes: {VOC_CLASSES}\nignore_index: 255\n")
+    ds = build_dataset(OmegaConf.create({"kind": "folder", "root": str(tmp_path), "classes_file": str(tmp_path / "voc.yaml")}), "val")
+    assert len(ds) == 14 and ds.num_classes == 21 and len(ds.palette) == 21
+    for i in range(0, 14, 5):
+        raw = raw_png(ds.files[i][1])
+        assert Image.open(ds.files[i][1]).mode == "P"
+        assert (raw == 255).any() and raw.max() == 255
+        np.testing.assert_array_equal(ds[i]["mask"].numpy(), raw.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- folder, build_dataset errors
+
+
+def _write_pair(root: Path, stem: str, sub: str = "", size=(6, 8), value: int = 1):
+    for kind in ("images", "labels"):
+        (root / kind / sub).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*size, 3), 100, np.uint8)).save(root / "images" / sub / f"{stem}.jpg")
+    Image.fromarray(np.full(size, value, np.uint8)).save(root / "labels" / sub / f"{stem}.png")
+
+
+def test_folder_splits_from_subfolders_and_list_files(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for stem in ("x", "y"):
+        _write_pair(a, stem, "train")
+    _write_pair(a, "z", "val")
+    (a / "classes.yaml").write_text("classes: [bg, thing]\n")
+    assert len(Folder(a, "train")) == 2 and len(Folder(a, "val")) == 1
+    for stem in ("x", "y", "z"):
+        _write_pair(b, stem)
+    (b / "classes.json").write_text('{"classes": ["bg", "thing"]}')
+    (b / "val.txt").write_text("z\n")
+    assert [Path(p).stem for p, _ in Folder(b, "val").files] == ["z"]
+    assert len(Folder(b, None)) == 3
+
+
+def test_folder_image_without_label_is_an_error(tmp_path):
+    _write_pair(tmp_path, "ok")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "images" / "lonely one.png")
+    (tmp_path / "classes.yaml").write_text("classes: [bg, thing]\n")
+    with pytest.raises(SceneparseError, match="lonely one.png"):
+        Folder(tmp_path, None)
+
+
+def test_folder_without_classes_file_explains(tmp_path):
+    _write_pair(tmp_path, "a")
+    with pytest.raises(SceneparseError, match="classes file") as info:
+        Folder(tmp_path, None)
+    assert "classes:" in str(info.value)  # the hint shows an example
+
+
+def test_build_dataset_errors(tmp_path):
+    with pytest.raises(SceneparseError, match="unknown dataset kind 'coco'"):
+        build_dataset({"kind": "coco"}, "train")
+    missing = tmp_path / "not here"
+    with pytest.raises(SceneparseError, match="not here") as info:
+        build_dataset({"kind": "camvid", "root": str(missing)}, "train")
+    assert "expected layout" in str(info.value)
+    (tmp_path / "empty" / "train" / "images").mkdir(parents=True)
+    with pytest.raises(SceneparseError, match="no image/label pairs"):
+        build_dataset({"kind": "camvid", "root": str(tmp_path / "empty")}, "train")
+    with pytest.raises(SceneparseError, match="split"):
+        build_dataset({"kind": "ade20k", "root": str(tmp_path)}, "tarin")
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_deterministic_and_covers_the_classes():
+    cfg = {"kind": "synthetic", "seed": 3, "num_images": {"train": 12, "val": 4}, "image_size": 64}
+    train = build_dataset(cfg, "train")
+    again = build_dataset(OmegaConf.create(cfg), "train")
+    other = build_dataset({**cfg, "seed": 4}, "train")
+    val = build_dataset(cfg, "val")
+    assert len(train) == 12 and len(val) == 4 and train.num_classes == 5
+    a, b = train[5], again[5]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert not torch.equal(a["image"], other[5]["image"])
+    assert not torch.equal(train[0]["image"], val[0]["image"])
+    assert a["image"].shape == (3, 64, 64) and a["image"].dtype == torch.uint8
+    counts = sum(torch.bincount(train[i]["mask"].flatten(), minlength=5) for i in range(len(train)))
+    assert (counts > 0).all() and counts.numel() == 5
+    assert train.image_sizes() == [(64, 64)] * 12
+    # a class is not one constant colour: its pixels vary within an image
+    sky = a["image"][:, a["mask"] == 0].float()
+    assert sky.std(dim=1).min() > 3
+
+
+def test_synthetic_writes_a_folder_dataset(tmp_path):
+    ds = Synthetic("val", num_images=2, image_size=32)
+    ds.write_folder(tmp_path)
+    folder = Folder(tmp_path, None)
+    assert folder.class_names == ds.class_names and len(folder) == 2
+    assert torch.equal(folder[0]["mask"], ds[0]["mask"]) and torch.equal(folder[0]["image"], ds[0]["image"])
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def _pair(h: int, w: int):
+    image = torch.arange(3 * h * w, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, h, w)
+    mask = torch.arange(h * w).remainder(3).view(h, w)
+    return tv_tensors.Image(image), tv_tensors.Mask(mask)
+
+
+def test_normalize_matches_formula():
+    x = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    out = normalize(x)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, (x.float() / 255 - mean) / std)
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "size, short, max_size, expected",
+    [((200, 400), 300, 1000, (300, 600)), ((200, 400), 300, 500, (250, 500)), ((400, 100), 50, 1000, (200, 50))],
+)
+def test_short_side_resize_sizes(size, short, max_size, expected):
+    image, mask = _pair(*size)
+    out_image, out_mask = RandomShortSideResize([short], max_size)(image, mask)
+    assert tuple(out_image.shape[-2:]) == expected and tuple(out_mask.shape) == expected
+    assert set(out_mask.unique().tolist()) <= {0, 1, 2}  # nearest: no invented class ids
+
+
+def test_per_batch_short_side_overrides_the_random_draw():
+    pipeline = build_train_transforms({"scales": [300, 600], "flip": False})
+    image, mask = _pair(100, 200)
+    for _ in range(3):
+        out_image, out_mask = pipeline(image, mask, short_side=450)
+        assert tuple(out_image.shape[-2:]) == (450, 900) and tuple(out_mask.shape) == (450, 900)
+    seen = {tuple(pipeline(image, mask)[0].shape[-2:]) for _ in range(30)}
+    assert seen == {(300, 600), (500, 1000)}  # 600 would make the long side 1200 > max_size 1000
+
+
+def test_crop_pads_with_zero_and_ignore():
+    pipeline = build_train_transforms({"scales": None, "flip": False, "crop": [10, 12]})
+    image, mask = _pair(4, 5)
+    out_image, out_mask = pipeline(image, mask)
+    assert tuple(out_image.shape) == (3, 10, 12) and tuple(out_mask.shape) == (10, 12)
+    assert (out_mask == IGNORE_INDEX).sum() == 10 * 12 - 4 * 5
+    assert (out_image[:, out_mask == IGNORE_INDEX] == 0).all()
+    assert sorted(out_mask[out_mask != IGNORE_INDEX].tolist()) == sorted(mask.flatten().tolist())
+
+
+def test_flip_moves_image_and_mask_together():
+    pipeline = build_train_transforms({"scales": None, "flip": True, "jitter": 0.3, "scale_range": [0.5, 2.0]})
+    h, w = 32, 48
+    mask = tv_tensors.Mask((torch.arange(w) >= 12).long().expand(h, w).clone())
+    image = tv_tensors.Image((mask * 200 + 20).to(torch.uint8).expand(3, h, w).clone())
+    flipped = 0
+    for _ in range(20):
+        out_image, out_mask = pipeline(image, mask)
+        bright = out_image.float().mean(0) > 110
+        agree = (bright == (out_mask == 1)).float().mean()
+        assert agree > 0.9
+        flipped += int(out_mask[:, 0].float().mean() > 0.5)
+    assert 0 < flipped < 20
+
+
+def test_unknown_transform_setting_is_an_error():
+    with pytest.raises(SceneparseError, match="scalez"):
+        build_train_transforms({"scalez": [1]})
+    assert build_eval_transforms(None) is None
+    resize = build_eval_transforms({"short_side": 50})
+    assert tuple(resize(*_pair(100, 200))[0].shape[-2:]) == (50, 100)
+
+
+def test_collate_pad():
+    a = {"image": _pair(2, 3)[0], "mask": torch.zeros(2, 3, dtype=torch.int64), "path": "a"}
+    b = {"image": _pair(4, 2)[0], "mask": torch.ones(4, 2, dtype=torch.int64), "path": "b"}
+    batch = collate_pad([a, b])
+    assert batch["image"].shape == (2, 3, 4, 3) and batch["image"].dtype == torch.uint8
+    assert batch["mask"].shape == (2, 4, 3) and batch["mask"].dtype == torch.int64
+    assert batch["paths"] == ["a", "b"] and batch["sizes"] == [(2, 3), (4, 2)]
+    assert torch.equal(batch["image"][0, :, :2, :3], a["image"]) and (batch["image"][0, :, 2:] == 0).all()
+    assert (batch["mask"][0, 2:] == IGNORE_INDEX).all() and (batch["mask"][1, :, 2] == IGNORE_INDEX).all()
+    assert (batch["mask"][1, :, :2] == 1).all()
+
+
+# --------------------------------------------------------------------------- samplers
+
+# indices 0..4 landscape, 5..7 portrait
+SIZES = [(10, 20), (10, 10), (30, 40), (5, 6), (10, 15), (20, 10), (40, 30), (15, 10)]
+LANDSCAPE, PORTRAIT = set(range(5)), set(range(5, 8))
+
+
+def _flat(batches):
+    return [i for b in batches for i in b]
+
+
+def test_sampler_groups_by_orientation_and_is_deterministic():
+    sampler = AspectRatioBatchSampler(SIZES, batch_size=2, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 3  # 5 landscape -> 2 full batches, 3 portrait -> 1
+    for batch in batches:
+        assert set(batch) <= LANDSCAPE or set(batch) <= PORTRAIT
+    assert len(set(_flat(batches))) == 6
+    assert batches == AspectRatioBatchSampler(SIZES, batch_size=2, seed=1).batches(0)
+    orders = {tuple(map(tuple, sampler.batches(e))) for e in range(6)}
+    assert len(orders) > 1  # epochs reshuffle
+    keep = AspectRatioBatchSampler(SIZES, batch_size=2, drop_last=False, shuffle=False)
+    assert keep.batches(0) == [[0, 1], [2, 3], [4], [5, 6], [7]] and len(keep) == 5
+
+
+def test_sampler_shards_disjointly_with_equal_counts():
+    sizes = SIZES * 3  # 15 landscape, 9 portrait -> 7 + 4 = 11 batches of 2
+    shards = [AspectRatioBatchSampler(sizes, 2, seed=5, num_replicas=3, rank=r).batches(2) for r in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    assert len(AspectRatioBatchSampler(sizes, 2, num_replicas=3, rank=0)) == 3
+    flat = [_flat(s) for s in shards]
+    assert all(not set(a) & set(b) for a, b in itertools.combinations(flat, 2))
+    padded = [AspectRatioBatchSampler(sizes, 2, drop_last=False, num_replicas=3, rank=r).batches(0) for r in range(3)]
+    assert [len(s) for s in padded] == [5, 5, 5]  # 8 + 5 batches (partial ones kept), padded to 15
+
+
+def test_sampler_resume_and_per_batch_scales():
+    sampler = AspectRatioBatchSampler(SIZES * 2, 2, seed=7, scales=[300, 450])
+    full = sampler.batches(3)
+    assert all(isinstance(i, tuple) for b in full for i in b)
+    assert all(len({s for _, s in b}) == 1 for b in full)  # one scale per batch
+    assert {s for b in full for _, s in b} <= {300, 450}
+    sampler.set_epoch(3, start=2)
+    assert list(sampler) == full[2:]
+    state = sampler.state_dict(consumed=4)
+    again = AspectRatioBatchSampler(SIZES * 2, 2, seed=7, scales=[300, 450])
+    again.load_state_dict(state)
+    assert list(again) == full[4:]
+    n = len(sampler)
+    endless = iter(InfiniteBatchSampler(sampler, start_step=3 * n + 2))
+    assert [next(endless) for _ in range(n)] == full[2:] + sampler.batches(4)[:2]
+
+
+def test_dataset_with_sampler_and_collate(tmp_path):
+    for stem, size in (("wide", (20, 30)), ("tall", (30, 20)), ("wide2", (10, 30)), ("tall2", (40, 20))):
+        _write_pair(tmp_path, stem, size=size)
+    (tmp_path / "classes.yaml").write_text("classes: [bg, thing]\n")
+    ds = Folder(tmp_path, None, transforms=build_train_transforms({"scales": [16, 24], "flip": True}))
+    sampler = AspectRatioBatchSampler(ds.image_sizes(), 2, seed=0, scales=[16, 24])
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_pad)
+    batches = list(loader)
+    assert len(batches) == 2
+    for batch, indices in zip(batches, sampler.batches(0)):
+        short = indices[0][1]
+        assert min(batch["sizes"][0]) == short or max(batch["sizes"][0]) == 1000
+        assert min(min(s) for s in batch["sizes"]) == short
+        assert set(batch["mask"].unique().tolist()) <= {1, IGNORE_INDEX}

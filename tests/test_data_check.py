@@ -1,0 +1,172 @@
+"""`sceneparse data check` and `quick_check`: every finding on small files written here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sceneparse.cli.main import main
+from sceneparse.data import Folder
+from sceneparse.data.check import check_datasets, datasets_to_check, quick_check
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+H, W = 6, 8
+
+
+def _image(path: Path, size=(H, W), **save):
+    """Random pixels seeded by the file name, so that no two test images are duplicates."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(list(path.name.encode()))
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path, **save)
+
+
+def _label(path: Path, ids: np.ndarray, mode: str | None = None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(ids.astype(np.uint8), mode).save(path)
+
+
+def _ids(road_pixels: int = 10) -> np.ndarray:
+    ids = np.zeros((H, W), np.uint8)
+    ids.flat[:road_pixels] = 1
+    ids[-1, -1] = 255  # one ignored pixel
+    return ids
+
+
+def clean_dataset(root: Path) -> Path:
+    """3 good pairs (one palette label) of classes bg, road, car; 'car' never occurs."""
+    for stem in ["a", "b c", "é"]:
+        _image(root / "images" / f"{stem}.png")
+        _label(root / "labels" / f"{stem}.png", _ids())
+    palette = Image.fromarray(_ids(), "P")
+    palette.putpalette([0, 0, 0, 250, 0, 0] + [0] * 762)
+    palette.save(root / "labels" / "b c.png")
+    (root / "classes.yaml").write_text("classes: [bg, road, car]\n")
+    return root
+
+
+def broken_dataset(root: Path) -> Path:
+    clean_dataset(root)
+    img, lbl = root / "images", root / "labels"
+    (img / "garbage.jpg").write_bytes(b"not a jpeg at all")
+    _label(lbl / "garbage.png", _ids())
+    _image(img / "full.jpg")
+    data = (img / "full.jpg").read_bytes()
+    (img / "full.jpg").unlink()
+    (img / "cut.jpg").write_bytes(data[: len(data) // 2])
+    _label(lbl / "cut.png", _ids())
+    _image(img / "lonely.png")
+    _label(lbl / "orphan.png", _ids())
+    _image(img / "wide.png")
+    _label(lbl / "wide.png", np.zeros((H, W + 1), np.uint8))
+    _image(img / "values.png")
+    bad = _ids()
+    bad[0, 0], bad[0, 1] = 7, 9
+    _label(lbl / "values.png", bad)
+    _image(img / "colour.png")
+    Image.fromarray(np.dstack([_ids() * 100, _ids(), _ids()])).save(lbl / "colour.png")
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotated 180 degrees: same size, so only EXIF tells
+    _image(img / "rotated.jpg", exif=exif)
+    _label(lbl / "rotated.png", _ids())
+    (img / "copy.png").write_bytes((img / "a.png").read_bytes())
+    _label(lbl / "copy.png", _ids())
+    return root
+
+
+def _codes(problems) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for p in problems:
+        found.setdefault(p.code, []).append(p)
+    return found
+
+
+def test_full_check_finds_every_problem(tmp_path):
+    root = broken_dataset(tmp_path)
+    datasets, _ = datasets_to_check(root)
+    report = check_datasets(datasets, root=root, workers=2, progress=False)
+    found = _codes(report.problems)
+    assert not report.ok
+
+    def files(code):
+        return sorted(Path(f).name for p in found[code] for f in p.files)
+
+    assert files("unreadable_image") == ["cut.jpg", "garbage.jpg"]
+    assert files("image_without_label") == ["lonely.png"]
+    assert files("label_without_image") == ["orphan.png"]
+    assert files("size_mismatch") == ["wide.png", "wide.png"]
+    assert files("bad_label_values") == ["values.png"] and found["bad_label_values"][0].details["values"] == [7, 9]
+    assert files("color_label") == ["colour.png"]
+    assert files("exif_rotated") == ["rotated.jpg", "rotated.png"]
+    assert files("duplicate_files") == ["a.png", "copy.png"]
+    assert found["unused_classes"][0].details["classes"] == ["car"]
+    severities = {p.code: p.severity for p in report.problems}
+    assert severities["label_without_image"] == severities["duplicate_files"] == "warning"
+    assert severities["size_mismatch"] == severities["bad_label_values"] == "error"
+    # the histogram counts every decodable label's valid pixels: a, b c, é, copy, cut, garbage and
+    # rotated have 10 road, 37 bg, 1 ignored; values.png 8 road (7 and 9 replaced two), 37 bg, 1
+    # ignored; wide.png is all bg (H x W+1)
+    assert report.pixel_counts == [8 * 37 + H * (W + 1), 7 * 10 + 8, 0]
+    assert report.ignore_pixels == 8
+
+
+def test_clean_dataset_passes_with_only_the_unused_class_warning(tmp_path):
+    datasets, _ = datasets_to_check(clean_dataset(tmp_path))
+    report = check_datasets(datasets, progress=False)
+    assert report.ok and [p.code for p in report.problems] == ["unused_classes"]
+    assert report.pixel_counts == [3 * (H * W - 11), 30, 0] and report.ignore_pixels == 3
+    assert "road" in report.format_text()
+
+
+def test_quick_check_sees_listing_headers_and_sizes_only(tmp_path):
+    ds = Folder(broken_dataset(tmp_path), None, strict=False)
+    found = _codes(quick_check(ds))
+    assert sorted(Path(p.files[0]).name for p in found["unreadable_image"]) == ["garbage.jpg"]
+    assert [Path(p.files[0]).name for p in found["image_without_label"]] == ["lonely.png"]
+    assert [Path(p.files[0]).name for p in found["size_mismatch"]] == ["wide.png"]
+    assert "bad_label_values" not in found and "color_label" not in found  # need a full decode
+    assert quick_check(Folder(clean_dataset(tmp_path / "ok"), None)) == []
+
+
+def test_cli_exit_codes_json_and_histogram(tmp_path, capsys):
+    broken = broken_dataset(tmp_path / "broken")
+    assert main(["data", "check", str(broken), "--json", "--workers", "2"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and report["kind"] == "folder"
+    assert {p["code"] for p in report["problems"]} >= {"unreadable_image", "size_mismatch", "exif_rotated"}
+    assert [c["name"] for c in report["classes"]] == ["bg", "road", "car"]
+
+    clean = clean_dataset(tmp_path / "clean")
+    histogram = tmp_path / "out" / "hist.png"
+    assert main(["data", "check", str(clean), "--histogram", str(histogram), "--output", str(tmp_path / "rep")]) == 0
+    text = capsys.readouterr().out
+    assert "0 errors, 1 warnings" in text and "car" in text
+    assert Image.open(histogram).format == "PNG" and Image.open(tmp_path / "rep" / "histogram.png").size[0] > 100
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["ok"] is True
+
+    assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_cli_reads_a_yaml_config(tmp_path, capsys):
+    root = clean_dataset(tmp_path / "d")
+    (root / "classes.yaml").rename(tmp_path / "mine.yaml")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data:\n  kind: folder\n  root: {root}\n  classes_file: {tmp_path / 'mine.yaml'}\nmodel: {{}}\n")
+    assert main(["data", "check", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"] == {"all": 3}
+
+
+def test_check_real_ade20k_samples(capsys):
+    if not (DATA / "ade20k_samples").exists():
+        pytest.skip(f"../shared not found: {DATA / 'ade20k_samples'} is needed")
+    assert main(["data", "check", str(DATA / "ade20k_samples"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "ade20k" and report["splits"] == {"train": 1, "val": 5}
+    raw = np.concatenate([np.array(Image.open(p)).ravel() for p in sorted((DATA / "ade20k_samples" / "annotations").glob("*.png"))])
+    assert report["ignore_pixels"] == int((raw == 0).sum())
+    assert [c["pixels"] for c in report["classes"]] == np.bincount(raw, minlength=151)[1:151].tolist()

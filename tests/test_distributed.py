@@ -1,0 +1,229 @@
+"""Distributed training and evaluation on CPU: torchrun, gloo, 2 processes.
+
+One real `torchrun --standalone --nproc-per-node 2` launch runs this file as a script (see the
+bottom); each rank writes what it computed, and the tests compare it with the same computation
+done here in a single process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sceneparse.engine import distributed as D
+from sceneparse.errors import SceneparseError
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 3
+SIZE = 32
+PER_RANK = 2  # images per process in the training test; the single-process run uses 2 x this
+STEPS = 3
+EVAL_ITEMS = 5  # odd on purpose: rank 0 evaluates 3 images, rank 1 two
+
+
+def tiny_model() -> nn.Module:
+    from sceneparse.models import build_model
+
+    torch.manual_seed(0)
+    # timm's test_resnet tapped at strides 2..8: a few hundred thousand parameters, real BN layers.
+    return build_model("timm:test_resnet", "c1", NUM_CLASSES, encoder_options={"out_indices": (0, 1, 2)})
+
+
+def freeze_bn(model: nn.Module) -> None:
+    """BN on running statistics: otherwise each rank would normalise with its own half-batch
+    statistics (plain BN on CPU, no SyncBN there) and the runs could not agree exactly."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def global_batch():
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(2 * PER_RANK, 3, SIZE, SIZE, generator=gen)
+    targets = torch.randint(0, NUM_CLASSES, (2 * PER_RANK, SIZE, SIZE), generator=gen)
+    return images, targets
+
+
+def train_steps(info: D.DistInfo, images, targets):
+    """SGD steps the way the trainer runs them: wrap_model, mean cross-entropy, loss averaged over ranks."""
+    net = D.wrap_model(tiny_model(), info)
+    net.train()
+    freeze_bn(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(STEPS):
+        loss = F.cross_entropy(net(images), targets, ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(D.reduce_mean(loss).item())
+    return losses, D.unwrap(net).state_dict()
+
+
+def eval_items():
+    gen = torch.Generator().manual_seed(2)
+    items = []
+    for _ in range(EVAL_ITEMS):
+        image = torch.randn(3, SIZE, SIZE, generator=gen)
+        mask = torch.randint(0, NUM_CLASSES, (SIZE, SIZE), generator=gen)
+        mask[:4] = 255  # some unlabelled pixels
+        items.append((image, mask))
+    return items
+
+
+def confusion(model: nn.Module, items) -> "ConfusionMatrix":  # noqa: F821
+    from sceneparse.engine.metrics import ConfusionMatrix
+
+    cm = ConfusionMatrix(NUM_CLASSES)
+    model.eval()
+    with torch.no_grad():
+        for image, mask in items:
+            # Predictions from a model with a random classifier hit few classes; shift by pixel
+            # position so every cell of the matrix gets counts.
+            pred = (model(image[None]).argmax(1) + torch.arange(SIZE)) % NUM_CLASSES
+            cm.update(pred, mask[None])
+    return cm
+
+
+def worker(out_dir: Path) -> None:
+    """What each torchrun rank does."""
+    info = D.init_from_env("cpu")
+    result = {"rank": info.rank, "world_size": info.world_size, "is_main": D.is_main()}
+
+    shard = D.shard(eval_items(), info)
+    cm = confusion(tiny_model(), shard)
+    result["eval_items"] = len(shard)
+    cm.all_reduce()
+    result["confusion"] = cm.matrix.clone()
+
+    images, targets = global_batch()
+    part = slice(info.rank * PER_RANK, (info.rank + 1) * PER_RANK)
+    wrapped = D.wrap_model(tiny_model(), info)
+    result["wrapped"] = type(wrapped).__name__
+    result["bn_types"] = sorted({type(m).__name__ for m in wrapped.modules() if "BatchNorm" in type(m).__name__})
+    result["losses"], result["state"] = train_steps(info, images[part], targets[part])
+
+    result["broadcast"] = D.broadcast_object(f"from rank {info.rank}")
+    total = D.all_reduce_(torch.tensor([info.rank + 1.0]))
+    result["all_reduce"] = total.item()
+    D.barrier()
+    torch.save(result, out_dir / f"rank{info.rank}.pt")
+    D.cleanup()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           __file__, str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def test_ranks_see_torchrun_environment(ranks):
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["is_main"] for r in ranks] == [True, False]
+    assert [r["broadcast"] for r in ranks] == ["from rank 0", "from rank 0"]
+    assert [r["all_reduce"] for r in ranks] == [3.0, 3.0]
+
+
+def test_wrap_model_uses_ddp_and_keeps_plain_bn_on_cpu(ranks):
+    for r in ranks:
+        assert r["wrapped"] == "DistributedDataParallel"
+        assert r["bn_types"] == ["BatchNorm2d"]  # SyncBatchNorm runs on GPUs only
+
+
+def test_distributed_evaluation_equals_single_process(ranks):
+    items = eval_items()
+    expected = confusion(tiny_model(), items).matrix
+    assert [r["eval_items"] for r in ranks] == [3, 2]  # every image exactly once, no padding
+    assert int(expected.sum()) == EVAL_ITEMS * (SIZE - 4) * SIZE
+    assert (expected > 0).all()
+    for r in ranks:
+        assert torch.equal(r["confusion"], expected)
+
+
+def test_ddp_training_equals_single_process_on_global_batch(ranks):
+    images, targets = global_batch()
+    start = tiny_model().state_dict()
+    losses, state = train_steps(D.DistInfo(), images, targets)
+    assert losses[-1] < losses[0]
+    for r in ranks:
+        np.testing.assert_allclose(r["losses"], losses, rtol=1e-5)
+        for key, value in state.items():
+            torch.testing.assert_close(r["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # The weights did move: the comparison above is not between two untouched copies.
+    moved = max((state[k] - start[k]).abs().max().item() for k in state if state[k].is_floating_point())
+    assert moved > 1e-2
+
+
+# ------------------------------------------------------------------------- single-process behaviour
+
+def test_single_process_is_a_no_op(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    info = D.init_from_env("cpu")
+    assert info == D.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert info.is_main and not info.distributed
+    model = nn.Linear(2, 2)
+    assert D.wrap_model(model, info) is model
+    assert D.unwrap(model) is model
+    t = torch.tensor([2.0])
+    assert D.all_reduce_(t) is t and t.item() == 2.0
+    assert D.broadcast_object({"a": 1}) == {"a": 1}
+    assert D.shard([1, 2, 3], info) == [1, 2, 3]
+    assert D.is_main()
+
+
+def test_unwrap_sees_through_compile():
+    model = nn.Linear(2, 2)
+    assert D.unwrap(torch.compile(model)) is model
+
+
+def test_world_size_without_rendezvous_is_a_user_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(SceneparseError, match="MASTER_ADDR"):
+        D.init_from_env("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_request_without_cuda_is_a_user_error():
+    with pytest.raises(SceneparseError, match="CUDA is not available"):
+        D.init_from_env("cuda")
+
+
+def _worker_draws(seed: int, rank: int) -> list[float]:
+    dataset = list(range(4))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=1, num_workers=2, generator=D.loader_generator(seed, rank),
+        collate_fn=lambda batch: (np.random.rand(), torch.rand(1).item()),
+    )
+    return [value for pair in loader for value in pair]
+
+
+def test_worker_seeds_differ_per_worker_and_rank_and_repeat():
+    first = _worker_draws(7, rank=0)
+    assert _worker_draws(7, rank=0) == first  # reproducible
+    assert _worker_draws(7, rank=1) != first  # another rank, other augmentations
+    # Items 0 and 1 come from workers 0 and 1: their NumPy draws differ.
+    assert first[0] != first[2]
+    assert D.rank_seed(7, 0) != D.rank_seed(7, 1) and D.rank_seed(7, 0) == D.rank_seed(7, 0)
+
+
+if __name__ == "__main__":  # run by torchrun from the `ranks` fixture
+    worker(Path(sys.argv[1]))
