@@ -97,13 +97,13 @@ def _batchnorms(*modules: nn.Module):
 
 
 @torch.no_grad()
-def randomise(encoder: nn.Module, decoder: nn.Module, images: Tensor, seed: int) -> None:
+def randomise(encoder: nn.Module, decoder: nn.Module, images: Tensor, seed: int) -> list[Tensor]:
     """Random weights and BN statistics that keep activations well scaled.
 
     Each part's BN running stats are first set to the batch statistics of `images` (one training-
     mode pass with momentum 1; the decoder's on the final eval-mode encoder features), then
     perturbed, so every BN differs from identity and the output probabilities are neither uniform
-    nor one-hot.
+    nor one-hot. Returns the encoder's (final, eval-mode) feature maps of `images`.
     """
     gen = torch.Generator().manual_seed(seed)
     for m in (*encoder.modules(), *decoder.modules()):
@@ -130,10 +130,11 @@ def randomise(encoder: nn.Module, decoder: nn.Module, images: Tensor, seed: int)
     calibrate(encoder, lambda: encoder(images, return_feature_maps=True))
     features = encoder(images, return_feature_maps=True)
     calibrate(decoder, lambda: decoder(features, segSize=images.shape[-2:]))
+    return features
 
 
 def csail_file_state(module: nn.Module) -> dict[str, Tensor]:
     """`module.state_dict()` as CSAIL's files hold it: SyncBN extras present, no batch counters."""
-    state = {k: v.clone() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert any(k.endswith("._running_iter") for k in state), "expected CSAIL's SyncBN buffers"
     return state

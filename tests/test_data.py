@@ -19,7 +19,6 @@ from sceneparse.data.samplers import AspectRatioBatchSampler, InfiniteBatchSampl
 from sceneparse.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    PairTransform,
     RandomShortSideResize,
     build_eval_transforms,
     build_train_transforms,
@@ -105,6 +104,10 @@ def test_ade20k_odgt_gives_files_and_sizes(tmp_path):
         ds = build_dataset({"kind": "ade20k", "root": str(base), "odgt": {"val": str(odgt)}}, "val")
         assert [Path(p).name for p, _ in ds.files] == ["ADE_val_00000002.jpg", "ADE_val_00000001.jpg"]
         assert ds.image_sizes() == [(7, 999), (6, 5)]  # from the list, not the headers
+    # a folder of official list names picks the split's list
+    assert ADE20K(root, "val", odgt=tmp_path).image_sizes() == [(7, 999), (6, 5)]
+    with pytest.raises(SceneparseError, match="training.odgt"):
+        ADE20K(root, "train", odgt=tmp_path)
     lines[0]["fpath_img"] = "ADEChallengeData2016/images/validation/nope.jpg"
     odgt.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     with pytest.raises(SceneparseError, match="nope.jpg"):
@@ -263,7 +266,7 @@ def test_normalize_matches_formula():
 
 @pytest.mark.parametrize(
     "size, short, max_size, expected",
-    [((200, 400), 300, 1000, (300, 600)), ((200, 400), 300, 500, (250, 500)), ((400, 100), 50, 1000, (200, 50))],
+    [((20, 40), 30, 1000, (30, 60)), ((20, 40), 30, 50, (25, 50)), ((40, 10), 5, 1000, (20, 5))],
 )
 def test_short_side_resize_sizes(size, short, max_size, expected):
     image, mask = _pair(*size)
@@ -273,13 +276,13 @@ def test_short_side_resize_sizes(size, short, max_size, expected):
 
 
 def test_per_batch_short_side_overrides_the_random_draw():
-    pipeline = build_train_transforms({"scales": [300, 600], "flip": False})
-    image, mask = _pair(100, 200)
+    pipeline = build_train_transforms({"scales": [30, 60], "max_size": 100, "flip": False})
+    image, mask = _pair(10, 20)
     for _ in range(3):
-        out_image, out_mask = pipeline(image, mask, short_side=450)
-        assert tuple(out_image.shape[-2:]) == (450, 900) and tuple(out_mask.shape) == (450, 900)
+        out_image, out_mask = pipeline(image, mask, short_side=45)
+        assert tuple(out_image.shape[-2:]) == (45, 90) and tuple(out_mask.shape) == (45, 90)
     seen = {tuple(pipeline(image, mask)[0].shape[-2:]) for _ in range(30)}
-    assert seen == {(300, 600), (500, 1000)}  # 600 would make the long side 1200 > max_size 1000
+    assert seen == {(30, 60), (50, 100)}  # 60 would make the long side 120 > max_size 100
 
 
 def test_crop_pads_with_zero_and_ignore():

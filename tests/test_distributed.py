@@ -26,6 +26,11 @@ SIZE = 32
 PER_RANK = 2  # images per process in the training test; the single-process run uses 2 x this
 STEPS = 3
 EVAL_ITEMS = 5  # odd on purpose: rank 0 evaluates 3 images, rank 1 two
+TRAIN_OVERRIDES = [  # `sceneparse train` on tiny synthetic scenes, 4 iterations, 2 x 2 images each
+    "model.encoder=timm:test_resnet", "data.synthetic={num_images: {train: 8, val: 5}, seed: 0, image_size: 64}",
+    "data.scales=[64]", "data.max_size=64", "data.batch_size=2", "train.iterations=4", "train.val_every=4",
+    "train.checkpoint_every=4", "train.log_every=2", "train.device=cpu",
+]
 
 
 def tiny_model() -> nn.Module:
@@ -115,6 +120,12 @@ def worker(out_dir: Path) -> None:
     result["all_reduce"] = total.item()
     D.barrier()
     torch.save(result, out_dir / f"rank{info.rank}.pt")
+
+    # The real command, in the same processes (the process group is already up: reused).
+    from sceneparse.cli.main import main
+
+    assert main(["train", str(ROOT / "configs" / "quickstart.yaml"), *TRAIN_OVERRIDES,
+                 f"output_dir={out_dir / 'run'}"]) == 0
     D.cleanup()
 
 
@@ -128,7 +139,10 @@ def ranks(tmp_path_factory):
            __file__, str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for r in results:
+        r["out_dir"], r["log"] = out, proc.stdout + proc.stderr
+    return results
 
 
 def test_ranks_see_torchrun_environment(ranks):
@@ -167,6 +181,22 @@ def test_ddp_training_equals_single_process_on_global_batch(ranks):
     # The weights did move: the comparison above is not between two untouched copies.
     moved = max((state[k] - start[k]).abs().max().item() for k in state if state[k].is_floating_point())
     assert moved > 1e-2
+
+
+def test_train_command_under_torchrun_writes_once_from_rank_0(ranks):
+    import json
+
+    from sceneparse.engine.checkpoint import load_checkpoint, load_model
+
+    run = ranks[0]["out_dir"] / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "loss" in r] == [2, 4]  # rank 0 logs, rank 1 does not
+    (val,) = [r for r in records if "val_miou" in r]
+    assert 0 <= val["val_miou"] <= 1
+    assert ranks[0]["log"].count("training done: 4 iterations") == 1
+    assert load_checkpoint(run / "last.pt")["train_state"]["iteration"] == 4
+    model = load_model(run / "last.pt")  # unwrapped weights: loads without DDP's "module." prefix
+    assert model.config["encoder"] == "timm:test_resnet"
 
 
 # ------------------------------------------------------------------------- single-process behaviour

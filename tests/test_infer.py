@@ -46,10 +46,10 @@ class ConvNet(nn.Module):
         return self.conv(x) * 4  # sharper probabilities than a bare random conv
 
 
-def _random_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+def _random_image(h: int, w: int, seed: int = 0, cell: int = 4) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # smooth-ish content: an upsampled random pattern, so resizing changes it gradually
-    small = torch.rand((1, 3, h // 4 + 1, w // 4 + 1), generator=g)
+    small = torch.rand((1, 3, h // cell + 1, w // cell + 1), generator=g)
     return (F.interpolate(small, size=(h, w), mode="bilinear") * 255).round().to(torch.uint8)[0]
 
 
@@ -148,6 +148,17 @@ def test_sliding_window_matches_whole_image_for_a_local_model():
     torch.testing.assert_close(windowed, whole, rtol=1e-4, atol=1e-6)
     with pytest.raises(MemoryError):
         Predictor(ConvNet(limit=64)).probabilities(image)
+
+
+def test_sliding_window_accumulates_at_reduced_resolution_under_a_budget():
+    image = _random_image(150, 230, cell=16)  # content coarser than the reduction
+    whole = Predictor(ConvNet()).predict(image)
+    # 4 classes x 150 x 230 x 4 bytes = 552 kB; a 60 kB budget makes the average ~3x coarser per side
+    small = Predictor(ConvNet(limit=64), window=64, max_prob_bytes=60_000)
+    assert (small.predict(image) == whole).float().mean() > 0.98
+    passes = small._passes(image)
+    # f = (552000 / 60000) ** 0.5 = 3.033: 150 / f = 49.45 -> 49, 230 / f = 75.8 -> 76
+    assert passes[0].shape[-2:] == (49, 76)
 
 
 def test_sliding_window_with_context_model_and_flip_is_close():

@@ -77,6 +77,19 @@ def test_bmp_falls_back_to_pillow(tmp_path):
     np.testing.assert_array_equal(_hwc(read_image(tmp_path / "b.bmp")), rgb)
 
 
+def test_16bit_tiff_scaled_like_png(tmp_path):
+    values = (np.arange(20 * 30).reshape(20, 30) % 256).astype(np.uint16)
+    Image.fromarray(values * 257).save(tmp_path / "16.tif")
+    out = _hwc(read_image(tmp_path / "16.tif"))
+    np.testing.assert_array_equal(out[..., 2], values.astype(np.uint8))
+
+
+def test_empty_file_names_the_file(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(SceneparseError, match="empty.jpg is an empty file"):
+        read_image(tmp_path / "empty.jpg")
+
+
 def test_exif_orientation_is_applied(tmp_path):
     # left half dark, right half bright; orientation 6 = rotate 90 degrees clockwise to display
     a = np.zeros((20, 30, 3), np.uint8)

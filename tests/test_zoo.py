@@ -136,6 +136,16 @@ def test_resolve_missing_model_says_what_to_fetch(tmp_path, monkeypatch):
         resolve("no-such-model", cache_dir=tmp_path)
 
 
+def test_load_model_of_uncached_name_says_what_to_fetch(tmp_path, monkeypatch):
+    import sceneparse
+
+    monkeypatch.setenv("SCENEPARSE_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # no file called like the model here
+    with pytest.raises(SceneparseError) as info:
+        sceneparse.load_model("resnet101-upernet")
+    assert str(info.value) == missing_model_message("resnet101-upernet")
+
+
 def test_download_model_offline_lists_both_urls(tmp_path, monkeypatch):
     with socket.socket() as sock:  # nobody listens there: connection refused
         sock.bind(("127.0.0.1", 0))

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also measure CUDA graphs (inference; with --compile: mode reduce-overhead)")
     p.add_argument("--data", metavar="ROOT", help="dataset root for the train-data task")
-    p.add_argument("--data-kind", default="camvid", help="dataset kind of --data (camvid, ade20k, folder)")
+    p.add_argument("--data-kind", help="dataset kind of --data: ade20k, camvid or folder (default: detected)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes for train-data")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per repeat")
@@ -68,7 +68,7 @@ def _load(args):
 
 def run(args) -> int:
     from sceneparse.engine.bench import BenchSettings, format_table, run_benchmark, variants_for, write_json
-    from sceneparse.engine.distributed import init_from_env
+    from sceneparse.engine.distributed import resolve_device
 
     for name in ("batch", "warmup", "iters", "repeats"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
@@ -79,7 +79,16 @@ def run(args) -> int:
         tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     else:
         tasks = ("latency", "throughput", "train", "eval") + (("train-data",) if args.data else ())
-    device = init_from_env(args.device).device  # single process: resolves auto/cpu/cuda
+    data = None
+    if args.data:
+        from sceneparse.data.datasets import detect_kind
+
+        kind = args.data_kind or detect_kind(args.data)
+        if kind is None:
+            raise SceneparseError(f"cannot tell the dataset layout of {args.data}",
+                                  "pass --data-kind ade20k|camvid|folder")
+        data = {"kind": kind, "root": args.data, "workers": args.workers}
+    device = resolve_device(args.device)
     model, num_classes, normalization = _load(args)
     settings = BenchSettings(
         size=tuple(args.size),
@@ -88,7 +97,7 @@ def run(args) -> int:
         warmup=args.warmup,
         iters=args.iters,
         repeats=args.repeats,
-        data={"kind": args.data_kind, "root": args.data, "workers": args.workers} if args.data else None,
+        data=data,
         variants=variants_for(args.amp, args.channels_last, args.compile, args.cuda_graphs),
     )
     report = run_benchmark(model, num_classes, settings, device, normalization,

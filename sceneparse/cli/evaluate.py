@@ -1,5 +1,127 @@
-"""Placeholder: the owner of this command replaces it."""
+"""`sceneparse eval --model M (--config CFG | --data-root ROOT --dataset KIND)`: score a model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sceneparse.errors import SceneparseError
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on a dataset (mIoU, pixel accuracy)",
+        description=(
+            "Evaluate a checkpoint or zoo model on a dataset's split at the original label size. "
+            "Prints per-class IoU/accuracy, pixel accuracy, mean IoU and the overall score "
+            "(mIoU + pixel accuracy) / 2, and writes OUTPUT/report.json and OUTPUT/confusion.png. "
+            "`--protocol csail` reproduces CSAIL's ADE20K test protocol (short sides 300..600, long "
+            "side <= 1000, sizes rounded to the model's multiple, Pillow bilinear resizing)."
+        ),
+    )
+    p.add_argument("--model", required=True, help="checkpoint path or model-zoo name")
+    data = p.add_argument_group("data (either --config, or --data-root and --dataset)")
+    data.add_argument("--config", help="training config YAML: its data section (and eval defaults)")
+    data.add_argument("--data-root", help="dataset root folder")
+    data.add_argument("--dataset", help="dataset kind of --data-root: ade20k, camvid, folder")
+    data.add_argument("--classes-file", help="classes file of a folder dataset (default: ROOT/classes.yaml)")
+    data.add_argument("--split", default=None, help="split to evaluate (default: the config's val split, or val)")
+    p.add_argument("--output", help="folder for report.json and confusion.png (default: outputs/eval/<model>)")
+    p.add_argument("--protocol", choices=["default", "csail"], default="default",
+                   help="csail: CSAIL's exact ADE20K test protocol (default: default)")
+    p.add_argument("--single-scale", action="store_true", help="with --protocol csail: short side 450 alone")
+    p.add_argument("--scales", type=int, nargs="+", metavar="SHORT",
+                   help="test short sides, e.g. 300 375 450 525 600 (default: the config's eval.scales, "
+                        "else the original size)")
+    p.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
+    p.add_argument("--max-size", type=int, default=None, help="cap on the resized long side (default 1000)")
+    p.add_argument("--window", type=int, default=None,
+                   help="run network inputs larger than this many pixels as overlapping windows")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default: none)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: 2)")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    p.set_defaults(func=run)
+
+
+def _data(args):
+    """(data settings for build_dataset, split, eval defaults dict, description for messages)."""
+    if args.config:
+        if args.data_root or args.dataset:
+            raise SceneparseError("give either --config or --data-root/--dataset, not both")
+        from sceneparse.engine.config import dataset_settings, load_config
+
+        cfg = load_config(args.config)
+        settings = dataset_settings(cfg.data)
+        split = args.split or cfg.data.val_split
+        defaults = {"scales": list(cfg.eval.scales), "flip": bool(cfg.eval.flip), "max_size": int(cfg.eval.max_size)}
+        where = f"the {settings['kind']} dataset of {args.config} ({settings.get('root')}, split {split})"
+        return settings, split, defaults, where
+    if not (args.data_root and args.dataset):
+        raise SceneparseError("no dataset given",
+                              "pass --config CFG.yaml, or --data-root ROOT --dataset ade20k|camvid|folder")
+    settings = {"kind": args.dataset, "root": args.data_root}
+    if args.classes_file:
+        settings["classes_file"] = args.classes_file
+    split = args.split or "val"
+    return settings, split, {}, f"the {args.dataset} dataset at {args.data_root} (split {split})"
+
+
+def _predictor_options(args, defaults: dict) -> dict:
+    import torch
+
+    options: dict = {}
+    if args.protocol == "csail":
+        if args.scales:
+            raise SceneparseError("--scales cannot be combined with --protocol csail (it fixes the scales)",
+                                  "drop --scales, or use --protocol default")
+        options["single_scale"] = args.single_scale
+    else:
+        if args.single_scale:
+            raise SceneparseError("--single-scale belongs to --protocol csail",
+                                  "add --protocol csail, or give --scales 450")
+        scales = args.scales or defaults.get("scales")
+        options["scales"] = tuple(scales) if scales else (None,)
+        options["max_size"] = args.max_size or defaults.get("max_size") or 1000
+    options["flip"] = args.flip or bool(defaults.get("flip"))
+    options["window"] = args.window
+    options["amp_dtype"] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    options["channels_last"] = args.channels_last
+    return options
+
+
+def run(args) -> int:
+    from sceneparse.data import build_dataset
+    from sceneparse.engine.checkpoint import load_model
+    from sceneparse.engine.distributed import resolve_device
+    from sceneparse.engine.evaluate import check_num_classes, evaluate, format_table, write_report
+    from sceneparse.engine.visualize import save_confusion_png
+
+    for name in ("workers", "max_images", "max_size", "window"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "workers" else 1):
+            raise SceneparseError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    settings, split, defaults, where = _data(args)
+    options = _predictor_options(args, defaults)
+    device = resolve_device(args.device)
+    dataset = build_dataset(settings, split)
+    model = load_model(args.model, device=device)
+    classes_file = getattr(dataset, "classes_file", None)
+    check_num_classes(model, dataset, model_source=f"the model {args.model}",
+                      data_source=where + (f" with classes file {classes_file}" if classes_file else ""))
+    report = evaluate(model, dataset, options, device, protocol=args.protocol, num_workers=args.workers,
+                      max_images=args.max_images, progress=True)
+    report["model"] = str(args.model)
+    report["dataset"] = {"kind": settings["kind"], "root": str(settings.get("root")), "split": split}
+
+    output = Path(args.output) if args.output else Path("outputs") / "eval" / Path(str(args.model)).stem
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        report_path = write_report(report, output / "report.json")
+        png_path = save_confusion_png(report["confusion_matrix"], dataset.class_names, output / "confusion.png")
+    except OSError as err:
+        raise SceneparseError(f"cannot write the evaluation results to {output}: {err.strerror or err}",
+                              "choose a writable --output folder") from None
+    print(format_table(report))
+    print(f"wrote {report_path} and {png_path}")
+    return 0

@@ -1,5 +1,145 @@
-"""Placeholder: the owner of this command replaces it."""
+"""`sceneparse predict --model M INPUTS... --output DIR`: label, colour and overlay PNGs per image."""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from sceneparse.errors import SceneparseError
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser(
+        "predict",
+        help="segment images: label, colour and overlay PNGs",
+        description=(
+            "Segment image files, folders (searched recursively) or glob patterns. For each image "
+            "writes <stem>_labels.png (class ids; 16-bit when there are more than 255 classes), "
+            "<stem>_color.png (the model's palette) and <stem>_overlay.png into OUTPUT, and prints "
+            "the largest classes."
+        ),
+    )
+    p.add_argument("--model", required=True, help="checkpoint path or model-zoo name")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument("--output", default="outputs/predict", help="folder for the result PNGs (default: outputs/predict)")
+    p.add_argument("--scales", type=int, nargs="+", metavar="SHORT",
+                   help="test short sides, e.g. 450 or 300 450 600 (default: the original size)")
+    p.add_argument("--max-size", type=int, default=1000, help="cap on the resized long side with --scales (default: 1000)")
+    p.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
+    p.add_argument("--window", type=int, default=1024,
+                   help="network inputs larger than this run as overlapping windows, bounding memory "
+                        "(default: 1024)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the colours in the overlay (default: 0.5)")
+    p.add_argument("--top", type=int, default=5, help="how many of the largest classes to print (default: 5)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.set_defaults(func=run)
+
+
+def expand_inputs(items: list[str], exclude: Path | None = None) -> list[Path]:
+    """Image files named by `items` (files, folders searched recursively, glob patterns), in order,
+    without duplicates and without anything under `exclude` (the output folder)."""
+    from sceneparse.data.io import IMAGE_EXTENSIONS
+
+    def is_image(path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+    found: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_file():
+            found.append(path)  # named explicitly: taken whatever its extension
+        elif path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if is_image(p)))
+        elif glob.has_magic(item):
+            found.extend(p for p in map(Path, sorted(glob.glob(str(path), recursive=True))) if is_image(p))
+        else:
+            raise SceneparseError(f"input {item!r} does not exist", "check the file name, folder or pattern")
+    excluded = exclude.resolve() if exclude is not None else None
+    unique, seen = [], set()
+    for path in found:
+        resolved = path.resolve()
+        if resolved in seen or (excluded is not None and resolved.is_relative_to(excluded)):
+            continue
+        seen.add(resolved)
+        unique.append(path)
+    if not unique:
+        raise SceneparseError(f"no images found in {' '.join(items)}",
+                              f"give image files ({', '.join(IMAGE_EXTENSIONS)}), folders or glob patterns")
+    return unique
+
+
+def output_stems(paths: list[Path]) -> list[str]:
+    """File stems, made unique with -2, -3... when two inputs share one (a/x.jpg, b/x.png)."""
+    stems, counts = [], {}
+    for path in paths:
+        n = counts.get(path.stem, 0) + 1
+        counts[path.stem] = n
+        stems.append(path.stem if n == 1 else f"{path.stem}-{n}")
+    return stems
+
+
+def top_classes(labels, class_names: list[str], top: int) -> list[tuple[str, float]]:
+    """The `top` largest classes of a label map as (name, fraction of the image)."""
+    import torch
+
+    counts = torch.bincount(labels.reshape(-1).cpu(), minlength=len(class_names)).double()
+    fractions = counts / counts.sum()
+    order = fractions.argsort(descending=True)[:top]
+    return [(class_names[i], float(fractions[i])) for i in order.tolist() if fractions[i] > 0]
+
+
+def save_label_png(labels, num_classes: int, path: Path) -> None:
+    """Raw class ids as a PNG: 8-bit up to 255 classes, 16-bit beyond."""
+    import numpy as np
+    from PIL import Image
+
+    dtype = np.uint8 if num_classes <= 255 else np.uint16
+    Image.fromarray(labels.cpu().numpy().astype(dtype)).save(path)
+
+
+def run(args) -> int:
+    import torch
+    from PIL import Image
+
+    from sceneparse.data.io import read_image
+    from sceneparse.data.meta import make_palette
+    from sceneparse.engine.checkpoint import load_model
+    from sceneparse.engine.distributed import resolve_device
+    from sceneparse.engine.infer import Predictor
+    from sceneparse.engine.visualize import colorize, overlay
+
+    if not 0 <= args.alpha <= 1:
+        raise SceneparseError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    if args.window is not None and args.window < 32:
+        raise SceneparseError(f"--window must be at least 32 pixels, got {args.window}")
+    output = Path(args.output).expanduser()
+    paths = expand_inputs(args.inputs, exclude=output)
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device)
+    num_classes = len(model.class_names)
+    palette = getattr(model, "palette", None) or make_palette(num_classes)
+    predictor = Predictor(model, scales=tuple(args.scales) if args.scales else (None,), flip=args.flip,
+                          max_size=args.max_size, device=device, window=args.window)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SceneparseError(f"cannot create the output folder {output}: {err.strerror or err}") from None
+
+    for path, stem in zip(paths, output_stems(paths)):
+        image = read_image(path)
+        try:
+            labels = predictor.predict(image).cpu()
+        except torch.OutOfMemoryError:
+            raise SceneparseError(
+                f"out of memory segmenting {path} ({image.shape[-2]}x{image.shape[-1]} pixels)",
+                "use a smaller --window, --scales 450 (resize the image first), or --device cpu",
+            ) from None
+        try:
+            save_label_png(labels, num_classes, output / f"{stem}_labels.png")
+            Image.fromarray(colorize(labels, palette)).save(output / f"{stem}_color.png")
+            Image.fromarray(overlay(image, labels, palette, args.alpha)).save(output / f"{stem}_overlay.png")
+        except OSError as err:
+            raise SceneparseError(f"cannot write results for {path} to {output}: {err.strerror or err}") from None
+        main = ", ".join(f"{name} {100 * frac:.1f}%" for name, frac in top_classes(labels, model.class_names, args.top))
+        print(f"{path}: {main}")
+    print(f"wrote {3 * len(paths)} files for {len(paths)} image{'s' if len(paths) > 1 else ''} to {output}")
+    return 0

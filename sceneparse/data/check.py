@@ -5,7 +5,7 @@
 every problem below plus the per-class pixel histogram.
 
 Problem codes (severity): missing_file, image_without_label, unreadable_image, unreadable_label,
-size_mismatch, color_label, bad_label_values, exif_rotated (errors); label_without_image,
+size_mismatch, color_label, bad_label_values, exif_rotated, no_files (errors); label_without_image,
 duplicate_files, unused_classes (warnings).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sceneparse.data.io import ColorLabelError, exif_orientation, image_size, label_size, read_image
+from sceneparse.data.io import ColorLabelError, decode_image_bytes, exif_orientation, image_size, label_size
 from sceneparse.data.meta import IGNORE_INDEX
 from sceneparse.errors import SceneparseError
 
@@ -112,15 +112,16 @@ class _PairResult:
 
 def _full_pair(dataset, image: str, label: str) -> _PairResult:
     result = _PairResult(image)
+    data = b""
     try:
-        data = Path(image).read_bytes()
+        data = Path(image).read_bytes()  # read once: hashed, decoded, EXIF parsed from memory
         result.digest = hashlib.sha1(data).hexdigest()
-        image_hw = tuple(read_image(image).shape[-2:])
+        image_hw = tuple(decode_image_bytes(data, image).shape[-2:])
     except (OSError, SceneparseError) as err:
         message = err.message if isinstance(err, SceneparseError) else f"cannot read image {image}: {err}"
         result.problems.append(Problem("unreadable_image", ERROR, message, [image]))
         image_hw = None
-    orientation = exif_orientation(image) if image_hw else 1
+    orientation = exif_orientation(data) if image_hw else 1
     if orientation != 1:
         result.problems.append(Problem(
             "exif_rotated", ERROR,
@@ -302,6 +303,8 @@ def datasets_to_check(target, kind: str | None = None, split: str | None = None,
             raise SceneparseError(f"config {target} has no `data:` section with a `kind`")
         if kind:
             data["kind"] = kind
+        if classes_file:
+            data["classes_file"] = classes_file
     elif target.is_dir():
         data = {"kind": kind or detect_kind(target), "root": str(target), "classes_file": classes_file}
         if data["kind"] is None:
@@ -320,12 +323,15 @@ def datasets_to_check(target, kind: str | None = None, split: str | None = None,
 
 
 def _splits(data: dict) -> list:
+    named = [data.get(k) for k in ("train_split", "val_split") if data.get(k)]
+    if named:  # a training config says which splits it uses
+        return list(dict.fromkeys(named))
     kind, root = data["kind"], Path(data.get("root") or ".")
     if kind == "synthetic":
         return ["train", "val"]
     if kind == "ade20k":
-        if data.get("odgt") and not isinstance(data["odgt"], dict):
-            return ["train"]  # one list: check it once
+        if data.get("odgt") and not isinstance(data["odgt"], dict) and Path(data["odgt"]).is_file():
+            return ["train"]  # one list file serves every split: check it once
         return ["train", "val"]
     if kind == "camvid":
         found = [s for s in CHECK_SPLITS["camvid"] if (root / s / "images").is_dir()]

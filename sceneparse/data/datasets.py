@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 
 from sceneparse.data.io import (
     IMAGE_EXTENSIONS,
@@ -189,8 +190,6 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, key):
         """`dataset[i]`, or `dataset[(i, short_side)]` from a batch sampler that picks one scale per
         batch (see `samplers.AspectRatioBatchSampler`): the transforms then resize to it."""
-        from torchvision import tv_tensors
-
         index, short_side = key if isinstance(key, tuple) else (key, None)
         image, mask = self.load(index)
         image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
@@ -271,7 +270,9 @@ class ADE20K(SegmentationDataset):
 
     Raw label 0 -> IGNORE_INDEX, raw k (1..150) -> k-1. Files come from the official folders, from
     flat `images/` + `annotations/` folders (split picked by the `ADE_train_`/`ADE_val_` prefix),
-    or from an `.odgt` list (JSON lines with fpath_img, fpath_segm, width, height).
+    or from `.odgt` lists (JSON lines with fpath_img, fpath_segm, width, height): `odgt` is a
+    mapping {train: path, val: path}, a folder holding training.odgt / validation.odgt, or one
+    file used whatever the split.
     """
 
     kind = "ade20k"
@@ -287,6 +288,8 @@ class ADE20K(SegmentationDataset):
         sub = _split(split, self.SPLITS, self.kind)
         if isinstance(odgt, Mapping):  # {train: path, val: path}
             odgt = odgt.get(split) or odgt.get(sub)
+        elif odgt and Path(odgt).expanduser().is_dir():  # a folder with the official list names
+            odgt = Path(odgt).expanduser() / f"{sub}.odgt"
         if odgt:
             listing = read_odgt(odgt, root)
         else:

@@ -10,6 +10,7 @@ and is refused unless a colour -> id mapping is given.
 """
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from pathlib import Path
@@ -38,38 +39,48 @@ class ColorLabelError(SceneparseError):
 
 def read_image(path: str | Path) -> torch.Tensor:
     """RGB `uint8` tensor 3xHxW with the EXIF orientation applied."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    from torchvision.transforms.v2.functional import to_dtype
-
     path = Path(path)
     try:
-        data = read_file(str(path))
-    except (RuntimeError, OSError) as err:
-        raise SceneparseError(f"cannot read image {path}: {err}") from None
+        data = path.read_bytes()
+    except OSError as err:
+        raise SceneparseError(f"cannot read image {path}: {err.strerror or err}") from None
+    return decode_image_bytes(data, path)
+
+
+def decode_image_bytes(data: bytes, path: str | Path) -> torch.Tensor:
+    """`read_image` on a file's bytes (`path` names it in errors)."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import to_dtype
+
+    if not data:
+        raise SceneparseError(f"image {path} is an empty file", "re-export it or remove it from the dataset")
     try:
-        image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as err:
         if "Unsupported image file" not in str(err):
             raise SceneparseError(
                 f"cannot decode image {path}: {_short(err)}",
                 "the file is corrupt or truncated: re-export it or remove it from the dataset",
             ) from None
-        image = _read_image_pil(path)
+        image = _decode_image_pil(data, Path(path))
     if image.dtype != torch.uint8:  # 16-bit PNG: keep the top 8 bits
         image = to_dtype(image, torch.uint8, scale=True)
     return image
 
 
-def _read_image_pil(path: Path) -> torch.Tensor:
+def _decode_image_pil(data: bytes, path: Path) -> torch.Tensor:
+    """Formats torchvision does not decode (BMP, TIFF, PPM...)."""
     from PIL import ImageOps
 
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(img, dtype=np.float64)
-                array = np.clip(array / 257.0 if array.max() > 255 else array, 0, 255).round().astype(np.uint8)
-                img = Image.fromarray(array)
+                array = np.asarray(img).astype(np.int64)
+                if array.max() > 255:  # 16-bit: keep the top 8 bits, as for PNG above
+                    array = array >> 8
+                img = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
             array = np.asarray(img.convert("RGB"))
     except _PIL_ERRORS as err:
         raise SceneparseError(
@@ -168,10 +179,10 @@ def label_size(path: str | Path) -> tuple[int, int]:
     return height, width
 
 
-def exif_orientation(path: str | Path) -> int:
-    """The EXIF orientation tag (1 = upright, also when absent or unreadable)."""
+def exif_orientation(source: str | Path | bytes) -> int:
+    """The EXIF orientation tag of a file or its bytes (1 = upright, also when absent or unreadable)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             return _orientation(img)
     except _PIL_ERRORS:
         return 1

@@ -133,7 +133,13 @@ class Synthetic(SegmentationDataset):
         if index not in self._cache:
             code = _SPLIT_CODE[self.split]
             gen = torch.Generator().manual_seed((self.seed * 3 + code) * 10_000_019 + index)
-            self._cache[index] = generate_scene(gen, self.image_size)
+            # hundreds of tiny ops: intra-op threads only add overhead (10x on a busy machine)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                self._cache[index] = generate_scene(gen, self.image_size)
+            finally:
+                torch.set_num_threads(threads)
         image, mask = self._cache[index]
         return image.clone(), mask.clone()
 

@@ -99,6 +99,8 @@ class PairTransform:
         self.steps = list(steps)
 
     def __call__(self, image, mask, short_side: int | None = None):
+        if short_side is not None and not any(isinstance(s, RandomShortSideResize) for s in self.steps):
+            raise ValueError("a per-batch short side was given but the pipeline has no `scales` resize step")
         for step in self.steps:
             if short_side is not None and isinstance(step, RandomShortSideResize):
                 image, mask = step.resize_to(image, mask, short_side)

@@ -56,9 +56,7 @@ class Variant:
             parts.append("compile")
         if self.cuda_graphs:
             parts.append("cuda-graphs")
-        if len(parts) == 1:
-            parts.append("eager")
-        return "+".join(parts)
+        return "fp32-eager" if parts == ["fp32"] else "+".join(parts)
 
 
 def variants_for(amp: str | None = None, channels_last: bool = False, compile: bool = False,
@@ -134,7 +132,9 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
 def _autocast(device: torch.device, variant: Variant):
     if variant.amp is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[variant.amp])
+    # Autocast's weight-cast cache would hold tensors made outside a CUDA graph capture: off there.
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[variant.amp],
+                          cache_enabled=not variant.cuda_graphs)
 
 
 def _prepare(model: nn.Module, variant: Variant) -> nn.Module:
@@ -164,9 +164,13 @@ def _split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
     return out.logits, out.aux
 
 
-def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], object]:
-    """Capture `fn` (fixed input tensors, no grad) into a CUDA graph and return its replay.
-    Warm-up on a side stream first, as torch.cuda.graph requires."""
+def cuda_graph_replay(fn: Callable[[], torch.Tensor], device: torch.device
+                      ) -> tuple[Callable[[], None], torch.Tensor]:
+    """Capture `fn` (no grad, fixed input tensors it closes over) into a CUDA graph.
+
+    Returns `(replay, output)`: each `replay()` reruns the captured kernels on the current
+    contents of the input tensors and overwrites `output` in place. Warm-up runs on a side
+    stream first, as torch.cuda.graph requires."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -175,8 +179,8 @@ def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        output = fn()
+    return graph.replay, output
 
 
 def _inference_fn(model, variant, device, batch, size):
@@ -189,7 +193,7 @@ def _inference_fn(model, variant, device, batch, size):
             return net(x)
 
     if variant.cuda_graphs and not variant.compile:
-        return _graphed(forward, device)
+        return cuda_graph_replay(forward, device)[0]
     return forward
 
 
@@ -211,9 +215,9 @@ class _Trainer:
         self.variant = variant
         self.device = device
         self.deepsup_weight = deepsup_weight
-        # The fused SGD kernel exists for CUDA tensors only.
+        # The fused SGD kernel (one launch for all parameters) exists for CUDA tensors only.
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4,
-                                         fused=device.type == "cuda" or None)
+                                         fused=True if device.type == "cuda" else None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=variant.amp == "fp16")
 
     def step(self, images: torch.Tensor, target: torch.Tensor) -> None:
@@ -243,10 +247,19 @@ def _eval_fn(model, variant, device, batch, size, num_classes):
     y = torch.randint(0, num_classes, (batch, *size), generator=gen).to(device)
     cm = ConfusionMatrix(num_classes, device=device)
 
-    def evaluate():
+    def forward():
         with torch.no_grad(), _autocast(device, variant):
-            logits = net(x)
-        cm.update(logits.argmax(1), y)
+            return net(x)
+
+    if variant.cuda_graphs and not variant.compile:
+        replay, logits = cuda_graph_replay(forward, device)
+
+        def evaluate():
+            replay()
+            cm.update(logits.argmax(1), y)
+    else:
+        def evaluate():
+            cm.update(forward().argmax(1), y)
 
     return evaluate
 
@@ -309,7 +322,7 @@ def _train_data_fn(model, variant, device, loader, settings, normalization):
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
@@ -329,9 +342,19 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
     if normalization is None:
         normalization = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune convolutions (in warm-up)
+
     loader = None
     if "train-data" in settings.tasks:
         loader = train_loader(settings.data, settings.batch, settings.size)
+        data_classes = loader.dataset.num_classes
+        if data_classes != num_classes:
+            raise SceneparseError(
+                f"the model predicts {num_classes} classes but the {settings.data['kind']} data at "
+                f"{settings.data['root']} has {data_classes}",
+                f"pass --num-classes {data_classes} (or a model trained on that dataset)",
+            )
 
     rows: list[Row] = []
     baseline: dict[str, float] = {}
@@ -388,6 +411,9 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "threads": torch.get_num_threads(),
+            # fp32 convolutions on CUDA use TF32 tensor cores when cuDNN allows it (torch's default)
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
             "model": dict(getattr(model, "config", {}) or {}),
             "parameters": sum(p.numel() for p in model.parameters()),
             "num_classes": num_classes,

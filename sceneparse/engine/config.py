@@ -79,7 +79,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    scales: List[int] = field(default_factory=lambda: [300, 375, 450, 525, 600])
+    # short sides to test at (multi-scale: probabilities averaged); null = the original size
+    scales: List[Optional[int]] = field(default_factory=lambda: [300, 375, 450, 525, 600])
     flip: bool = False
     max_size: int = 1000
 
@@ -156,8 +157,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise SceneparseError(f"config file not found: {path}", hint="check the path")
         try:
             loaded = OmegaConf.load(path)
-        except Exception as err:  # yaml.YAMLError and friends: name the file, keep the parser's position
-            raise SceneparseError(f"{path}: not valid YAML: {err}") from None
+        except Exception as err:  # yaml.YAMLError and friends: name the file and the parser's position
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise SceneparseError(f"{path}: not valid YAML{where}: {problem}") from None
         if not isinstance(loaded, DictConfig):
             raise SceneparseError(f"{path}: expected a mapping of settings at the top level")
         try:

@@ -24,6 +24,7 @@ from sceneparse.errors import SceneparseError
 __all__ = [
     "DistInfo",
     "init_from_env",
+    "resolve_device",
     "wrap_model",
     "unwrap",
     "all_reduce_",
@@ -69,7 +70,8 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> cuda when available, else cpu; a CUDA device without CUDA is a user error."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -87,7 +89,7 @@ def init_from_env(device: str | torch.device = "auto") -> DistInfo:
     On CUDA each process uses GPU LOCAL_RANK and the NCCL backend; on CPU the gloo backend.
     Calling it again after the group is up returns the same answer without re-initialising.
     """
-    requested = _resolve_device(device)
+    requested = resolve_device(device)
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
         if requested.type == "cuda" and requested.index is None:

@@ -19,8 +19,9 @@ so large photographs do not run out of memory.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sceneparse.data.transforms import CSAIL_MAX_SIZE, CSAIL_SCALES, IMAGENET_MEAN, IMAGENET_STD, normalize
+from sceneparse.engine.distributed import unwrap
 
 # CSAIL's ADE20K test sizes are its training scales (mit_semseg config imgSizes, imgMaxSize);
 # single-scale evaluation uses 450 alone.
@@ -56,14 +58,8 @@ def csail_resize_shape(h: int, w: int, short_side: int, max_size: int = CSAIL_MA
 
 def model_pad_multiple(model: nn.Module) -> int:
     """What the model's input sides must be multiples of (1 when it does not say)."""
-    encoder = getattr(_unwrap(model), "encoder", None)
+    encoder = getattr(unwrap(model), "encoder", None)
     return int(getattr(encoder, "pad_multiple", 1) or 1)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from sceneparse.engine.checkpoint import _unwrap as unwrap
-
-    return unwrap(model)
 
 
 class Predictor:
@@ -134,7 +130,7 @@ class Predictor:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model.eval()
-        norm = normalization or getattr(_unwrap(model), "normalization", None) or IMAGENET_NORMALIZATION
+        norm = normalization or getattr(unwrap(model), "normalization", None) or IMAGENET_NORMALIZATION
         self.mean = [float(x) for x in norm["mean"]]
         self.std = [float(x) for x in norm["std"]]
 
@@ -217,22 +213,33 @@ class Predictor:
         return out.float()
 
     def _windows(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities of `x` from overlapping windows (probabilities averaged)."""
-        _, _, h, w = x.shape
+        """Log-probabilities of `x` from overlapping windows (probabilities averaged).
+
+        The average is kept on a coarser grid when the full resolution would exceed
+        `max_prob_bytes`: probabilities are smooth (decoders predict at 1/4 to 1/8 of the input),
+        and a huge photograph must not need C x H x W floats at once. Each window's logits are
+        sampled (bilinearly) at the centres of the grid cells it covers.
+        """
+        n, _, h, w = x.shape
         win = self.window
         stride = max(1, int(win * (1 - self.window_overlap)))
         total = counts = None
         for top in _starts(h, win, stride):
             for left in _starts(w, win, stride):
                 tile = x[..., top:top + win, left:left + win]
-                th, tw = tile.shape[-2:]
-                probs = F.interpolate(self._network(tile), size=(th, tw), mode="bilinear",
-                                      align_corners=False).softmax(dim=1)
+                logits = self._network(tile)
                 if total is None:
-                    total = x.new_zeros((x.shape[0], probs.shape[1], h, w))
-                    counts = x.new_zeros((1, 1, h, w))
-                total[..., top:top + th, left:left + tw] += probs
-                counts[..., top:top + th, left:left + tw] += 1
+                    factor = max(1.0, (n * logits.shape[1] * h * w * 4 / self.max_prob_bytes) ** 0.5)
+                    grid_h, grid_w = max(1, round(h / factor)), max(1, round(w / factor))
+                    total = x.new_zeros((n, logits.shape[1], grid_h, grid_w))
+                    counts = x.new_zeros((1, 1, grid_h, grid_w))
+                r0, r1, ys = _cell_centres(top, tile.shape[-2], h / grid_h, grid_h, x.device)
+                c0, c1, xs = _cell_centres(left, tile.shape[-1], w / grid_w, grid_w, x.device)
+                grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).expand(n, -1, -1, -1)
+                probs = F.grid_sample(logits, grid, mode="bilinear", padding_mode="border",
+                                      align_corners=False).softmax(dim=1)
+                total[..., r0:r1, c0:c1] += probs
+                counts[..., r0:r1, c0:c1] += 1
         return (total / counts).clamp(min=1e-12).log()
 
     @torch.inference_mode()
@@ -286,6 +293,16 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
         return [0]
     starts = list(range(0, length - window, stride))
     return starts + [length - window]
+
+
+def _cell_centres(start: int, length: int, cell: float, n: int, device) -> tuple[int, int, torch.Tensor]:
+    """Grid cells (of `cell` pixels, `n` in all) whose centres lie in [start, start + length):
+    their index range and their centres in grid_sample's coordinates for that window (-1..1 =
+    the window's outer edges, as align_corners=False)."""
+    first = max(0, math.ceil(start / cell - 0.5))
+    stop = min(n, math.ceil((start + length) / cell - 0.5))
+    centres = (torch.arange(first, stop, device=device, dtype=torch.float64) + 0.5) * cell - start
+    return first, stop, (centres * 2 / length - 1).float()
 
 
 def _linear_weights(in_size: int, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

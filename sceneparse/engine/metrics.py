@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from sceneparse.data.meta import IGNORE_INDEX
+from sceneparse.engine.distributed import all_reduce_
 from sceneparse.errors import SceneparseError
 
 
@@ -72,8 +72,7 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the counts over all ranks (a no-op unless torch.distributed is initialised)."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self._counts, op=dist.ReduceOp.SUM)
+        all_reduce_(self._counts)
 
     def compute(self) -> dict:
         """All metrics as plain Python values (floats, lists); see the module docstring."""

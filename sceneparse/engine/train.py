@@ -282,7 +282,8 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     Returns {"output_dir", "last", "best", "curves", "iterations", "metrics" (last validation),
     "best_miou", "skipped"}.
     """
-    from sceneparse.data import build_dataset, quick_check
+    from sceneparse.data import build_dataset
+    from sceneparse.data.check import ERROR, quick_check
     from sceneparse.data.transforms import build_train_transforms, collate_pad, normalize
     from sceneparse.engine.evaluate import evaluate
     from sceneparse.engine.visualize import save_curves_png
@@ -302,12 +303,17 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     data_settings = dataset_settings(dc)
     train_set = build_dataset(data_settings, dc.train_split, build_train_transforms(train_transform_options(dc)))
     val_set = build_dataset(data_settings, dc.val_split, None)
-    problems = quick_check(train_set)
-    if problems:
-        raise SceneparseError(
-            f"the training data has problems:\n  - " + "\n  - ".join(map(str, problems)),
-            "fix the files, or run `sceneparse data check` for a full report",
-        )
+    for split_name, dataset in ((dc.train_split, train_set), (dc.val_split, val_set)):
+        problems = quick_check(dataset)
+        errors = [p for p in problems if p.severity == ERROR]
+        if errors:
+            raise SceneparseError(
+                f"the {split_name} data has problems:\n  - " + "\n  - ".join(map(str, errors[:20]))
+                + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""),
+                "fix the files, or run `sceneparse data check` for a full report",
+            )
+        if is_main and problems:
+            print("data warnings:\n  - " + "\n  - ".join(map(str, problems)), file=sys.stderr)
     num_classes = cfg.model.num_classes or train_set.num_classes
     if num_classes != train_set.num_classes:
         raise SceneparseError(
@@ -384,6 +390,7 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     window: list[torch.Tensor] = []  # this log window's per-step losses, on the device
     window_paths: list[list[str]] = []
     window_start, window_time = start_iter, time.perf_counter()
+    step_lrs = scheduler.get_last_lr()  # the learning rates the latest step used
 
     def flush(iteration: int) -> None:
         """One host sync per log window: check the losses, log their mean."""
@@ -401,7 +408,7 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
                 f"the last good checkpoint is {output_dir / 'last.pt'}",
             )
         elapsed = time.perf_counter() - window_time
-        lrs = scheduler.get_last_lr()
+        lrs = step_lrs
         record = {"iter": iteration, "loss": losses.mean().item(), "lr": lrs[-1], "lr_encoder": lrs[0],
                   "img_per_s": len(window) * dc.batch_size * info.world_size / max(elapsed, 1e-9),
                   "skipped": skipped}
@@ -419,15 +426,18 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
         nonlocal best_miou, last_metrics
         core = dist_utils.unwrap(model)
         core.eval()
-        metrics = evaluate(core, val_set, scales=list(cfg.eval.scales), flip=cfg.eval.flip,
-                           max_size=cfg.eval.max_size, mean=list(dc.mean), std=list(dc.std), device=device)
+        metrics = evaluate(core, val_set, device=device, scales=list(cfg.eval.scales), flip=cfg.eval.flip,
+                           max_size=cfg.eval.max_size, mean=mean, std=std, num_workers=dc.num_workers)
         core.train()
         last_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        improved = metrics["mean_iou"] > best_miou
+        best_miou = max(best_miou, metrics["mean_iou"])
         if logger is not None:
             logger.log({"iter": iteration, "val_miou": metrics["mean_iou"],
                         "val_pixel_accuracy": metrics["pixel_accuracy"], "val_score": metrics["score"]})
-            if metrics["mean_iou"] > best_miou:
-                best_miou = metrics["mean_iou"]
+            bar.write(f"iteration {iteration}: val mIoU {metrics['mean_iou']:.4f}, "
+                      f"pixel accuracy {metrics['pixel_accuracy']:.4f}")
+            if improved:
                 save("best.pt", iteration, next_position, with_state=False)
 
     from tqdm import tqdm
@@ -464,6 +474,7 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
                         loss = criterion(out.logits, masks) + tc.deepsup_weight * criterion(out.aux, masks)
                     else:
                         loss = criterion(out, masks)
+                step_lrs = scheduler.get_last_lr()
                 if tc.on_nonfinite == "skip" and not bool(torch.isfinite(loss)):  # a sync, by request
                     skipped += 1
                     optimizer.zero_grad(set_to_none=True)

@@ -221,7 +221,7 @@ class TimmEncoder(Encoder):
 
     def __init__(self, model_name: str, **options):
         super().__init__()
-        if model_name not in timm.list_models():
+        if not timm.is_model(model_name):
             raise SceneparseError(
                 f"unknown timm model {model_name!r}", hint="see timm.list_models() for the names"
             )

@@ -17,6 +17,8 @@ from sceneparse.errors import SceneparseError
 
 # torch counts BN batches only for momentum=None; files from other code never carry it.
 _OPTIONAL_SUFFIX = "num_batches_tracked"
+# CSAIL's SyncBN saves three bookkeeping buffers per BatchNorm: never weights, always dropped.
+SYNCBN_EXTRA_SUFFIXES = ("._tmp_running_mean", "._tmp_running_var", "._running_iter")
 _SHOWN = 5  # keys listed per kind of mismatch
 
 
@@ -81,7 +83,8 @@ def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], what: st
 def load_encoder_weights(encoder: nn.Module, source: str | os.PathLike) -> None:
     """Load backbone weights (a local path or an http(s) URL) into `encoder`, strictly.
 
-    Keys under the encoder's classifier-head prefixes are dropped; the rest is renamed from the
+    Keys under the encoder's classifier-head prefixes (and CSAIL's SyncBN bookkeeping buffers)
+    are dropped; the rest is renamed from the
     file's layout (CSAIL's or timm's) to ours and must match exactly.
     """
     text = str(source)
@@ -92,5 +95,8 @@ def load_encoder_weights(encoder: nn.Module, source: str | os.PathLike) -> None:
     else:
         path = Path(text)
     state = read_state_dict(path, "encoder weights file")
-    body = {k: v for k, v in state.items() if not k.startswith(encoder.head_prefixes)}
+    body = {
+        k: v for k, v in state.items()
+        if not k.startswith(encoder.head_prefixes) and not k.endswith(SYNCBN_EXTRA_SUFFIXES)
+    }
     load_state_dict_strict(encoder, encoder.adapt_state_dict(body), f"encoder weights file {path}")

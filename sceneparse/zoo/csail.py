@@ -16,9 +16,7 @@ from torch import Tensor
 from sceneparse.errors import SceneparseError
 from sceneparse.models import Segmenter, build_model
 from sceneparse.models.decoders import DECODERS
-from sceneparse.models.pretrained import load_state_dict_strict, read_state_dict
-
-SYNCBN_EXTRA_SUFFIXES = ("._tmp_running_mean", "._tmp_running_var", "._running_iter")
+from sceneparse.models.pretrained import SYNCBN_EXTRA_SUFFIXES, load_state_dict_strict, read_state_dict
 
 
 class CsailArch(NamedTuple):

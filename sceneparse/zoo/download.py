@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sceneparse.errors import SceneparseError
-from sceneparse.zoo.registry import ZOO, ZooEntry, get_entry
+from sceneparse.zoo.registry import ZooEntry, get_entry
 
 CACHE_ENV = "SCENEPARSE_CACHE"
 MANIFEST = "checksums.json"
@@ -129,6 +129,7 @@ def _download(url: str, part: Path, dest: Path, progress: bool, _retry: bool = T
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
     except urllib.error.HTTPError as err:
+        err.close()  # an HTTPError holds the open response
         if err.code == 416 and offset and _retry:  # .part already as long as (or longer than) the file
             part.unlink()
             return _download(url, part, dest, progress, _retry=False)
@@ -254,6 +255,6 @@ def resolve(name: str, cache_dir=None, missing_ok: bool = False) -> Path | None:
 
 
 __all__ = [
-    "ZOO", "OfflineError", "cache_state", "checkpoint_path", "default_cache_dir", "download_model",
+    "OfflineError", "cache_state", "checkpoint_path", "default_cache_dir", "download_model",
     "fetch", "missing_model_message", "raw_paths", "resolve", "sha256_file",
 ]

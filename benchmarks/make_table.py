@@ -1,0 +1,41 @@
+"""Markdown table from `sceneparse bench --json` reports: `python benchmarks/make_table.py A.json B.json ...`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(paths: list[Path]) -> str:
+    lines = ["| model | task | variant | batch | ms/iter | img/s | vs fp32 eager | peak GPU MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    setups = []
+    for path in paths:
+        report = json.loads(path.read_text())
+        meta = report["meta"]
+        name = meta.get("model_name") or f"{meta['model'].get('encoder')}-{meta['model'].get('decoder')}"
+        for r in report["results"]:
+            if r["note"]:
+                lines.append(f"| {name} | {r['task']} | {r['variant']} | {r['batch']} | {r['note']} | | | |")
+                continue
+            speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+            lines.append(f"| {name} | {r['task']} | {r['variant']} | {r['batch']} | "
+                         f"{_num(r['ms_per_iter'], '.1f')} | {_num(r['images_per_s'], '.1f')} | "
+                         f"{speedup} | {_num(r['peak_mem_mib'], '.0f')} |")
+        setup = (f"{meta['device_name']} ({meta['device']}), torch {meta['torch']}, "
+                 f"{meta['size'][0]}x{meta['size'][1]}, {meta['date'][:10]}")
+        if setup not in setups:
+            setups.append(setup)
+    lines.append("")
+    lines += [f"Measured on {s}." for s in setups]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python benchmarks/make_table.py REPORT.json [...]")
+    print(table([Path(p) for p in sys.argv[1:]]))

@@ -1,0 +1,99 @@
+"""`sceneparse bench` on CPU with a tiny model: the table, the JSON report, the ratios, the errors."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sceneparse.cli.main import main
+from sceneparse.engine.bench import Variant, measure, variants_for
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CAMVID = SHARED / "data" / "camvid"
+TINY = ["--encoder", "timm:test_resnet", "--decoder", "c1", "--size", "32", "32", "--batch", "2",
+        "--warmup", "1", "--iters", "1", "--repeats", "2", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny kernels on a shared 2-core machine: avoid OpenMP contention
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_measure_counts_warmup_and_takes_the_median():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.01)
+
+    seconds = measure(fn, torch.device("cpu"), warmup=2, iters=2, repeats=3)
+    assert len(calls) == 2 + 2 * 3
+    assert 0.01 <= seconds < 0.05  # per call, not per repeat
+
+
+def test_variants_are_baseline_each_option_and_the_combination():
+    assert variants_for() == [Variant()]
+    names = [v.name for v in variants_for(amp="bf16", channels_last=True, compile=True)]
+    assert names == ["fp32-eager", "bf16", "fp32+channels-last", "fp32+compile", "bf16+channels-last+compile"]
+    assert [v.name for v in variants_for(amp="fp16")] == ["fp32-eager", "fp16"]
+
+
+def test_bench_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--num-classes", "3", "--amp", "bf16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["format"] == "sceneparse-bench/1"
+    meta = report["meta"]
+    assert meta["device"] == "cpu" and meta["size"] == [32, 32] and meta["batch"] == 2
+    assert meta["model"] == {"encoder": "timm:test_resnet", "decoder": "c1", "num_classes": 3}
+    rows = report["results"]
+    assert [(r["task"], r["variant"], r["batch"]) for r in rows] == [
+        (task, variant, 1 if task == "latency" else 2)
+        for variant in ("fp32-eager", "bf16")
+        for task in ("latency", "throughput", "train", "eval")
+    ]
+    baseline = {r["task"]: r for r in rows if r["variant"] == "fp32-eager"}
+    for r in rows:
+        assert r["note"] is None, r
+        assert r["ms_per_iter"] > 0 and r["peak_mem_mib"] is None  # no CUDA: no GPU memory
+        assert r["images_per_s"] == pytest.approx(r["batch"] * 1000 / r["ms_per_iter"])
+        assert r["speedup"] == pytest.approx(r["images_per_s"] / baseline[r["task"]]["images_per_s"])
+    table = capsys.readouterr().out
+    assert "fp32-eager" in table and "bf16" in table and "1.00x" in table
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason=f"../shared not found: {CAMVID} (real CamVid data)")
+def test_bench_trains_from_real_data(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", *TINY, "--num-classes", "11", "--tasks", "train-data", "--data", str(CAMVID),
+            "--workers", "1", "--json", str(out)]
+    assert main(args) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["task"] == "train-data" and row["note"] is None and row["images_per_s"] > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "no model given"),
+    (["--encoder", "timm:test_resnet", "--decoder", "c1", "--cuda-graphs"], "CUDA"),
+    (["--encoder", "timm:test_resnet", "--decoder", "c1", "--batch", "1"], "--batch >= 2"),
+    (["--encoder", "timm:test_resnet", "--decoder", "c1", "--tasks", "train-data"], "--data"),
+    (["--encoder", "timm:test_resnet", "--decoder", "c1", "--tasks", "speed"], "unknown bench task"),
+])
+def test_bench_user_errors(extra, message, capsys):
+    if "--cuda-graphs" in extra and torch.cuda.is_available():
+        pytest.skip("checks the no-CUDA message")
+    assert main(["bench", "--size", "32", "32", "--device", "cpu", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason=f"../shared not found: {CAMVID} (real CamVid data)")
+def test_bench_refuses_class_count_mismatch_with_data(capsys):
+    args = ["bench", *TINY, "--num-classes", "3", "--tasks", "train-data", "--data", str(CAMVID), "--workers", "0"]
+    assert main(args) == 2
+    assert "--num-classes 11" in capsys.readouterr().err

@@ -1,0 +1,250 @@
+"""evaluate(), `sceneparse eval`, `sceneparse predict` and the visualisation helpers, end to end."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from sceneparse.cli.main import main
+from sceneparse.data import build_dataset
+from sceneparse.data.io import read_image
+from sceneparse.engine.checkpoint import load_model, save_model
+from sceneparse.engine.evaluate import evaluate, format_table, write_report
+from sceneparse.engine.infer import Predictor
+from sceneparse.engine.visualize import colorize, overlay, save_confusion_png, save_curves_png
+from sceneparse.models import build_model
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+PALETTE = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
+
+
+class RedChannelOracle(nn.Module):
+    """Predicts class round(R / 100) from the red value of each pixel (undoing the normalisation)."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        red = (x[:, 0] * STD[0] + MEAN[0]) * 255
+        cls = (red / 100).round().long().clamp(0, 2)
+        return nn.functional.one_hot(cls, 3).permute(0, 3, 1, 2).float() * 10 + self.dummy
+
+
+def _write_folder_dataset(root: Path, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
+                          classes=("road", "tree", "sky")) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for stem, (image, label) in pairs.items():
+        Image.fromarray(image).save(root / "images" / f"{stem}.png")
+        Image.fromarray(label.astype(np.uint8)).save(root / "labels" / f"{stem}.png")
+    (root / "classes.yaml").write_text("classes: [" + ", ".join(classes) + "]\n")
+    return root
+
+
+def _image_with_red(red: np.ndarray, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, size=(*red.shape, 3), dtype=np.uint8)
+    img[..., 0] = red
+    return img
+
+
+@pytest.fixture
+def oracle_dataset(tmp_path):
+    # image 1 predicts [[0,1,2],[2,2,0]], label [[0,1,1],[2,255,0]]
+    # image 2 predicts [[1,1],[0,2]],     label [[1,0],[0,255]]
+    pairs = {
+        "one": (_image_with_red(np.array([[0, 100, 200], [200, 200, 0]])), np.array([[0, 1, 1], [2, 255, 0]])),
+        "two": (_image_with_red(np.array([[100, 100], [0, 200]]), 1), np.array([[1, 0], [0, 255]])),
+    }
+    return build_dataset({"kind": "folder", "root": str(_write_folder_dataset(tmp_path / "data", pairs))}, "val")
+
+
+def test_evaluate_accumulates_over_images_hand_computed(oracle_dataset):
+    model = RedChannelOracle().train()
+    report = evaluate(model, oracle_dataset, {"scales": (None,)}, "cpu", num_workers=0)
+    assert model.training  # mode restored
+    # (target, prediction) pairs over both images (ignored pixels dropped):
+    # image 1: (0,0) (1,1) (1,2) (2,2) (0,0); image 2: (1,1) (0,1) (0,0)
+    assert report["confusion_matrix"] == [[3, 1, 0],
+                                          [0, 2, 1],
+                                          [0, 0, 1]]
+    # 8 labelled, 6 correct; IoU = 3/(4+3-3), 2/(3+3-2), 1/(1+2-1) = 3/4, 1/2, 1/2 -> mean 7/12
+    assert report["pixel_accuracy"] == pytest.approx(0.75)
+    assert [c["iou"] for c in report["classes"]] == pytest.approx([0.75, 0.5, 0.5])
+    assert report["mean_iou"] == pytest.approx(7 / 12)
+    assert report["score"] == pytest.approx((7 / 12 + 0.75) / 2)
+    assert report["num_images"] == 2 and report["ignored_pixels"] == 2
+    assert [c["name"] for c in report["classes"]] == ["road", "tree", "sky"]
+    table = format_table(report)
+    assert "58.33" in table and "75.00" in table  # mIoU and pixel accuracy in %
+
+
+def test_evaluate_csail_protocol_and_report_json(oracle_dataset, tmp_path):
+    report = evaluate(RedChannelOracle(), oracle_dataset, {"single_scale": True}, "cpu",
+                      protocol="csail", num_workers=0, max_images=1)
+    s = report["settings"]
+    assert s["scales"] == [450] and s["resize"] == "pil" and s["max_size"] == 1000
+    assert report["num_images"] == 1 and report["labelled_pixels"] == 5
+    # 2x3 -> 450x675 (Pillow bilinear) and the logits back to 2x3: at the original pixel centres the
+    # red values are unchanged, so the oracle predicts as before: 4 of the 5 labelled pixels right
+    assert report["pixel_accuracy"] == pytest.approx(0.8)
+    report["classes"][2]["iou"] = math.nan  # what compute() gives a class absent everywhere
+    path = write_report(report, tmp_path / "r" / "report.json")
+    loaded = json.loads(path.read_text())  # strict JSON: NaN became null
+    assert loaded["classes"][2]["iou"] is None
+
+
+# --------------------------------------------------------------------------- real model + CLI
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("mobilenetv2dilated", "c1", num_classes=3)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny model.pt"
+    save_model(path, model, ["road", "tree", "sky"], PALETTE)
+    return path
+
+
+@pytest.fixture
+def real_dataset(tmp_path):
+    rng = np.random.default_rng(3)
+    pairs = {}
+    for i, (h, w) in enumerate([(40, 56), (48, 40)]):
+        label = rng.integers(0, 2, size=(h, w))  # class 2 ("sky") never occurs
+        label[:5] = 255
+        pairs[f"img{i}"] = (rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), label)
+    return _write_folder_dataset(tmp_path / "real data", pairs)
+
+
+def test_cli_eval_end_to_end(tiny_checkpoint, real_dataset, tmp_path, capsys):
+    out = tmp_path / "eval out"
+    code = main(["eval", "--model", str(tiny_checkpoint), "--data-root", str(real_dataset),
+                 "--dataset", "folder", "--output", str(out), "--workers", "0", "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "mean IoU" in printed and "overall score" in printed and "sky" in printed
+    report = json.loads((out / "report.json").read_text())
+    with Image.open(out / "confusion.png") as png:
+        assert png.size[0] > 100
+    # independent check of the numbers: predictions and labels compared with numpy
+    model = load_model(tiny_checkpoint)
+    predictor = Predictor(model)
+    correct = labelled = 0
+    for stem in ("img0", "img1"):
+        pred = predictor.predict(read_image(real_dataset / "images" / f"{stem}.png")).numpy()
+        label = np.asarray(Image.open(real_dataset / "labels" / f"{stem}.png")).astype(np.int64)
+        valid = label != 255
+        correct += int((pred[valid] == label[valid]).sum())
+        labelled += int(valid.sum())
+    assert report["labelled_pixels"] == labelled
+    assert report["pixel_accuracy"] == pytest.approx(correct / labelled)
+    assert report["classes"][2]["accuracy"] is None  # "sky" is not in the labels
+    assert report["num_images"] == 2 and report["dataset"]["kind"] == "folder"
+
+
+def test_cli_eval_csail_single_scale(tiny_checkpoint, real_dataset, tmp_path):
+    out = tmp_path / "csail"
+    code = main(["eval", "--model", str(tiny_checkpoint), "--data-root", str(real_dataset), "--dataset", "folder",
+                 "--protocol", "csail", "--single-scale", "--max-images", "1", "--output", str(out),
+                 "--workers", "0", "--device", "cpu"])
+    assert code == 0
+    settings = json.loads((out / "report.json").read_text())["settings"]
+    assert settings["scales"] == [450] and settings["pad_multiple"] == 8 and settings["resize"] == "pil"
+
+
+def test_cli_eval_class_count_mismatch(tiny_checkpoint, tmp_path, capsys):
+    label = np.zeros((8, 8))
+    root = _write_folder_dataset(tmp_path / "four", {"a": (np.zeros((8, 8, 3), np.uint8), label)},
+                                 classes=("a", "b", "c", "d"))
+    code = main(["eval", "--model", str(tiny_checkpoint), "--data-root", str(root), "--dataset", "folder",
+                 "--workers", "0", "--device", "cpu", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "3 classes" in err and "4 classes" in err
+    assert str(tiny_checkpoint) in err and str(root / "classes.yaml") in err
+
+
+def test_cli_eval_bad_options(tiny_checkpoint, real_dataset, capsys):
+    base = ["eval", "--model", str(tiny_checkpoint), "--data-root", str(real_dataset), "--dataset", "folder"]
+    assert main(base + ["--single-scale"]) == 2
+    assert main(base + ["--protocol", "csail", "--scales", "300"]) == 2
+    assert main(["eval", "--model", str(tiny_checkpoint)]) == 2
+    assert "no dataset given" in capsys.readouterr().err
+
+
+def test_cli_predict_writes_and_matches_predictor(tiny_checkpoint, tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "my photos ü"
+    (folder / "sub").mkdir(parents=True)
+    files = [folder / "straße 1.png", folder / "sub" / "b.jpg", tmp_path / "other" / "b.png"]
+    files[2].parent.mkdir()
+    for f in files:
+        Image.fromarray(rng.integers(0, 256, size=(30, 44, 3), dtype=np.uint8)).save(f)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(tiny_checkpoint), str(folder), str(tmp_path / "oth*" / "*.png"),
+                 "--output", str(out), "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "straße 1.png" in printed and "%" in printed
+    model = load_model(tiny_checkpoint)
+    predictor = Predictor(model)
+    # two inputs named b: the second gets a suffix
+    for src, stem in [(files[0], "straße 1"), (files[1], "b"), (files[2], "b-2")]:
+        expected = predictor.predict(read_image(src)).numpy()
+        labels = np.asarray(Image.open(out / f"{stem}_labels.png"))
+        assert labels.dtype == np.uint8 and np.array_equal(labels, expected)
+        color = np.asarray(Image.open(out / f"{stem}_color.png"))
+        assert np.array_equal(color, colorize(expected, PALETTE))
+        assert (out / f"{stem}_overlay.png").is_file()
+    assert len(list(out.iterdir())) == 9
+
+
+def test_cli_predict_nothing_matched(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "--model", str(tiny_checkpoint), str(tmp_path / "empty"), "--output",
+                 str(tmp_path / "o")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tiny_checkpoint), str(tmp_path / "missing.jpg")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_sixteen_bit_labels_for_many_classes(tmp_path):
+    from sceneparse.cli.predict import save_label_png
+
+    labels = torch.tensor([[0, 299], [256, 7]])
+    save_label_png(labels, 300, tmp_path / "l.png")
+    back = np.asarray(Image.open(tmp_path / "l.png"))
+    assert back.dtype == np.uint16 and back.tolist() == [[0, 299], [256, 7]]
+
+
+# --------------------------------------------------------------------------- visualisation
+def test_colorize_and_overlay():
+    labels = np.array([[0, 1], [2, 255]])
+    colors = colorize(labels, PALETTE)
+    assert colors.tolist() == [[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [0, 0, 0]]]
+    image = torch.full((3, 2, 2), 100, dtype=torch.uint8)
+    blended = overlay(image, labels, PALETTE, alpha=0.25)
+    # 0.75 * 100 + 0.25 * 255 = 138.75 -> 139; 0.75 * 100 + 0 = 75; unlabelled pixel unchanged
+    assert blended[0, 0].tolist() == [139, 75, 75]
+    assert blended[1, 1].tolist() == [100, 100, 100]
+
+
+def test_confusion_and_curves_png(tmp_path):
+    save_confusion_png([[5, 1], [0, 0]], ["a", "b"], tmp_path / "c.png")
+    save_confusion_png(np.eye(60, dtype=int), [f"c{i}" for i in range(60)], tmp_path / "c60.png")
+    records = [{"iter": 10, "loss": 2.0, "lr": 0.01}, {"iter": 20, "loss": 1.5, "lr": 0.009},
+               {"iter": 20, "val_miou": 0.3}]
+    save_curves_png(records, tmp_path / "curves.png")
+    save_curves_png([], tmp_path / "empty.png")
+    for name in ("c.png", "c60.png", "curves.png", "empty.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.format == "PNG" and min(img.size) > 50

@@ -1,0 +1,127 @@
+"""The speed options give the predictions of plain fp32 eager: bf16 autocast, channels-last,
+torch.compile, CUDA graphs (the last on CUDA only).
+
+The model is a small real Segmenter trained for a few steps to map colours to classes, so its
+predictions mean something (high accuracy) and most pixels have a clear winning class; a reduced
+precision path that broke the network would show up as disagreement.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sceneparse.engine.infer import Predictor
+
+NUM_CLASSES = 3
+SIZE = 32
+CELL = 8  # label blocks of CELL x CELL pixels, one class colour each
+COLOURS = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny convolutions on a shared 2-core machine run far faster without OpenMP contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def colour_blocks(n: int, gen: torch.Generator):
+    """uint8 images N x 3 x SIZE x SIZE of noisy class-coloured blocks, and their labels."""
+    blocks = SIZE // CELL
+    labels = torch.randint(0, NUM_CLASSES, (n, blocks, blocks), generator=gen)
+    labels = labels.repeat_interleave(CELL, 1).repeat_interleave(CELL, 2)
+    images = COLOURS[labels].permute(0, 3, 1, 2) + 25 * torch.randn(n, 3, SIZE, SIZE, generator=gen)
+    return images.clamp(0, 255).to(torch.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from sceneparse.data.transforms import normalize
+    from sceneparse.models import build_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model("timm:test_resnet", "c1", NUM_CLASSES, encoder_options={"out_indices": (0, 1, 2)})
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(30):
+        images, labels = colour_blocks(4, gen)
+        loss = F.cross_entropy(model(normalize(images)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    model.eval()
+    images, labels = colour_blocks(4, torch.Generator().manual_seed(5))
+    return model, images, labels
+
+
+def predict_all(predictor: Predictor, images) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.stack([predictor.probabilities(img) for img in images])
+    return probs, probs.argmax(1)
+
+
+def test_bf16_autocast_predicts_like_fp32(trained):
+    model, images, labels = trained
+    probs32, pred32 = predict_all(Predictor(copy.deepcopy(model)), images)
+    probs16, pred16 = predict_all(Predictor(copy.deepcopy(model), amp_dtype=torch.bfloat16), images)
+    assert (pred32 == labels).float().mean() > 0.9  # the model learnt the task
+    assert (probs16 - probs32).abs().max() > 1e-4  # bf16 really ran (it is not bit-identical)
+    assert (pred16 == pred32).float().mean() >= 0.995
+
+
+def test_channels_last_matches_plain(trained):
+    model, images, _ = trained
+    plain, _ = predict_all(Predictor(copy.deepcopy(model)), images)
+    cl_predictor = Predictor(copy.deepcopy(model), channels_last=True)
+    weight = cl_predictor.model.encoder.body.conv1[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    cl, _ = predict_all(cl_predictor, images)
+    torch.testing.assert_close(cl, plain, rtol=1e-4, atol=1e-5)
+
+
+def _have_compiler() -> bool:
+    return any(shutil.which(c) for c in ("g++", "clang++", "c++"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_compiler(), reason="torch.compile (inductor, CPU) needs a C++ compiler: none found")
+def test_compile_matches_eager(trained):
+    from sceneparse.data.transforms import normalize
+
+    model, images, _ = trained
+    x = normalize(images)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(copy.deepcopy(model))(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; none here")
+def test_cuda_graph_replay_matches_eager(trained):
+    from sceneparse.engine.bench import cuda_graph_replay
+
+    device = torch.device("cuda")
+    model = copy.deepcopy(trained[0]).to(device).eval()
+    x = torch.randn(2, 3, SIZE, SIZE, device=device)
+    with torch.no_grad():
+        eager = model(x).clone()
+
+    def forward():
+        with torch.no_grad():
+            return model(x)
+
+    replay, output = cuda_graph_replay(forward, device)
+    x.copy_(torch.randn(2, 3, SIZE, SIZE, device=device))  # new data in the captured input
+    replay()
+    with torch.no_grad():
+        torch.testing.assert_close(output, model(x), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(output, eager)
