@@ -1,0 +1,272 @@
+"""Encoders, decoders, Segmenter, build_model and strict backbone-weight loading."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sceneparse.errors import SceneparseError
+from sceneparse.models import (
+    DECODERS,
+    ENCODERS,
+    Segmenter,
+    SegmenterOutput,
+    build_encoder,
+    build_model,
+    load_encoder_weights,
+)
+from sceneparse.models.pretrained import SYNCBN_EXTRA_SUFFIXES
+
+# Small encoders for the full encoder x decoder matrix; the big CSAIL ones are exercised by the
+# conversion tests (tests/test_csail_conversion.py).
+SMALL_ENCODERS = ["resnet18", "resnet18dilated", "mobilenetv2dilated", "hrnetv2_w18", "timm:resnet18"]
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_registries_hold_the_csail_names():
+    assert set(DECODERS) == {"c1", "c1_deepsup", "ppm", "ppm_deepsup", "upernet"}
+    assert {
+        "mobilenetv2dilated", "resnet18", "resnet18dilated", "resnet50", "resnet50dilated",
+        "resnet101", "resnet101dilated", "hrnetv2", "hrnetv2_w18",
+    } <= set(ENCODERS)
+
+
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+@pytest.mark.parametrize("encoder", SMALL_ENCODERS)
+def test_every_pair_trains_and_predicts_at_input_size(encoder, decoder):
+    torch.manual_seed(0)
+    options = {"fpn_dim": 32} if decoder == "upernet" else {}  # CSAIL's 512 is slow on CPU
+    model = build_model(encoder, decoder, num_classes=3, decoder_options=options)
+    images = torch.randn(2, 3, 35, 45)  # odd size: padded, then cropped back
+
+    model.train()
+    out = model(images)
+    if decoder.endswith("_deepsup"):
+        assert isinstance(out, SegmenterOutput)
+        assert out.logits.shape == out.aux.shape == (2, 3, 35, 45)
+        loss = out.logits.logsumexp(1).mean() + 0.4 * out.aux.logsumexp(1).mean()
+    else:
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 3, 35, 45)
+        loss = out.logsumexp(1).mean()
+    loss.backward()
+    first_conv = next(m for m in model.encoder.modules() if isinstance(m, nn.Conv2d))
+    assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
+    classifier = model.decoder.get_submodule(type(model.decoder).classifier)
+    assert classifier.weight.grad.abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(images)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 3, 35, 45)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    "name, channels, reductions, pad",
+    [
+        ("resnet18", [64, 128, 256, 512], [4, 8, 16, 32], 32),
+        ("resnet18dilated", [64, 128, 256, 512], [4, 8, 8, 8], 8),
+        ("resnet50dilated", [256, 512, 1024, 2048], [4, 8, 8, 8], 8),
+        ("mobilenetv2dilated", [24, 32, 64, 160, 320], [4, 8, 8, 8, 8], 8),
+        ("hrnetv2_w18", [18, 36, 72, 144, 270], [4, 8, 16, 32, 4], 32),
+        ("timm:convnext_atto", [40, 80, 160, 320], [4, 8, 16, 32], 32),
+    ],
+)
+def test_encoder_attributes_describe_its_feature_maps(name, channels, reductions, pad):
+    encoder = build_encoder(name).eval()
+    assert (encoder.channels, encoder.reductions, encoder.pad_multiple) == (channels, reductions, pad)
+    with torch.no_grad():
+        features = encoder(torch.randn(1, 3, 64, 96))
+    assert [f.shape[1] for f in features] == channels
+    assert [(f.shape[2], f.shape[3]) for f in features] == [(64 // r, 96 // r) for r in reductions]
+
+
+def test_hrnet_fuses_bilinearly_at_exact_size():
+    encoder = build_encoder("hrnetv2_w18").eval()
+    assert not any(isinstance(m, nn.Upsample) for m in encoder.modules())
+    # the last map is the four branches resized bilinearly to 1/4 and concatenated
+    with torch.no_grad():
+        *branches, fused = encoder(torch.randn(1, 3, 64, 64))
+    size = branches[0].shape[-2:]
+    expected = torch.cat(
+        [branches[0]] + [F.interpolate(b, size=size, mode="bilinear", align_corners=False) for b in branches[1:]], 1
+    )
+    assert torch.equal(fused, expected)
+
+
+def test_padding_is_zeros_bottom_right_then_cropped():
+    torch.manual_seed(0)
+    model = build_model("resnet18dilated", "ppm", num_classes=4).eval()
+    images = torch.randn(1, 3, 67, 93)
+    with torch.no_grad():
+        logits = model(images)
+        padded = F.pad(images, (0, 3, 0, 5))  # to 72 x 96, multiples of 8
+        by_hand = F.interpolate(model.decoder(model.encoder(padded)), size=(72, 96), mode="bilinear",
+                                align_corners=False)[..., :67, :93]
+    assert logits.shape == (1, 4, 67, 93)
+    assert torch.equal(logits, by_hand)
+
+
+def test_train_mode_output_kinds():
+    images = torch.randn(2, 3, 32, 32)
+    deepsup = build_model("timm:resnet18", "c1_deepsup", num_classes=2).train()
+    out = deepsup(images)
+    assert isinstance(out, SegmenterOutput) and out.logits.shape == out.aux.shape == (2, 2, 32, 32)
+    assert not torch.equal(out.logits, out.aux)
+    plain = build_model("timm:resnet18", "c1", num_classes=2).train()
+    assert type(plain(images)) is torch.Tensor
+    assert type(deepsup.eval()(images)) is torch.Tensor
+
+
+def test_config_rebuilds_the_same_model():
+    model = build_model("timm:resnet18", "upernet", 5, encoder_options={"out_indices": (1, 2, 3, 4)},
+                        decoder_options={"fpn_dim": 16, "pool_scales": (1, 2)})
+    assert model.config == {
+        "encoder": "timm:resnet18", "decoder": "upernet", "num_classes": 5,
+        "encoder_options": {"out_indices": (1, 2, 3, 4)}, "decoder_options": {"fpn_dim": 16, "pool_scales": (1, 2)},
+    }
+    assert len(model.encoder.channels) == 4 and model.decoder.fpn_in[0][0].out_channels == 16
+    rebuilt = build_model(**model.config)
+    assert isinstance(rebuilt, Segmenter)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_unknown_names_and_options_are_user_errors():
+    with pytest.raises(SceneparseError, match="unknown encoder 'resnet34'"):
+        build_model("resnet34", "c1", 3)
+    with pytest.raises(SceneparseError, match="unknown decoder 'fcn'"):
+        build_model("resnet18", "fcn", 3)
+    with pytest.raises(SceneparseError, match="unknown timm model 'no_such_net'"):
+        build_model("timm:no_such_net", "c1", 3)
+    with pytest.raises(SceneparseError, match="bad options for decoder 'ppm'"):
+        build_model("resnet18", "ppm", 3, decoder_options={"fpn_dim": 8})
+    with pytest.raises(SceneparseError, match="bad options for encoder 'resnet18'"):
+        build_model("resnet18", "ppm", 3, encoder_options={"depth": 8})
+    with pytest.raises(SceneparseError, match="at least 2 feature maps"):
+        build_model("timm:resnet18", "upernet", 3, encoder_options={"out_indices": (4,)})
+
+
+# --- backbone weights ---------------------------------------------------------------------------------
+
+
+def _save(tmp_path, state, name="weights.pth"):
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+def _mit_semseg():
+    return pytest.importorskip("mit_semseg.models.models", reason="mit_semseg (CSAIL's code, test-only) not importable")
+
+
+@torch.no_grad()
+def _randomise_bn(module, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+
+
+def test_csail_imagenet_resnet_loads_and_matches_csail(tmp_path):
+    models = _mit_semseg()
+    from mit_semseg.models import resnet
+
+    torch.manual_seed(0)
+    csail_net = resnet.resnet18(pretrained=False)  # CSAIL's ImageNet model (with fc)
+    _randomise_bn(csail_net, seed=1)
+    state = {k: v for k, v in csail_net.state_dict().items() if not k.endswith(SYNCBN_EXTRA_SUFFIXES)}
+    assert "fc.weight" in state and "conv3.weight" in state
+    encoder = build_encoder("resnet18dilated")
+    load_encoder_weights(encoder, _save(tmp_path, state, "resnet18-imagenet.pth"))
+    assert torch.equal(encoder.bn1.running_var, state["bn3.running_var"])
+
+    reference = models.ResnetDilated(csail_net, dilate_scale=8).eval()
+    images = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        ours, theirs = encoder.eval()(images), reference(images, return_feature_maps=True)
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(ours, theirs, strict=True))
+
+
+def test_csail_imagenet_mobilenet_tar_loads_and_matches_csail(tmp_path):
+    models = _mit_semseg()
+    from mit_semseg.models import mobilenet
+
+    torch.manual_seed(0)
+    csail_net = mobilenet.mobilenetv2(pretrained=False)
+    _randomise_bn(csail_net, seed=2)
+    # mobilenet_v2.pth.tar: a training checkpoint of a DataParallel model
+    state = {"state_dict": {f"module.{k}": v for k, v in csail_net.state_dict().items()}, "epoch": 150}
+    encoder = build_encoder("mobilenetv2dilated")
+    load_encoder_weights(encoder, _save(tmp_path, state, "mobilenet_v2.pth.tar"))
+
+    reference = models.MobileNetV2Dilated(csail_net, dilate_scale=8).eval()
+    images = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        ours, theirs = encoder.eval()(images), reference(images, return_feature_maps=True)
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.parametrize(
+    "encoder_name, timm_name, probe",
+    [
+        ("resnet18", None, "layer4.1.bn2.running_var"),
+        ("mobilenetv2dilated", "mobilenetv2_100", "blocks.6.0.conv_pwl.weight"),
+        ("hrnetv2_w18", "hrnet_w18", "body.stage4.2.fuse_layers.0.3.0.weight"),
+        ("timm:resnet18", "resnet18", "body.layer3.0.downsample.0.weight"),
+        ("timm:convnext_atto", "convnext_atto", "body.stages_2.blocks.1.conv_dw.weight"),
+        ("timm:mobilenetv2_100", "mobilenetv2_100", "body.blocks.5.2.conv_dw.weight"),
+    ],
+)
+def test_timm_state_dicts_load_dropping_only_the_head(tmp_path, encoder_name, timm_name, probe):
+    torch.manual_seed(0)
+    if timm_name is None:  # CSAIL's ResNet-18 layout in timm names: timm's ResNet class, deep stem
+        from timm.models.resnet import BasicBlock, ResNet
+
+        full = ResNet(BasicBlock, (2, 2, 2, 2), stem_type="deep", stem_width=64)
+    else:
+        full = timm.create_model(timm_name)
+    _randomise_bn(full, seed=3)
+    state = full.state_dict()
+    encoder = build_encoder(encoder_name)
+    load_encoder_weights(encoder, _save(tmp_path, state))
+    source_key = probe.removeprefix("body.").replace("stages_2", "stages.2")
+    assert torch.equal(encoder.state_dict()[probe], state[source_key])
+
+
+def test_mismatched_backbone_files_are_rejected(tmp_path):
+    from timm.models.resnet import BasicBlock, ResNet
+
+    r18 = ResNet(BasicBlock, (2, 2, 2, 2), stem_type="deep", stem_width=64).state_dict()
+    with pytest.raises(SceneparseError, match=r"encoder weights file .* (missing keys|shape mismatches)"):
+        load_encoder_weights(build_encoder("resnet50"), _save(tmp_path, r18))
+    extra = {**r18, "aux_head.weight": torch.zeros(2)}
+    with pytest.raises(SceneparseError, match=r"1 unexpected keys: aux_head\.weight"):
+        load_encoder_weights(build_encoder("resnet18"), _save(tmp_path, extra))
+    partial = {k: v for k, v in r18.items() if not k.startswith("layer1.")}
+    with pytest.raises(SceneparseError, match=r"missing keys: layer1\.0\.conv1\.weight"):
+        load_encoder_weights(build_encoder("resnet18"), _save(tmp_path, partial))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SceneparseError, match="cannot read encoder weights file"):
+        load_encoder_weights(build_encoder("resnet18"), tmp_path / "junk.pth")
+
+
+def test_url_sources_go_through_the_download_cache(tmp_path, monkeypatch):
+    import sceneparse.zoo.download as download
+
+    path = _save(tmp_path, timm.create_model("resnet18").state_dict())
+    calls = []
+    monkeypatch.setattr(download, "fetch", lambda url, **kw: calls.append(url) or path)
+    encoder = build_encoder("timm:resnet18")
+    load_encoder_weights(encoder, "https://example.org/resnet18.pth")
+    assert calls == ["https://example.org/resnet18.pth"]
