@@ -25,6 +25,15 @@ ADE_SAMPLES = SHARED / "data" / "ade20k_samples"
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # small convolutions on a shared 2-core machine run faster without OpenMP contention
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _need_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"../shared not found: {path}")
@@ -228,6 +237,8 @@ def fitted_model():
     near-ties everywhere, which says nothing about numerical agreement."""
     from sceneparse.models import build_model
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the autouse one_thread fixture
     torch.manual_seed(0)
     image = _real_image(96, 128)
     label = np.asarray(Image.open(ADE_SAMPLES / "annotations" / "ADE_val_00000002.png").resize((16, 12), Image.NEAREST))
@@ -251,6 +262,7 @@ def fitted_model():
         opt.zero_grad()
         loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
     return model.eval(), image
 
 

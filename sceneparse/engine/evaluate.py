@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 from sceneparse.engine.distributed import unwrap
 from sceneparse.engine.infer import Predictor
@@ -89,7 +90,9 @@ def evaluate(
     if protocol not in PROTOCOLS:
         raise SceneparseError(f"unknown evaluation protocol {protocol!r}", f"use one of: {', '.join(PROTOCOLS)}")
     options = {**(predictor_opts or {}), **predictor_kwargs}
-    if mean is not None or std is not None:
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
+    if mean is not None:
         options["normalization"] = {"mean": list(mean), "std": list(std)}
     check_num_classes(model, dataset)
     if distributed is None:
@@ -102,8 +105,6 @@ def evaluate(
     shard = _shard(dataset, max_images, distributed)
     loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=num_workers, collate_fn=_first,
                         pin_memory=device.type == "cuda")
-    from tqdm import tqdm
-
     start = time.perf_counter()
     try:
         for sample in tqdm(loader, desc="eval", disable=not progress, file=sys.stderr, dynamic_ncols=True):

@@ -256,33 +256,32 @@ class Predictor:
                 outs.append(logits[1].flip(-1))
         return outs
 
-    # ------------------------------------------------------------------ public
-    @torch.inference_mode()
-    def probabilities(self, image) -> torch.Tensor:
-        """Class probabilities `C x H x W` (float32, on `self.device`) of a uint8 3xHxW image or a path."""
-        image = self._load(image)
-        size = tuple(image.shape[-2:])
-        passes = self._passes(image)
+    @staticmethod
+    def _average(passes: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Mean over passes of softmax(logits upsampled to `size`): `C x H x W`."""
         probs = None
         for logits in passes:
             p = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0].softmax(dim=0)
             probs = p if probs is None else probs.add_(p)
         return probs.div_(len(passes))
 
+    # ------------------------------------------------------------------ public
+    @torch.inference_mode()
+    def probabilities(self, image) -> torch.Tensor:
+        """Class probabilities `C x H x W` (float32, on `self.device`) of a uint8 3xHxW image or a path."""
+        image = self._load(image)
+        return self._average(self._passes(image), tuple(image.shape[-2:]))
+
     @torch.inference_mode()
     def predict(self, image) -> torch.Tensor:
-        """Label map `H x W` (int64, on `self.device`): argmax of `probabilities()`."""
+        """Label map `H x W` (int64, on `self.device`): argmax of `probabilities()`, computed in
+        bands of rows when the full probability map would exceed `max_prob_bytes`."""
         image = self._load(image)
-        h, w = image.shape[-2:]
+        size = tuple(image.shape[-2:])
         passes = self._passes(image)
-        num_classes = passes[0].shape[0]
-        if num_classes * h * w * 4 <= self.max_prob_bytes:
-            probs = None
-            for logits in passes:
-                p = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0].softmax(dim=0)
-                probs = p if probs is None else probs.add_(p)
-            return probs.argmax(dim=0)
-        return _labels_in_stripes(passes, (h, w), self.max_prob_bytes)
+        if passes[0].shape[0] * size[0] * size[1] * 4 <= self.max_prob_bytes:
+            return self._average(passes, size).argmax(dim=0)
+        return _labels_in_stripes(passes, size, self.max_prob_bytes)
 
     __call__ = predict
 
@@ -301,17 +300,17 @@ def _cell_centres(start: int, length: int, cell: float, n: int, device) -> tuple
     the window's outer edges, as align_corners=False)."""
     first = max(0, math.ceil(start / cell - 0.5))
     stop = min(n, math.ceil((start + length) / cell - 0.5))
-    centres = (torch.arange(first, stop, device=device, dtype=torch.float64) + 0.5) * cell - start
-    return first, stop, (centres * 2 / length - 1).float()
+    # float64 on the CPU for exact coordinates (MPS has no float64), then float32 on the device
+    centres = (torch.arange(first, stop, dtype=torch.float64) + 0.5) * cell - start
+    return first, stop, (centres * 2 / length - 1).float().to(device)
 
 
 def _linear_weights(in_size: int, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source indices and weights of 1-D linear resizing with align_corners=False (as F.interpolate)."""
-    src = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5)
-    src = src.clamp(min=0)
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=in_size - 1)
     i1 = (i0 + 1).clamp(max=in_size - 1)
-    return i0, i1, (src - i0).float()
+    return i0.to(device), i1.to(device), (src - i0).float().to(device)
 
 
 def _labels_in_stripes(passes: list[torch.Tensor], size: tuple[int, int], budget: int) -> torch.Tensor:

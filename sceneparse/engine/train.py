@@ -201,7 +201,7 @@ def median_frequency_weights(dataset, num_classes: int, num_workers: int = 0) ->
     seen = pixels > 0
     freq = torch.where(seen, pixels / image_pixels.clamp(min=1), torch.ones_like(pixels))
     weights = torch.ones(num_classes, dtype=torch.float64)
-    weights[seen] = freq[seen].median() / freq[seen]
+    weights[seen] = freq[seen].quantile(0.5) / freq[seen]  # the true median (torch.median takes the lower one)
     return weights.float()
 
 
@@ -221,6 +221,13 @@ def build_criterion(cfg: DictConfig, raw_train_set: Callable, num_classes: int, 
     if weights is not None:
         weights = weights.to(device)
     return nn.CrossEntropyLoss(weight=weights, ignore_index=IGNORE_INDEX)
+
+
+def segmentation_loss(output, masks: torch.Tensor, criterion: nn.Module, deepsup_weight: float) -> torch.Tensor:
+    """Main loss, plus `deepsup_weight` x the auxiliary head's loss for deep-supervision models."""
+    if hasattr(output, "aux"):  # SegmenterOutput(logits, aux)
+        return criterion(output.logits, masks) + deepsup_weight * criterion(output.aux, masks)
+    return criterion(output, masks)
 
 
 def _autocast(amp: str, device: torch.device):
@@ -469,11 +476,7 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
                 if tc.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast:
-                    out = model(images)
-                    if hasattr(out, "aux"):
-                        loss = criterion(out.logits, masks) + tc.deepsup_weight * criterion(out.aux, masks)
-                    else:
-                        loss = criterion(out, masks)
+                    loss = segmentation_loss(model(images), masks, criterion, tc.deepsup_weight)
                 step_lrs = scheduler.get_last_lr()
                 if tc.on_nonfinite == "skip" and not bool(torch.isfinite(loss)):  # a sync, by request
                     skipped += 1

@@ -1,0 +1,162 @@
+"""The training loop's parts (optimizer groups, poly LR, batches, seeding, loss) and a tiny real run."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sceneparse.engine.config import load_config
+from sceneparse.engine.optim import param_groups, poly_lambda
+from sceneparse.engine.train import (
+    SeededDataset,
+    TrainBatches,
+    median_frequency_weights,
+    prepare_output,
+    segmentation_loss,
+    train,
+)
+from sceneparse.errors import SceneparseError
+from sceneparse.models import SegmenterOutput, build_model
+
+TINY = [
+    "model.encoder=timm:test_efficientnet", "model.decoder=c1_deepsup", "model.encoder_options={}",
+    "data.kind=synthetic", "data.synthetic={num_images: {train: 8, val: 4}, seed: 0, image_size: 64}",
+    "data.scales=[48, 64]", "data.max_size=64", "data.batch_size=2", "data.num_workers=0", "data.batching=aspect",
+    "train.iterations=12", "train.lr_encoder=0.05", "train.lr_decoder=0.05", "train.val_every=6",
+    "train.checkpoint_every=4", "train.log_every=2", "train.seed=1", "eval.scales=[null]",
+]
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config(None, [*TINY, f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_param_groups_split_lr_and_skip_decay_on_norms_and_biases():
+    model = build_model("timm:test_efficientnet", "c1", 3)
+    groups = {g["name"]: g for g in param_groups(model, lr_encoder=0.1, lr_decoder=0.2, weight_decay=1e-4)}
+    assert set(groups) == {"encoder", "encoder_no_decay", "decoder", "decoder_no_decay"}
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    everything = [p for p in model.parameters()]
+    assert sum(len(v) for v in ids.values()) == len(everything)  # each parameter exactly once
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.BatchNorm2d, nn.Conv2d)):
+            part = "encoder" if name.startswith("encoder") else "decoder"
+            if isinstance(module, nn.BatchNorm2d):
+                assert id(module.weight) in ids[f"{part}_no_decay"] and id(module.bias) in ids[f"{part}_no_decay"]
+            else:
+                assert id(module.weight) in ids[part]
+    assert groups["encoder"]["lr"] == 0.1 and groups["decoder_no_decay"]["lr"] == 0.2
+    assert groups["decoder"]["weight_decay"] == 1e-4 and groups["encoder_no_decay"]["weight_decay"] == 0.0
+
+
+def test_poly_lr_with_warmup_by_hand():
+    f = poly_lambda(10, power=0.9)
+    assert f(0) == 1.0 and f(10) == 0.0
+    assert f(5) == pytest.approx(0.5 ** 0.9)
+    w = poly_lambda(10, power=0.9, warmup_iters=4)
+    assert w(0) == pytest.approx(0.25)  # (1 - 0/10)^0.9 * 1/4
+    assert w(2) == pytest.approx(0.8 ** 0.9 * 3 / 4)
+    assert w(4) == pytest.approx(0.6 ** 0.9)  # warmup over
+
+
+def test_batches_are_a_function_of_the_iteration():
+    epochs = {e: [[3 * e + i] for i in range(3)] for e in range(5)}  # 3 batches per epoch
+    full = list(TrainBatches(epochs.__getitem__, seed=7, iterations=8))
+    assert [b[0][0] for b in full] == [0, 1, 2, 3, 4, 5, 6, 7]
+    walk = list(TrainBatches(epochs.__getitem__, seed=7, iterations=8).walk())
+    it, epoch, offset, _ = walk[4]
+    assert (it, epoch, offset) == (4, 1, 1)
+    # resuming after 5 batches (position: epoch 1, offset 2) gives exactly the tail, seeds included
+    tail = list(TrainBatches(epochs.__getitem__, seed=7, iterations=8, start_iter=5, start=(1, 2)))
+    assert tail == full[5:]
+    assert full[0][0][1] != full[3][0][1]  # every iteration draws its own augmentation seed
+
+
+def test_seeded_dataset_is_order_independent_and_leaves_global_rngs_alone():
+    class Noisy:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return (i, torch.rand(1).item(), random.random(), float(np.random.rand()))
+
+    data = SeededDataset(Noisy())
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    a = [data[(i, 100 + i)] for i in range(4)]
+    b = [data[(i, 100 + i)] for i in reversed(range(4))][::-1]
+    assert a == b
+    assert data[(0, 5)] != data[(0, 6)]
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    data[(1, 42)]
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_median_frequency_weights_by_hand():
+    # image 1: 3 px of class 0, 1 px of class 1; image 2: 2 px class 1, 2 px ignored
+    masks = [torch.tensor([[0, 0], [0, 1]]), torch.tensor([[1, 255], [1, 255]])]
+    weights = median_frequency_weights([{"mask": m} for m in masks], num_classes=3)
+    # freq0 = 3/4 (only image 1 has class 0), freq1 = 3/(4+2) = 0.5, median = 0.625; class 2 unseen
+    assert weights.tolist() == pytest.approx([0.625 / 0.75, 0.625 / 0.5, 1.0])
+
+
+def test_deep_supervision_loss_adds_weighted_aux():
+    ce = nn.CrossEntropyLoss(ignore_index=255)
+    target = torch.tensor([[[0, 1], [255, 1]]])
+    logits, aux = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
+    combined = segmentation_loss(SegmenterOutput(logits, aux), target, ce, 0.4)
+    assert combined.item() == pytest.approx(ce(logits, target).item() + 0.4 * ce(aux, target).item())
+    assert segmentation_loss(logits, target, ce, 0.4).item() == pytest.approx(ce(logits, target).item())
+
+
+def test_previous_run_in_output_folder_is_refused_unless_overwrite_or_resume(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SceneparseError, match="already holds a run") as info:
+        prepare_output(out, overwrite=False, resuming=False)
+    assert "--resume" in info.value.hint and "--overwrite" in info.value.hint
+    prepare_output(out, overwrite=False, resuming=True)
+    assert (out / "metrics.jsonl").exists()
+    prepare_output(out, overwrite=True, resuming=False)
+    assert not (out / "metrics.jsonl").exists() and (out / "notes.txt").read_text() == "mine"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SceneparseError, match="cannot write to output folder"):
+        prepare_output(blocker / "run", overwrite=False, resuming=False)
+
+
+def test_class_count_mismatch_is_refused(tmp_path):
+    with pytest.raises(SceneparseError, match="model.num_classes=7 but the synthetic dataset has 5 classes"):
+        train(tiny_config(tmp_path, "model.num_classes=7"))
+
+
+def test_tiny_run_learns_and_writes_everything(tmp_path):
+    result = train(tiny_config(tmp_path))
+    out = tmp_path / "run"
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "curves.png"):
+        assert (out / name).is_file(), name
+    assert any((out / "tb").iterdir())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in train_records] == [2, 4, 6, 8, 10, 12]
+    assert train_records[-1]["loss"] < train_records[0]["loss"]
+    # the logged lr is the one the step used: poly at step 11 of 12
+    assert train_records[-1]["lr"] == pytest.approx(0.05 * (1 - 11 / 12) ** 0.9)
+    val = [r for r in records if "val_miou" in r]
+    assert [r["iter"] for r in val] == [6, 12]
+    assert result["iterations"] == 12 and result["best_miou"] == max(r["val_miou"] for r in val)
+    assert math.isclose(result["metrics"]["mean_iou"], val[-1]["val_miou"])
+
+    state = torch.load(out / "last.pt", weights_only=True)["train_state"]
+    assert state["iteration"] == 12 and state["best_miou"] == result["best_miou"]
+    assert "train_state" not in torch.load(out / "best.pt", weights_only=True)
