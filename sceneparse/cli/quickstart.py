@@ -19,8 +19,8 @@ QUICKSTART = {
         "scales": [128], "max_size": 128, "flip": True, "batch_size": 8, "num_workers": 0,
         "batching": "crop",
     },
-    "train": {"iterations": 300, "lr_encoder": 0.02, "lr_decoder": 0.02, "warmup_iters": 10,
-              "val_every": 100, "checkpoint_every": 100, "log_every": 10, "seed": 0},
+    "train": {"iterations": 120, "lr_encoder": 0.02, "lr_decoder": 0.02, "warmup_iters": 10,
+              "val_every": 60, "checkpoint_every": 60, "log_every": 10, "seed": 0},
     "eval": {"scales": [None]},
     "output_dir": "quickstart_output",
 }
