@@ -90,7 +90,10 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
     num_classes = cfg.model.num_classes
     if num_classes is None:  # only datasets that need no files may leave it to the dataset
         num_classes = build_dataset(dataset_settings(cfg.data), cfg.data.train_split).num_classes
-    model = build_model(cfg.model.encoder, cfg.model.decoder, num_classes,
-                        encoder_options=OmegaConf.to_container(cfg.model.encoder_options),
-                        decoder_options=OmegaConf.to_container(cfg.model.decoder_options))
+    import torch
+
+    with torch.device("meta"):  # shapes only: no time spent initialising weights
+        model = build_model(cfg.model.encoder, cfg.model.decoder, num_classes,
+                            encoder_options=OmegaConf.to_container(cfg.model.encoder_options),
+                            decoder_options=OmegaConf.to_container(cfg.model.decoder_options))
     assert model.num_classes == num_classes

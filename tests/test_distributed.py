@@ -2,7 +2,8 @@
 
 One real `torchrun --standalone --nproc-per-node 2` launch runs this file as a script (see the
 bottom); each rank writes what it computed, and the tests compare it with the same computation
-done here in a single process.
+done here in a single process. The same two processes then run `sceneparse train` for a few
+iterations, to check what the real command writes under torchrun.
 """
 from __future__ import annotations
 

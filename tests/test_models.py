@@ -27,7 +27,7 @@ SMALL_ENCODERS = ["resnet18", "resnet18dilated", "mobilenetv2dilated", "hrnetv2_
 @pytest.fixture(autouse=True)
 def _few_threads():
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead
     yield
     torch.set_num_threads(threads)
 
@@ -215,6 +215,23 @@ def test_csail_imagenet_mobilenet_tar_loads_and_matches_csail(tmp_path):
     with torch.no_grad():
         ours, theirs = encoder.eval()(images), reference(images, return_feature_maps=True)
     assert all((a - b).abs().max() < 1e-4 for a, b in zip(ours, theirs, strict=True))
+
+
+def test_torchvision_mobilenet_v2_loads(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v2().eval()
+    _randomise_bn(tv, seed=4)
+    encoder = build_encoder("mobilenetv2dilated").eval()
+    load_encoder_weights(encoder, _save(tmp_path, tv.state_dict()))
+    assert torch.equal(encoder.blocks[6][0].conv_pwl.weight, tv.features[17].conv[2].weight)
+    # the first two taps (features[2], features[4]) come before any dilation: same computation
+    images = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        ours = encoder(images)
+        assert (ours[0] - tv.features[:3](images)).abs().max() < 1e-4
+        assert (ours[1] - tv.features[:5](images)).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,6 @@
 """`sceneparse bench`: inference latency/throughput, training and evaluation speed of a model."""
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 
@@ -18,15 +17,15 @@ def register(subparsers) -> None:
             "given (--amp, --channels-last, --compile, --cuda-graphs) is measured alone and combined, "
             "next to fp32 eager in the same process."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = p.add_argument_group("model (either --model, or --encoder and --decoder)")
     model.add_argument("--model", help="checkpoint path or model-zoo name")
     model.add_argument("--encoder", help="encoder name, e.g. resnet50dilated")
     model.add_argument("--decoder", help="decoder name, e.g. ppm_deepsup")
-    model.add_argument("--num-classes", type=int, default=150)
-    p.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
-    p.add_argument("--batch", type=int, default=16, help="batch size for all but the latency task")
+    model.add_argument("--num-classes", type=int, default=150, help="with --encoder (default 150)")
+    p.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
+                   help="input size (default 512 512)")
+    p.add_argument("--batch", type=int, default=16, help="batch size of all but the latency task (default 16)")
     p.add_argument("--tasks", default=None,
                    help="comma-separated subset of latency,throughput,train,train-data,eval "
                         "(default: all but train-data, plus train-data with --data)")
@@ -37,11 +36,11 @@ def register(subparsers) -> None:
                    help="also measure CUDA graphs (inference; with --compile: mode reduce-overhead)")
     p.add_argument("--data", metavar="ROOT", help="dataset root for the train-data task")
     p.add_argument("--data-kind", help="dataset kind of --data: ade20k, camvid or folder (default: detected)")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes for train-data")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations per repeat")
-    p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes for train-data (default 4)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per repeat (default 10)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported (default 3)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     p.set_defaults(func=run)
 

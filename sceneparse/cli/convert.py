@@ -1,8 +1,6 @@
 """`sceneparse convert csail`: CSAIL's encoder/decoder files -> one sceneparse checkpoint."""
 from __future__ import annotations
 
-import argparse
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -16,7 +14,6 @@ def register(subparsers) -> None:
         help="CSAIL semantic-segmentation-pytorch ADE20K models",
         description="Convert CSAIL's encoder_epoch_N.pth and decoder_epoch_N.pth (ADE20K, 150 classes) "
         "into one checkpoint with ADE20K's class names and palette.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     csail.add_argument("--encoder", required=True, metavar="E.pth", help="CSAIL encoder_epoch_N.pth")
     csail.add_argument("--decoder", required=True, metavar="D.pth", help="CSAIL decoder_epoch_N.pth")

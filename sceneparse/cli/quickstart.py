@@ -44,6 +44,7 @@ def quickstart_config(output_dir: str | Path | None = None, overrides: list[str]
 def save_predictions(model, dataset, folder: Path, count: int = NUM_PREDICTIONS) -> list[Path]:
     """`count` side-by-side PNGs: the image, its ground truth and the model's prediction, coloured."""
     import numpy as np
+    import torch
     from PIL import Image
 
     from sceneparse.engine.infer import Predictor
@@ -54,7 +55,7 @@ def save_predictions(model, dataset, folder: Path, count: int = NUM_PREDICTIONS)
     written = []
     for i in range(min(count, len(dataset))):
         sample = dataset[i]
-        image = sample["image"].as_subclass(type(sample["image"]).__base__)
+        image = sample["image"].as_subclass(torch.Tensor)  # a plain uint8 tensor, not a tv_tensors.Image
         labels = predictor.predict(image).cpu()
         row = np.concatenate([image.permute(1, 2, 0).numpy(), colorize(sample["mask"], model.palette),
                               colorize(labels, model.palette)], axis=1)

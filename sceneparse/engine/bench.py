@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sceneparse.data import IGNORE_INDEX
+from sceneparse.engine.config import IMAGENET_MEAN, IMAGENET_STD
 from sceneparse.errors import SceneparseError
 
-IGNORE_INDEX = 255
 TASKS = ("latency", "throughput", "train", "train-data", "eval")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FORMAT = "sceneparse-bench/1"
@@ -340,7 +341,7 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
     if any(v.cuda_graphs for v in settings.variants) and device.type != "cuda":
         raise SceneparseError("--cuda-graphs needs a CUDA device", "drop --cuda-graphs on CPU")
     if normalization is None:
-        normalization = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        normalization = (IMAGENET_MEAN, IMAGENET_STD)
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune convolutions (in warm-up)

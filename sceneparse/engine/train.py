@@ -282,6 +282,48 @@ def _resume_command(output_dir: Path) -> str:
     return f"sceneparse train {output_dir / 'config.yaml'} --resume {output_dir / 'last.pt'}"
 
 
+def build_data(cfg: DictConfig, data_settings: dict, verbose: bool = True):
+    """Train and val datasets and the class count; a broken dataset is refused before any training."""
+    from sceneparse.data import build_dataset
+    from sceneparse.data.check import ERROR, quick_check
+    from sceneparse.data.transforms import build_train_transforms
+
+    dc = cfg.data
+    train_set = build_dataset(data_settings, dc.train_split, build_train_transforms(train_transform_options(dc)))
+    val_set = build_dataset(data_settings, dc.val_split, None)
+    for split_name, dataset in ((dc.train_split, train_set), (dc.val_split, val_set)):
+        problems = quick_check(dataset)
+        errors = [p for p in problems if p.severity == ERROR]
+        if errors:
+            raise SceneparseError(
+                f"the {split_name} data has problems:\n  - " + "\n  - ".join(map(str, errors[:20]))
+                + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""),
+                "fix the files, or run `sceneparse data check` for a full report",
+            )
+        if verbose and problems:
+            print("data warnings:\n  - " + "\n  - ".join(map(str, problems)), file=sys.stderr)
+    num_classes = cfg.model.num_classes or train_set.num_classes
+    if num_classes != train_set.num_classes:
+        raise SceneparseError(
+            f"model.num_classes={num_classes} but the {dc.kind} dataset has {train_set.num_classes} classes",
+            "remove model.num_classes (it is taken from the dataset) or fix the dataset's classes",
+        )
+    return train_set, val_set, num_classes
+
+
+def next_batch(batches, iteration: int, output_dir: Path) -> dict:
+    """The next batch; a dataset file that vanished or broke mid-run becomes a clear error."""
+    try:
+        return next(batches)
+    except (OSError, SceneparseError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "Original Traceback" not in str(err):
+            raise  # a bug, not a data problem (worker errors are re-raised with "Original Traceback")
+        raise SceneparseError(
+            f"reading training data failed at iteration {iteration}: {_data_error_message(err)}",
+            f"restore the dataset files, then resume: {_resume_command(output_dir)}",
+        ) from None
+
+
 # --------------------------------------------------------------------------- the loop
 def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     """Train as `cfg` says; `resume=True` continues from OUTPUT/last.pt, a path from that file.
@@ -290,8 +332,7 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     "best_miou", "skipped"}.
     """
     from sceneparse.data import build_dataset
-    from sceneparse.data.check import ERROR, quick_check
-    from sceneparse.data.transforms import build_train_transforms, collate_pad, normalize
+    from sceneparse.data.transforms import collate_pad, normalize
     from sceneparse.engine.evaluate import evaluate
     from sceneparse.engine.visualize import save_curves_png
     from sceneparse.models import build_model
@@ -304,29 +345,16 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     resume_path = (output_dir / "last.pt") if resume is True else (Path(resume) if resume else None)
     if is_main:
         prepare_output(output_dir, cfg.overwrite, resume_path is not None)
+    dist_utils.barrier()  # other ranks wait until rank 0 has checked/cleared the folder
     ckpt = load_checkpoint(resume_path) if resume_path is not None else None
-
-    # Data: refuse a broken dataset before spending any time on it.
-    data_settings = dataset_settings(dc)
-    train_set = build_dataset(data_settings, dc.train_split, build_train_transforms(train_transform_options(dc)))
-    val_set = build_dataset(data_settings, dc.val_split, None)
-    for split_name, dataset in ((dc.train_split, train_set), (dc.val_split, val_set)):
-        problems = quick_check(dataset)
-        errors = [p for p in problems if p.severity == ERROR]
-        if errors:
-            raise SceneparseError(
-                f"the {split_name} data has problems:\n  - " + "\n  - ".join(map(str, errors[:20]))
-                + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""),
-                "fix the files, or run `sceneparse data check` for a full report",
-            )
-        if is_main and problems:
-            print("data warnings:\n  - " + "\n  - ".join(map(str, problems)), file=sys.stderr)
-    num_classes = cfg.model.num_classes or train_set.num_classes
-    if num_classes != train_set.num_classes:
+    if ckpt is not None and "train_state" not in ckpt:
         raise SceneparseError(
-            f"model.num_classes={num_classes} but the {dc.kind} dataset has {train_set.num_classes} classes",
-            "remove model.num_classes (it is taken from the dataset) or fix the dataset's classes",
+            f"{resume_path} holds weights only (no training state) and cannot be resumed",
+            "resume from the run's last.pt, or start a new run from these weights",
         )
+
+    data_settings = dataset_settings(dc)
+    train_set, val_set, num_classes = build_data(cfg, data_settings, verbose=is_main)
     if ckpt is not None and len(ckpt["class_names"]) != num_classes:
         raise SceneparseError(
             f"{resume_path} was trained for {len(ckpt['class_names'])} classes, "
@@ -395,22 +423,23 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
         return save_model(output_dir / name, model, class_names, palette, normalization, state)
 
     window: list[torch.Tensor] = []  # this log window's per-step losses, on the device
-    window_paths: list[list[str]] = []
-    window_start, window_time = start_iter, time.perf_counter()
+    window_steps: list[tuple[int, list[str]]] = []  # (iteration, image paths) of each
+    window_time = time.perf_counter()
     step_lrs = scheduler.get_last_lr()  # the learning rates the latest step used
 
     def flush(iteration: int) -> None:
         """One host sync per log window: check the losses, log their mean."""
-        nonlocal window_start, window_time
+        nonlocal window_time
         if not window:
             return
         losses = torch.stack(window).float().cpu()
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             i = int(bad[0])
+            iteration_bad, paths = window_steps[i]
             raise NonFiniteLoss(
-                f"training loss became {losses[i].item()} at iteration {window_start + i + 1} "
-                f"on images: {', '.join(window_paths[i])}",
+                f"training loss became {losses[i].item()} at iteration {iteration_bad} "
+                f"on images: {', '.join(paths)}",
                 "lower the learning rate, check those files, or set train.on_nonfinite=skip; "
                 f"the last good checkpoint is {output_dir / 'last.pt'}",
             )
@@ -424,8 +453,8 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             img_s=f"{record['img_per_s']:.1f}")
         window.clear()
-        window_paths.clear()
-        window_start, window_time = iteration, time.perf_counter()
+        window_steps.clear()
+        window_time = time.perf_counter()
 
     last_metrics: dict = {}
 
@@ -459,15 +488,7 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     with _StopSignal() as stop:
         try:
             while it < tc.iterations:
-                try:
-                    batch = next(batches)
-                except (OSError, SceneparseError, RuntimeError) as err:
-                    if isinstance(err, RuntimeError) and "Original Traceback" not in str(err):
-                        raise
-                    raise SceneparseError(
-                        f"reading training data failed at iteration {it + 1}: {_data_error_message(err)}",
-                        f"restore the dataset files, then resume: {_resume_command(output_dir)}",
-                    ) from None
+                batch = next_batch(batches, it + 1, output_dir)
                 _, epoch, offset, _ = next(positions)
                 it, next_position = it + 1, (epoch, offset + 1)
                 images = batch["image"].to(device, non_blocking=True)
@@ -490,7 +511,7 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
                     scaler.update()
                     scheduler.step()
                     window.append(loss.detach())
-                    window_paths.append(list(batch["paths"]))
+                    window_steps.append((it, list(batch["paths"])))
                 bar.update(1)
 
                 done = it == tc.iterations

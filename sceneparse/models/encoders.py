@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from functools import partial
+from functools import cached_property, partial
 
 import timm
 import torch
@@ -100,9 +100,21 @@ class ResNetEncoder(Encoder):
 
 # --- MobileNetV2, dilated -----------------------------------------------------------------------
 
-# CSAIL's `features.N.conv.K` -> timm's block submodules, per block type.
-_CSAIL_MBV2_DS = {"0": "conv_dw", "1": "bn1", "3": "conv_pw", "4": "bn2"}
-_CSAIL_MBV2_IR = {"0": "conv_pw", "1": "bn1", "3": "conv_dw", "4": "bn2", "6": "conv_pwl", "7": "bn3"}
+# `features.N.conv.<path>` -> timm's block submodules, per layout and block type
+# (DS: the first, depthwise-separable block; IR: inverted residuals).
+_MBV2_BLOCK_NAMES = {
+    # CSAIL's (tonylins') flat Sequential
+    "csail": {
+        "DS": {"0": "conv_dw", "1": "bn1", "3": "conv_pw", "4": "bn2"},
+        "IR": {"0": "conv_pw", "1": "bn1", "3": "conv_dw", "4": "bn2", "6": "conv_pwl", "7": "bn3"},
+    },
+    # torchvision's, with nested Conv2dNormActivation
+    "torchvision": {
+        "DS": {"0.0": "conv_dw", "0.1": "bn1", "1": "conv_pw", "2": "bn2"},
+        "IR": {"0.0": "conv_pw", "0.1": "bn1", "1.0": "conv_dw", "1.1": "bn2", "2": "conv_pwl", "3": "bn3"},
+    },
+}
+_MBV2_KEY = re.compile(r"features\.(\d+)\.(?:conv\.)?((?:\d+\.)*\d+)\.([a-z_]+)")
 # timm stages whose FIRST block output CSAIL taps (its features[2], [4], [7], [14], [17]).
 _MBV2_TAP_STAGES = (1, 2, 3, 5, 6)
 
@@ -115,6 +127,7 @@ class MobileNetV2DilatedEncoder(Encoder):
     the first block of the 24-, 32-, 64-, 160- and 320-channel stages.
     """
 
+    # timm's final 1x1 conv + BN and classifier; CSAIL's/torchvision's features.18 is that same conv.
     head_prefixes = ("conv_head.", "bn2.", "classifier.", "features.18.")
 
     def __init__(self):
@@ -136,23 +149,25 @@ class MobileNetV2DilatedEncoder(Encoder):
         return features
 
     def adapt_state_dict(self, state):
-        # CSAIL (tonylins) layout: features.0 = stem conv/BN, features.1.. = the blocks in order.
+        # CSAIL's and torchvision's layouts: features.0 = stem conv/BN, features.1.. = the blocks.
+        nested = any(re.match(r"features\.\d+\.conv\.\d+\.\d+\.", k) for k in state)
+        names = _MBV2_BLOCK_NAMES["torchvision" if nested else "csail"]
         blocks = [(f"blocks.{s}.{b}", block) for s, stage in enumerate(self.blocks) for b, block in enumerate(stage)]
         renamed = {}
         for key, value in state.items():
-            m = re.fullmatch(r"features\.(\d+)\.(?:conv\.)?(\d+)\.(.+)", key)
+            m = _MBV2_KEY.fullmatch(key)
             if m is None:
-                renamed[key] = value
+                renamed[key] = value  # timm's layout, or reported as unexpected
                 continue
-            index, sub, leaf = int(m[1]), m[2], m[3]
+            index, path, leaf = int(m[1]), m[2], m[3]
             if index == 0:
-                renamed[f"{'conv_stem' if sub == '0' else 'bn1'}.{leaf}"] = value
+                renamed[f"{'conv_stem' if path == '0' else 'bn1'}.{leaf}"] = value
             elif index <= len(blocks):
                 name, block = blocks[index - 1]
-                table = _CSAIL_MBV2_DS if isinstance(block, DepthwiseSeparableConv) else _CSAIL_MBV2_IR
-                renamed[f"{name}.{table.get(sub, sub)}.{leaf}"] = value
+                table = names["DS" if isinstance(block, DepthwiseSeparableConv) else "IR"]
+                renamed[f"{name}.{table.get(path, path)}.{leaf}"] = value
             else:
-                renamed[key] = value  # not ours: reported as unexpected
+                renamed[key] = value
         return renamed
 
 
@@ -192,9 +207,10 @@ class HRNetV2Encoder(Encoder):
         )
         for module in self.body.modules():
             if isinstance(module, timm_hrnet.HighResolutionModule):
+                # Same submodules and state_dict, CSAIL's forward: timm's stages now call ours.
                 module.__class__ = _BilinearFuseModule
                 for fuse_outer in module.fuse_layers if module.num_branches > 1 else ():
-                    for j, fuse in enumerate(fuse_outer):
+                    for fuse in fuse_outer:
                         if isinstance(fuse, nn.Sequential) and isinstance(fuse[-1], nn.Upsample):
                             fuse[-1] = nn.Identity()  # the resize happens in _BilinearFuseModule
         branch_channels = self.body.feature_info.channels()
@@ -235,7 +251,7 @@ class TimmEncoder(Encoder):
     def forward(self, x: Tensor) -> list[Tensor]:
         return list(self.body(x))
 
-    @property
+    @cached_property
     def head_prefixes(self) -> tuple[str, ...]:
         # The classifier named by timm, plus top-level modules of the full model that the feature
         # extractor dropped (layers after the last tap, e.g. a final 1x1 conv or head norm).

@@ -95,8 +95,6 @@ def load_encoder_weights(encoder: nn.Module, source: str | os.PathLike) -> None:
     else:
         path = Path(text)
     state = read_state_dict(path, "encoder weights file")
-    body = {
-        k: v for k, v in state.items()
-        if not k.startswith(encoder.head_prefixes) and not k.endswith(SYNCBN_EXTRA_SUFFIXES)
-    }
+    head = encoder.head_prefixes
+    body = {k: v for k, v in state.items() if not k.startswith(head) and not k.endswith(SYNCBN_EXTRA_SUFFIXES)}
     load_state_dict_strict(encoder, encoder.adapt_state_dict(body), f"encoder weights file {path}")
