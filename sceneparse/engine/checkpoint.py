@@ -23,21 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from sceneparse.engine.distributed import unwrap as _unwrap  # the Segmenter inside DDP/compile
 from sceneparse.errors import SceneparseError
 
 FORMAT = "sceneparse-checkpoint/1"
 DEFAULT_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The Segmenter behind DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -102,6 +102,9 @@ CHOICES = {
 }
 
 
+POSITIVE = ("train.iterations", "train.checkpoint_every", "train.log_every", "data.batch_size")
+
+
 def default_config() -> DictConfig:
     return OmegaConf.structured(Config)
 
@@ -141,6 +144,12 @@ def _check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise SceneparseError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is None or value < 1:
+            raise SceneparseError(f"{key}={value!r} must be a positive number")
+    if cfg.train.val_every < 0 or cfg.data.num_workers < 0:
+        raise SceneparseError("train.val_every (0: never) and data.num_workers must not be negative")
     weights = cfg.train.class_weights
     if weights is not None and weights != "auto" and not OmegaConf.is_list(weights):
         raise SceneparseError(

@@ -405,7 +405,8 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
         persistent_workers=dc.num_workers > 0 and len(sampler) > 0,
         generator=torch.Generator(),  # keeps the DataLoader from drawing on the global RNG
     )
-    mean, std = list(dc.mean), list(dc.std)
+    # On the device once: a list would be copied from pageable memory every step (a host sync).
+    mean, std = (torch.tensor(list(v), dtype=torch.float32, device=device) for v in (dc.mean, dc.std))
     class_names, palette = list(train_set.class_names), [list(c) for c in train_set.palette]
     normalization = {"mean": list(dc.mean), "std": list(dc.std)}
     logger = RunLogger(output_dir, resume_from=start_iter if ckpt is not None else None) if is_main else None
@@ -463,7 +464,8 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
         core = dist_utils.unwrap(model)
         core.eval()
         metrics = evaluate(core, val_set, device=device, scales=list(cfg.eval.scales), flip=cfg.eval.flip,
-                           max_size=cfg.eval.max_size, mean=mean, std=std, num_workers=dc.num_workers)
+                           max_size=cfg.eval.max_size, mean=list(dc.mean), std=list(dc.std),
+                           num_workers=dc.num_workers)
         core.train()
         last_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         improved = metrics["mean_iou"] > best_miou
