@@ -17,13 +17,6 @@ TINY = ["--encoder", "timm:test_resnet", "--decoder", "c1", "--size", "32", "32"
         "--warmup", "1", "--iters", "1", "--repeats", "2", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny kernels on a shared 2-core machine: avoid OpenMP contention
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_measure_counts_warmup_and_takes_the_median():
     calls = []

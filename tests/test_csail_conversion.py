@@ -24,13 +24,6 @@ def _mit_semseg():
     return pytest.importorskip("mit_semseg.models.models", reason="mit_semseg (CSAIL's code, test-only) not importable")
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # threads spin and slow down on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_arch_table_matches_encoders():
     from sceneparse.models import build_encoder

@@ -24,14 +24,6 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 PALETTE = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small convolutions on a shared 2-core machine run faster without OpenMP contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class RedChannelOracle(nn.Module):
     """Predicts class round(R / 100) from the red value of each pixel (undoing the normalisation)."""

@@ -25,14 +25,6 @@ ADE_SAMPLES = SHARED / "data" / "ade20k_samples"
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small convolutions on a shared 2-core machine run faster without OpenMP contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _need_shared(path: Path) -> Path:
     if not path.exists():

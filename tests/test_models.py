@@ -24,13 +24,6 @@ from sceneparse.models.pretrained import SYNCBN_EXTRA_SUFFIXES
 SMALL_ENCODERS = ["resnet18", "resnet18dilated", "mobilenetv2dilated", "hrnetv2_w18", "timm:resnet18"]
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_registries_hold_the_csail_names():
     assert set(DECODERS) == {"c1", "c1_deepsup", "ppm", "ppm_deepsup", "upernet"}

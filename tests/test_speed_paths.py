@@ -22,14 +22,6 @@ CELL = 8  # label blocks of CELL x CELL pixels, one class colour each
 COLOURS = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=torch.float32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions on a shared 2-core machine run far faster without OpenMP contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def colour_blocks(n: int, gen: torch.Generator):
     """uint8 images N x 3 x SIZE x SIZE of noisy class-coloured blocks, and their labels."""
