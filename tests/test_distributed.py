@@ -28,7 +28,8 @@ PER_RANK = 2  # images per process in the training test; the single-process run 
 STEPS = 3
 EVAL_ITEMS = 5  # odd on purpose: rank 0 evaluates 3 images, rank 1 two
 TRAIN_OVERRIDES = [  # `sceneparse train` on tiny synthetic scenes, 4 iterations, 2 x 2 images each
-    "model.encoder=timm:test_resnet", "data.synthetic={num_images: {train: 8, val: 5}, seed: 0, image_size: 64}",
+    "model.encoder=timm:test_resnet", "model.decoder=ppm_deepsup",  # ppm: dropout, per-rank RNG
+    "data.synthetic={num_images: {train: 8, val: 5}, seed: 0, image_size: 64}",
     "data.scales=[64]", "data.max_size=64", "data.batch_size=2", "train.iterations=4", "train.val_every=4",
     "train.checkpoint_every=4", "train.log_every=2", "train.device=cpu",
 ]
@@ -120,14 +121,61 @@ def worker(out_dir: Path) -> None:
     total = D.all_reduce_(torch.tensor([info.rank + 1.0]))
     result["all_reduce"] = total.item()
     D.barrier()
+    result.update(train_runs(info, out_dir))
     torch.save(result, out_dir / f"rank{info.rank}.pt")
 
-    # The real command, in the same processes (the process group is already up: reused).
-    from sceneparse.cli.main import main
 
+def train_runs(info: D.DistInfo, out_dir: Path) -> dict:
+    """`sceneparse train` in the same processes, with the process group already up (reused), then
+    runs where one rank alone sees a NaN or a stop signal, then a resume that starts its own group."""
+    import signal
+
+    from sceneparse.cli.main import main
+    from sceneparse.engine import train as train_mod
+    from sceneparse.engine.config import load_config
+
+    real_loss = train_mod.segmentation_loss
+    seen: list[float] = []
+    on_call = {}  # call number -> what this rank does to the loss of that step
+
+    def loss_hook(*args):
+        value = real_loss(*args)
+        seen.append(value.item())
+        action = on_call.get(len(seen))
+        if action == "nan":
+            value = value * float("nan")
+        elif action == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return value
+
+    train_mod.segmentation_loss = loss_hook
+
+    def run(name, *overrides, hooks=None):
+        seen.clear()
+        on_call.clear()
+        on_call.update(hooks if hooks and info.rank == 1 else {})  # rank 1 alone
+        cfg = load_config(ROOT / "configs" / "quickstart.yaml",
+                          [*TRAIN_OVERRIDES, f"output_dir={out_dir / name}", *overrides])
+        try:
+            return train_mod.train(cfg)
+        except BaseException as err:  # noqa: BLE001 - what each rank raised is the result
+            return f"{type(err).__name__}: {err}"
+
+    out = {}
     assert main(["train", str(ROOT / "configs" / "quickstart.yaml"), *TRAIN_OVERRIDES,
                  f"output_dir={out_dir / 'run'}"]) == 0
+    out["run_losses"] = list(seen)
+    out["group_kept"] = D.is_initialized()  # train() leaves a group it did not start
+    out["skip"] = run("skip", "train.on_nonfinite=skip", "train.log_every=1", hooks={2: "nan"})
+    out["nan"] = run("nan", "train.val_every=0", "train.checkpoint_every=2", hooks={3: "nan"})
+    # SIGTERM on rank 1 during step 1: both ranks stop together at the next log step (2).
+    out["stop"] = run("stop", hooks={1: "sigterm"})
+    train_mod.segmentation_loss = real_loss
     D.cleanup()
+    # --resume under torchrun, from a clean start: train() starts the group and destroys it.
+    out["resume_exit"] = main(["train", str(out_dir / "stop" / "config.yaml"), "--resume"])
+    out["group_left_up"] = D.is_initialized()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -194,10 +242,95 @@ def test_train_command_under_torchrun_writes_once_from_rank_0(ranks):
     assert [r["iter"] for r in records if "loss" in r] == [2, 4]  # rank 0 logs, rank 1 does not
     (val,) = [r for r in records if "val_miou" in r]
     assert 0 <= val["val_miou"] <= 1
-    assert ranks[0]["log"].count("training done: 4 iterations") == 1
     assert load_checkpoint(run / "last.pt")["train_state"]["iteration"] == 4
     model = load_model(run / "last.pt")  # unwrapped weights: loads without DDP's "module." prefix
     assert model.config["encoder"] == "timm:test_resnet"
+
+
+def test_train_command_prints_its_summary_once_and_keeps_a_callers_group(ranks):
+    log, out = ranks[0]["log"], ranks[0]["out_dir"]
+    # `sceneparse train` ran twice (run, then the resume of stop): rank 0 alone printed each summary
+    assert log.count("validation: mIoU") == 2
+    assert log.count(f"outputs in {out / 'run'}: last.pt") == 1
+    assert log.count(f"training done: 4 iterations; outputs in {out / 'run'} ") == 1
+    assert [r["group_kept"] for r in ranks] == [True, True]
+
+
+def test_logged_loss_is_the_mean_over_ranks_and_steps(ranks):
+    import json
+
+    records = [json.loads(line) for line in (ranks[0]["out_dir"] / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["loss"] for r in records if "loss" in r]
+    per_rank = [r["run_losses"] for r in ranks]  # 4 steps each; logged every 2
+    assert per_rank[0] != per_rank[1]  # the ranks saw different images
+    expected = [np.mean([losses[i] for losses in per_rank for i in steps]) for steps in ((0, 1), (2, 3))]
+    np.testing.assert_allclose(logged, expected, rtol=1e-6)
+
+
+def test_validation_during_training_equals_single_process_evaluation(ranks):
+    import json
+
+    from sceneparse.data import build_dataset
+    from sceneparse.engine.checkpoint import load_model
+    from sceneparse.engine.config import dataset_settings, load_config
+    from sceneparse.engine.evaluate import evaluate
+
+    run = ranks[0]["out_dir"] / "run"
+    cfg = load_config(run / "config.yaml")
+    val_set = build_dataset(dataset_settings(cfg.data), "val", None)
+    metrics = evaluate(load_model(run / "last.pt"), val_set, device="cpu", scales=[None], num_workers=0,
+                       mean=list(cfg.data.mean), std=list(cfg.data.std), distributed=False)
+    (val,) = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_miou" in r]
+    assert val["val_miou"] == pytest.approx(metrics["mean_iou"], abs=1e-12)
+    assert val["val_pixel_accuracy"] == pytest.approx(metrics["pixel_accuracy"], abs=1e-12)
+    assert metrics["num_images"] == 5
+
+
+def test_a_nan_on_one_rank_is_skipped_by_both(ranks):
+    import json
+
+    for r in ranks:
+        assert isinstance(r["skip"], dict), r["skip"]
+        assert r["skip"]["skipped"] == 1 and r["skip"]["iterations"] == 4
+    records = [json.loads(line) for line in (ranks[0]["out_dir"] / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "loss" in r] == [1, 3, 4]
+    assert "iteration 2: non-finite loss, batch skipped (rank 1): synthetic/train/" in ranks[0]["log"]
+
+
+def test_a_nan_on_one_rank_stops_both_naming_that_ranks_images(ranks):
+    from sceneparse.engine.checkpoint import load_checkpoint
+
+    messages = [r["nan"] for r in ranks]
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("NonFiniteLoss: training loss became nan at iteration 3 on images: synthetic/train/")
+    assert "(rank 1)" in messages[0]
+    assert load_checkpoint(ranks[0]["out_dir"] / "nan" / "last.pt")["train_state"]["iteration"] == 2
+
+
+def test_a_signal_on_one_rank_stops_both_at_the_same_step_and_resume_continues(ranks):
+    import json
+
+    from sceneparse.engine.checkpoint import load_checkpoint
+
+    assert ranks[1]["stop"].startswith("TrainingInterrupted: SIGTERM received: stopped after iteration 2")
+    assert ranks[0]["stop"].startswith("TrainingInterrupted: stop signal on another process received: "
+                                       "stopped after iteration 2")
+    out = ranks[0]["out_dir"]
+    state = load_checkpoint(out / "stop" / "last.pt")["train_state"]
+    assert state["iteration"] == 4  # after the resume
+    assert [r["resume_exit"] for r in ranks] == [0, 0]
+    assert [r["group_left_up"] for r in ranks] == [False, False]  # the resume's own group is gone
+    # stopped at 2 + resumed to 4 == the uninterrupted run: same logs and weights (dropout included:
+    # each rank's RNG state is saved and restored)
+    def rows(name):
+        lines = (out / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
+
+    assert rows("stop") == rows("run")
+    ours, theirs = (load_checkpoint(out / name / "last.pt")["model"]["state_dict"] for name in ("stop", "run"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert len(state["rng_per_rank"]) == 2
+    assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])
 
 
 # ------------------------------------------------------------------------- single-process behaviour

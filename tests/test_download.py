@@ -30,16 +30,17 @@ class FileServer:
             def do_GET(self):
                 body = server.files.get(self.path)
                 if body is None:
-                    self.send_error(404)
+                    # log before answering: the client may check the log as soon as it has the answer
                     server.log.append((self.path, self.headers.get("Range"), 0))
+                    self.send_error(404)
                     return
                 start, status = 0, 200
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 if match and server.honour_range:
                     start = int(match.group(1))
                     if start >= len(body):
-                        self.send_error(416)
                         server.log.append((self.path, self.headers.get("Range"), 0))
+                        self.send_error(416)
                         return
                     status = 206
                 self.send_response(status)
@@ -51,8 +52,8 @@ class FileServer:
                 if server.cut_after is not None:
                     sent, server.cut_after = sent[: server.cut_after], None
                     self.close_connection = True
-                self.wfile.write(sent)
                 server.log.append((self.path, self.headers.get("Range"), len(sent)))
+                self.wfile.write(sent)
 
             def log_message(self, *args):  # keep test output quiet
                 pass

@@ -48,15 +48,6 @@ def test_published_overall_is_mean_of_miou_and_pixel_accuracy():
     assert inconsistent == [("mobilenetv2dilated-c1_deepsup", "ss")]
 
 
-def test_registry_agrees_with_the_converter_table():
-    from sceneparse.zoo.csail import ARCHS
-
-    assert list(ARCHS) == list(ZOO)
-    for name, entry in ZOO.items():
-        assert (ARCHS[name].encoder, ARCHS[name].decoder, ARCHS[name].epoch) == (
-            entry.encoder, entry.decoder, entry.epoch)
-
-
 def test_get_entry_accepts_csail_folder_name_and_rejects_unknown():
     assert get_entry("ade20k-resnet50-upernet") is ZOO["resnet50-upernet"]
     with pytest.raises(SceneparseError) as info:

@@ -33,6 +33,8 @@ def run(args) -> int:
         resume = True
     cfg = load_config(args.config, overrides)
     result = train(cfg, resume=resume)
+    if result["rank"] != 0:  # under torchrun, rank 0 reports for all
+        return 0
     if result.get("metrics"):
         m = result["metrics"]
         print(f"validation: mIoU {m['mean_iou']:.4f}  pixel accuracy {m['pixel_accuracy']:.4f}")

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sceneparse.data.datasets import ADE20K, CamVid, Folder, LabelMapper, SegmentationDataset
+from sceneparse.data.datasets import ADE20K, CamVid, Folder, LabelMapper, SegmentationDataset, join_splits
 from sceneparse.data.meta import IGNORE_INDEX, builtin_meta, make_palette
 from sceneparse.data.synthetic import Synthetic
 from sceneparse.errors import SceneparseError
 
 __all__ = [
     "ADE20K", "CamVid", "DATASETS", "Folder", "IGNORE_INDEX", "LabelMapper", "SegmentationDataset",
-    "Synthetic", "build_dataset", "builtin_meta", "make_palette",
+    "Synthetic", "build_dataset", "builtin_meta", "join_splits", "make_palette",
 ]
 
 
@@ -49,7 +49,10 @@ DATASETS = {"ade20k": _ade20k, "camvid": _camvid, "folder": _folder, "synthetic"
 def build_dataset(data_cfg, split: str, transforms=None) -> SegmentationDataset:
     """The dataset of `split` described by a config's `data:` section (a mapping or OmegaConf node)
     with keys `kind` (ade20k|camvid|folder|synthetic), `root`, `odgt` (ade20k; a path or
-    {train: path, val: path}), `classes_file` (folder), `seed`, `num_images`, `image_size` (synthetic)."""
+    {train: path, val: path}), `classes_file` (folder), `seed`, `num_images`, `image_size` (synthetic),
+    `cache_in_memory` (decode everything once, keep it in RAM).
+
+    `split` may join several splits with '+' ("train+val"): one dataset with all their samples."""
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(data_cfg, DictConfig):
@@ -59,4 +62,9 @@ def build_dataset(data_cfg, split: str, transforms=None) -> SegmentationDataset:
     kind = data_cfg.get("kind")
     if kind not in DATASETS:
         raise SceneparseError(f"unknown dataset kind {kind!r} (`data.kind`)", f"use one of: {', '.join(DATASETS)}")
-    return DATASETS[kind](dict(data_cfg), split, transforms)
+    splits = split.split("+") if isinstance(split, str) else [split]
+    parts = [DATASETS[kind](dict(data_cfg), name.strip(), transforms) for name in splits]
+    dataset = parts[0] if len(parts) == 1 else join_splits(parts)
+    if data_cfg.get("cache_in_memory"):
+        dataset.cache_in_memory()
+    return dataset

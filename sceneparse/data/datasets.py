@@ -11,8 +11,11 @@ them in `listing` instead, which is what `sceneparse data check` reports from.
 """
 from __future__ import annotations
 
+import copy
 import json
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +118,7 @@ class SegmentationDataset(Dataset):
     kind = "base"
     layout = ""
     on_disk = True
+    _cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see cache_in_memory()
 
     def __init__(
         self,
@@ -187,11 +191,23 @@ class SegmentationDataset(Dataset):
             )
         return image, torch.from_numpy(self.mapper(raw, label_path))
 
+    def cache_in_memory(self, threads: int | None = None) -> "SegmentationDataset":
+        """Decode every sample once (in threads) and serve them from RAM from now on; masks are kept
+        as uint8 (ids < 255 and IGNORE_INDEX fit). Returns self."""
+        if self._cache is None:
+            with ThreadPoolExecutor(max_workers=threads or min(16, os.cpu_count() or 1)) as pool:
+                samples = list(pool.map(self.load, range(len(self))))
+            self._cache = [(image, mask.to(torch.uint8)) for image, mask in samples]
+        return self
+
     def __getitem__(self, key):
         """`dataset[i]`, or `dataset[(i, short_side)]` from a batch sampler that picks one scale per
         batch (see `samplers.AspectRatioBatchSampler`): the transforms then resize to it."""
         index, short_side = key if isinstance(key, tuple) else (key, None)
-        image, mask = self.load(index)
+        if self._cache is not None:
+            image, mask = self._cache[index][0], self._cache[index][1].long()
+        else:
+            image, mask = self.load(index)
         image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
         if short_side is not None:
             if not getattr(self.transforms, "accepts_short_side", False):
@@ -212,6 +228,29 @@ class SegmentationDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} samples, {self.num_classes} classes)"
+
+
+def join_splits(parts: list[SegmentationDataset]) -> SegmentationDataset:
+    """One dataset holding the samples of several splits of the same dataset (e.g. train + val),
+    in order: a copy of the first with the listings concatenated."""
+    first = parts[0]
+    if not all(p.on_disk for p in parts):  # generated samples depend on their split: no joining
+        raise SceneparseError(f"the {first.kind} dataset cannot join splits", "use a single split")
+    listings = [p.listing for p in parts]
+    sizes = [p._sizes for p in parts]
+    joined = copy.copy(first)
+    joined.listing = Listing(
+        pairs=[pair for listing in listings for pair in listing.pairs],
+        images_without_labels=[x for listing in listings for x in listing.images_without_labels],
+        labels_without_images=[x for listing in listings for x in listing.labels_without_images],
+        missing=[x for listing in listings for x in listing.missing],
+        sizes=None if any(s is None for s in sizes) else [hw for s in sizes for hw in s],
+        where=" + ".join(listing.where for listing in listings),
+    )
+    joined.files = [f for p in parts for f in p.files]
+    joined._sizes = joined.listing.sizes
+    joined._cache = None
+    return joined
 
 
 # --------------------------------------------------------------------------- helpers

@@ -36,13 +36,14 @@ class DataConfig:
     root: Optional[str] = None
     odgt: Optional[Any] = None  # a list file, or {train: file, val: file}
     classes_file: Optional[str] = None
-    train_split: str = "train"
+    train_split: str = "train"  # several splits joined with '+', e.g. "train+val" (file-backed kinds)
     val_split: str = "val"
     # Training resize (CSAIL): the short side is drawn from `scales`, the long side capped at max_size.
     scales: List[int] = field(default_factory=lambda: [300, 375, 450, 525, 600])
     max_size: int = 1000
-    # crop_size set: instead of the above, rescale by a factor from scale_range, then square crops.
-    crop_size: Optional[int] = None
+    # crop_size set: instead of the above, rescale by a factor from scale_range, then crops:
+    # an int (square) or [height, width].
+    crop_size: Optional[Any] = None
     scale_range: List[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
     color_jitter: float = 0.0  # strength of brightness/contrast/saturation jitter, 0: off
@@ -51,6 +52,9 @@ class DataConfig:
     batch_size: int = 2
     num_workers: int = 4
     batching: str = "aspect"  # aspect: CSAIL's aspect-ratio grouping | crop: fixed-size crops
+    # Decode every image and label once at start-up and keep them in RAM (uint8): DataLoader workers
+    # then only augment. For small datasets (CamVid: ~250 MB); forked workers share the memory.
+    cache_in_memory: bool = False
     # kind=synthetic: {num_images: int or {train: N, val: M}, seed: int, image_size: int}
     synthetic: Dict[str, Any] = field(default_factory=dict)
 
@@ -150,6 +154,12 @@ def _check_choices(cfg: DictConfig) -> None:
             raise SceneparseError(f"{key}={value!r} must be a positive number")
     if cfg.train.val_every < 0 or cfg.data.num_workers < 0:
         raise SceneparseError("train.val_every (0: never) and data.num_workers must not be negative")
+    crop = cfg.data.crop_size
+    if crop is not None:
+        values = list(crop) if OmegaConf.is_list(crop) else [crop]
+        if not 1 <= len(values) <= 2 or not all(type(v) is int and v > 0 for v in values):
+            shown = OmegaConf.to_container(crop) if OmegaConf.is_list(crop) else crop
+            raise SceneparseError(f"data.crop_size={shown!r}: expected null, a positive int or [height, width]")
     weights = cfg.train.class_weights
     if weights is not None and weights != "auto" and not OmegaConf.is_list(weights):
         raise SceneparseError(

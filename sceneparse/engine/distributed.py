@@ -31,7 +31,9 @@ __all__ = [
     "reduce_mean",
     "barrier",
     "broadcast_object",
+    "all_gather_object",
     "cleanup",
+    "is_initialized",
     "is_main",
     "shard",
     "rank_seed",
@@ -167,6 +169,11 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def is_initialized() -> bool:
+    """Whether a process group is up (a caller that starts one owns its `cleanup()`)."""
+    return _active()
+
+
 def is_main() -> bool:
     """True on rank 0 and in single-process runs: the process that logs and saves."""
     return not _active() or dist.get_rank() == 0
@@ -204,6 +211,15 @@ def broadcast_object(obj, src: int = 0):
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on every process (`[obj]` in a single process)."""
+    if not _active():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def cleanup() -> None:

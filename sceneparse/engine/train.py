@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import random
 import shutil
 import signal
@@ -324,13 +325,24 @@ def next_batch(batches, iteration: int, output_dir: Path) -> dict:
         ) from None
 
 
-# --------------------------------------------------------------------------- the loop
 def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     """Train as `cfg` says; `resume=True` continues from OUTPUT/last.pt, a path from that file.
 
+    Under torchrun every rank calls this; a process group this call starts is destroyed when it
+    returns or fails (one set up by the caller is left to the caller).
     Returns {"output_dir", "last", "best", "curves", "iterations", "metrics" (last validation),
-    "best_miou", "skipped"}.
+    "best_miou", "skipped", "rank"}.
     """
+    owns_group = not dist_utils.is_initialized()
+    info = dist_utils.init_from_env(cfg.train.device)
+    try:
+        return _train(cfg, resume, info)
+    finally:
+        if owns_group:
+            dist_utils.cleanup()
+
+
+def _train(cfg: DictConfig, resume, info) -> dict:
     from sceneparse.data import build_dataset
     from sceneparse.data.transforms import collate_pad, normalize
     from sceneparse.engine.evaluate import evaluate
@@ -339,13 +351,19 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     from sceneparse.models.pretrained import load_encoder_weights
 
     tc, dc = cfg.train, cfg.data
-    info = dist_utils.init_from_env(tc.device)
     device, is_main = info.device, info.is_main
     output_dir = Path(cfg.output_dir)
     resume_path = (output_dir / "last.pt") if resume is True else (Path(resume) if resume else None)
+    problem = None
     if is_main:
-        prepare_output(output_dir, cfg.overwrite, resume_path is not None)
-    dist_utils.barrier()  # other ranks wait until rank 0 has checked/cleared the folder
+        try:
+            prepare_output(output_dir, cfg.overwrite, resume_path is not None)
+        except SceneparseError as err:
+            problem = (err.message, err.hint)
+    # Rank 0 checks/clears the folder while the others wait; then all of them fail alike or go on.
+    problem = dist_utils.broadcast_object(problem)
+    if problem is not None:
+        raise SceneparseError(*problem)
     ckpt = load_checkpoint(resume_path) if resume_path is not None else None
     if ckpt is not None and "train_state" not in ckpt:
         raise SceneparseError(
@@ -386,6 +404,13 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
             )
         model.load_state_dict(ckpt["model"]["state_dict"])
     model = wrap_model(model, cfg, info)
+    if info.distributed:
+        # DDP has copied rank 0's initial weights everywhere; from here on each rank draws its
+        # own random numbers (dropout), else every rank would drop the same units.
+        rank_seed = dist_utils.rank_seed(tc.seed, info.rank)
+        torch.manual_seed(rank_seed)
+        random.seed(rank_seed)
+        np.random.seed(rank_seed)
     if ckpt is not None:
         state = ckpt["train_state"]
         optimizer.load_state_dict(state["optimizer"])
@@ -393,7 +418,10 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
         scaler.load_state_dict(state["scaler"])
         start_iter, position = state["iteration"], tuple(state["data_position"])
         best_miou, skipped = state["best_miou"], state["skipped"]
-        set_rng_state(state["rng"])
+        # Each rank's own RNG streams (dropout draws differ per rank); rank 0's when the process
+        # count changed or the checkpoint predates per-rank states.
+        per_rank = state.get("rng_per_rank") or []
+        set_rng_state(per_rank[info.rank] if len(per_rank) == info.world_size else state["rng"])
     if is_main:
         save_config(cfg, output_dir / "config.yaml")
 
@@ -411,55 +439,75 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     normalization = {"mean": list(dc.mean), "std": list(dc.std)}
     logger = RunLogger(output_dir, resume_from=start_iter if ckpt is not None else None) if is_main else None
 
-    def train_state(iteration: int, next_position: tuple[int, int]) -> dict:
-        return {
+    def save_last(iteration: int, next_position) -> None:
+        """`last.pt` with the training state; every rank calls this (its RNG state is gathered)."""
+        rng_states = dist_utils.all_gather_object(rng_state())
+        if not is_main:
+            return
+        state = {
             "iteration": iteration, "data_position": list(next_position),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "best_miou": best_miou, "skipped": skipped,
-            "rng": rng_state(), "config": OmegaConf.to_container(cfg),
+            "rng": rng_states[0], "rng_per_rank": rng_states, "config": OmegaConf.to_container(cfg),
         }
-
-    def save(name: str, iteration: int, next_position, with_state: bool = True) -> Path:
-        state = train_state(iteration, next_position) if with_state else None
-        return save_model(output_dir / name, model, class_names, palette, normalization, state)
+        save_model(output_dir / "last.pt", model, class_names, palette, normalization, state)
 
     window: list[torch.Tensor] = []  # this log window's per-step losses, on the device
     window_steps: list[tuple[int, list[str]]] = []  # (iteration, image paths) of each
     window_time = time.perf_counter()
     step_lrs = scheduler.get_last_lr()  # the learning rates the latest step used
 
-    def flush(iteration: int) -> None:
-        """One host sync per log window: check the losses, log their mean."""
+    def sync(iteration: int, stop_requested: bool) -> bool:
+        """Where the ranks agree, once per log window: one all-reduce and one host sync.
+
+        Sums every rank's losses, counts the ranks whose loss was not finite at each step, and
+        the ranks asked to stop. A non-finite loss anywhere raises on every rank; the logged
+        loss is the mean over steps and ranks. Returns whether all ranks now stop.
+        """
         nonlocal window_time
-        if not window:
-            return
-        losses = torch.stack(window).float().cpu()
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            i = int(bad[0])
-            iteration_bad, paths = window_steps[i]
-            raise NonFiniteLoss(
-                f"training loss became {losses[i].item()} at iteration {iteration_bad} "
-                f"on images: {', '.join(paths)}",
-                "lower the learning rate, check those files, or set train.on_nonfinite=skip; "
-                f"the last good checkpoint is {output_dir / 'last.pt'}",
-            )
-        elapsed = time.perf_counter() - window_time
-        lrs = step_lrs
-        record = {"iter": iteration, "loss": losses.mean().item(), "lr": lrs[-1], "lr_encoder": lrs[0],
-                  "img_per_s": len(window) * dc.batch_size * info.world_size / max(elapsed, 1e-9),
-                  "skipped": skipped}
-        if logger is not None:
-            logger.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                            img_s=f"{record['img_per_s']:.1f}")
+        losses = torch.stack(window).float() if window else torch.zeros(0, device=device)
+        finite = torch.isfinite(losses)
+        packed = torch.cat([torch.where(finite, losses, torch.zeros_like(losses)), (~finite).float(),
+                            torch.tensor([float(stop_requested)], device=device)])
+        packed = dist_utils.all_reduce_(packed).cpu()
+        k = len(window)
+        loss_sums, bad_ranks, stop_votes = packed[:k], packed[k : 2 * k], packed[2 * k]
+        if bad_ranks.any():
+            raise _nonfinite_error(int(bad_ranks.nonzero()[0]), losses.cpu())
+        if k:
+            elapsed = time.perf_counter() - window_time
+            lrs = step_lrs
+            record = {"iter": iteration, "loss": loss_sums.sum().item() / (k * info.world_size),
+                      "lr": lrs[-1], "lr_encoder": lrs[0],
+                      "img_per_s": k * dc.batch_size * info.world_size / max(elapsed, 1e-9), "skipped": skipped}
+            if logger is not None:
+                logger.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                img_s=f"{record['img_per_s']:.1f}")
         window.clear()
         window_steps.clear()
         window_time = time.perf_counter()
+        return bool(stop_votes > 0)
+
+    def _nonfinite_error(i: int, local_losses: torch.Tensor) -> NonFiniteLoss:
+        """Step i of the window went bad on some rank: name that rank's value and images everywhere."""
+        iteration_bad, paths = window_steps[i]
+        value = local_losses[i].item()
+        reports = dist_utils.all_gather_object(None if math.isfinite(value) else (value, paths))
+        rank = next(r for r, report in enumerate(reports) if report is not None)
+        value, paths = reports[rank]
+        where = f" (rank {rank})" if info.distributed else ""
+        return NonFiniteLoss(
+            f"training loss became {value} at iteration {iteration_bad} on images: {', '.join(paths)}{where}",
+            "lower the learning rate, check those files, or set train.on_nonfinite=skip; "
+            f"the last good checkpoint is {output_dir / 'last.pt'}",
+        )
 
     last_metrics: dict = {}
 
-    def validate(iteration: int, next_position) -> None:
+    def validate(iteration: int) -> None:
+        """Distributed evaluation (each rank a share of the images, confusion matrices summed):
+        every rank gets the same metrics, so `best_miou` agrees everywhere."""
         nonlocal best_miou, last_metrics
         core = dist_utils.unwrap(model)
         core.eval()
@@ -476,7 +524,7 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
             bar.write(f"iteration {iteration}: val mIoU {metrics['mean_iou']:.4f}, "
                       f"pixel accuracy {metrics['pixel_accuracy']:.4f}")
             if improved:
-                save("best.pt", iteration, next_position, with_state=False)
+                save_model(output_dir / "best.pt", model, class_names, palette, normalization)
 
     from tqdm import tqdm
 
@@ -501,11 +549,14 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
                 with autocast:
                     loss = segmentation_loss(model(images), masks, criterion, tc.deepsup_weight)
                 step_lrs = scheduler.get_last_lr()
-                if tc.on_nonfinite == "skip" and not bool(torch.isfinite(loss)):  # a sync, by request
+                if tc.on_nonfinite == "skip" and _skip_step(loss):  # a sync per step, by request
                     skipped += 1
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
-                    bar.write(f"iteration {it}: non-finite loss, batch skipped ({', '.join(batch['paths'])})")
+                    if not torch.isfinite(loss):  # the rank(s) that read the bad batch name it
+                        bar.write(f"iteration {it}: non-finite loss, batch skipped"
+                                  + (f" (rank {info.rank})" if info.distributed else "")
+                                  + f": {', '.join(batch['paths'])}", file=sys.stderr)
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
@@ -518,18 +569,24 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
 
                 done = it == tc.iterations
                 validate_now = tc.val_every > 0 and (it % tc.val_every == 0 or done)
-                save_now = it % tc.checkpoint_every == 0 or done or stop.received or validate_now
-                if it % tc.log_every == 0 or save_now:
-                    flush(it)  # also the non-finite check: nothing is saved after a bad step
+                checkpoint_now = it % tc.checkpoint_every == 0 or done or validate_now
+                # The ranks agree on stopping at log steps and checkpoints only (a signal reaches
+                # them at different steps); a single process reacts to a signal at once.
+                stopping = False
+                if it % tc.log_every == 0 or checkpoint_now or (stop.received and not info.distributed):
+                    # also the non-finite check: nothing is saved after a bad step
+                    stopping = sync(it, stop.received is not None)
                 if validate_now:
-                    validate(it, next_position)
-                if is_main and save_now:
-                    save("last.pt", it, next_position)
-                if stop.received and not done:
+                    validate(it)
+                if checkpoint_now or stopping:
+                    save_last(it, next_position)
+                if stopping and not done:
                     bar.close()
-                    message = (f"{stop.received} received: stopped after iteration {it}, saved "
+                    reason = stop.received or "stop signal on another process"
+                    message = (f"{reason} received: stopped after iteration {it}, saved "
                                f"{output_dir / 'last.pt'}.\nResume with:\n  {_resume_command(output_dir)}")
-                    print(message, file=sys.stderr)
+                    if is_main:
+                        print(message, file=sys.stderr)
                     raise TrainingInterrupted(message)
         finally:
             bar.close()
@@ -538,9 +595,9 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
 
     result = {
         "output_dir": str(output_dir), "last": str(output_dir / "last.pt"), "iterations": it,
-        "best": str(output_dir / "best.pt") if (output_dir / "best.pt").exists() else None,
+        "best": str(output_dir / "best.pt") if best_miou > float("-inf") else None,
         "metrics": last_metrics, "best_miou": best_miou if best_miou > float("-inf") else None,
-        "skipped": skipped, "curves": None,
+        "skipped": skipped, "curves": None, "rank": info.rank,
     }
     if is_main:
         result["curves"] = str(save_curves_png(logger.records(), output_dir / "curves.png"))
@@ -548,3 +605,11 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
               + (f" (best mIoU {best_miou:.4f})" if result["best_miou"] is not None else ""),
               file=sys.stderr)
     return result
+
+
+def _skip_step(loss: torch.Tensor) -> bool:
+    """train.on_nonfinite=skip: whether any rank's loss is not finite. All ranks must agree
+    before the backward pass: DDP's backward is itself a collective, and a rank that skipped it
+    would leave the others waiting for its gradients."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    return bool(dist_utils.all_reduce_(bad).item() > 0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
 
 from torch import Tensor
 
@@ -17,27 +16,14 @@ from sceneparse.errors import SceneparseError
 from sceneparse.models import Segmenter, build_model
 from sceneparse.models.decoders import DECODERS
 from sceneparse.models.pretrained import SYNCBN_EXTRA_SUFFIXES, load_state_dict_strict, read_state_dict
+from sceneparse.zoo.registry import ZOO, ZooEntry
 
 
-class CsailArch(NamedTuple):
-    encoder: str
-    decoder: str
-    pad_multiple: int
-    epoch: int  # N in CSAIL's encoder_epoch_N.pth / decoder_epoch_N.pth
+# The seven published architectures (encoder, decoder, epoch) live in one table, the zoo registry.
+ARCHS: dict[str, ZooEntry] = ZOO
 
 
-ARCHS: dict[str, CsailArch] = {
-    "mobilenetv2dilated-c1_deepsup": CsailArch("mobilenetv2dilated", "c1_deepsup", 8, 20),
-    "resnet18dilated-ppm_deepsup": CsailArch("resnet18dilated", "ppm_deepsup", 8, 20),
-    "resnet50dilated-ppm_deepsup": CsailArch("resnet50dilated", "ppm_deepsup", 8, 20),
-    "resnet101dilated-ppm_deepsup": CsailArch("resnet101dilated", "ppm_deepsup", 8, 25),
-    "resnet50-upernet": CsailArch("resnet50", "upernet", 32, 30),
-    "resnet101-upernet": CsailArch("resnet101", "upernet", 32, 50),
-    "hrnetv2-c1": CsailArch("hrnetv2", "c1", 32, 30),
-}
-
-
-def get_arch(name: str) -> CsailArch:
+def get_arch(name: str) -> ZooEntry:
     """The ARCHS entry for `name` (CSAIL's folder prefix `ade20k-` is accepted)."""
     key = name.removeprefix("ade20k-")
     if key not in ARCHS:
