@@ -32,6 +32,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "all_gather_object",
+    "broadcast_buffers",
     "cleanup",
     "is_initialized",
     "is_main",
@@ -220,6 +221,18 @@ def all_gather_object(obj) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s buffers (BatchNorm running statistics).
+
+    Plain BatchNorm (CPU runs) updates its running statistics from each rank's own images, and
+    DDP only re-sends rank 0's at the start of the next forward: without this, ranks evaluating
+    between steps would use slightly different models (rank 0's is the one saved).
+    """
+    if _active():
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=src)
 
 
 def cleanup() -> None:

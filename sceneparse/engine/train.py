@@ -509,6 +509,7 @@ def _train(cfg: DictConfig, resume, info) -> dict:
         """Distributed evaluation (each rank a share of the images, confusion matrices summed):
         every rank gets the same metrics, so `best_miou` agrees everywhere."""
         nonlocal best_miou, last_metrics
+        dist_utils.broadcast_buffers(model)  # every rank evaluates the model rank 0 saves
         core = dist_utils.unwrap(model)
         core.eval()
         metrics = evaluate(core, val_set, device=device, scales=list(cfg.eval.scales), flip=cfg.eval.flip,
