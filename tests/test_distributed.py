@@ -125,6 +125,14 @@ def worker(out_dir: Path) -> None:
     torch.save(result, out_dir / f"rank{info.rank}.pt")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def train_runs(info: D.DistInfo, out_dir: Path) -> dict:
     """`sceneparse train` in the same processes, with the process group already up (reused), then
     runs where one rank alone sees a NaN or a stop signal, then a resume that starts its own group."""
@@ -171,6 +179,9 @@ def train_runs(info: D.DistInfo, out_dir: Path) -> dict:
     # SIGTERM on rank 1 during step 1: both ranks stop together at the next log step (2).
     out["stop"] = run("stop", hooks={1: "sigterm"})
     train_mod.segmentation_loss = real_loss
+    # A second process group in these processes gets a store of its own on a fresh port: the
+    # agent's store still holds the first group's keys under the same names.
+    os.environ["MASTER_PORT"] = str(D.broadcast_object(free_port()))
     D.cleanup()
     # --resume under torchrun, from a clean start: train() starts the group and destroys it.
     out["resume_exit"] = main(["train", str(out_dir / "stop" / "config.yaml"), "--resume"])

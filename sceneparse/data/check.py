@@ -323,7 +323,8 @@ def datasets_to_check(target, kind: str | None = None, split: str | None = None,
 
 
 def _splits(data: dict) -> list:
-    named = [data.get(k) for k in ("train_split", "val_split") if data.get(k)]
+    # "train+val" (joined splits) is checked split by split
+    named = [s for k in ("train_split", "val_split") if data.get(k) for s in str(data[k]).split("+")]
     if named:  # a training config says which splits it uses
         return list(dict.fromkeys(named))
     kind, root = data["kind"], Path(data.get("root") or ".")

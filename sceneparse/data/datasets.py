@@ -118,7 +118,7 @@ class SegmentationDataset(Dataset):
     kind = "base"
     layout = ""
     on_disk = True
-    _cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see cache_in_memory()
+    _memory: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see cache_in_memory()
 
     def __init__(
         self,
@@ -194,18 +194,18 @@ class SegmentationDataset(Dataset):
     def cache_in_memory(self, threads: int | None = None) -> "SegmentationDataset":
         """Decode every sample once (in threads) and serve them from RAM from now on; masks are kept
         as uint8 (ids < 255 and IGNORE_INDEX fit). Returns self."""
-        if self._cache is None:
+        if self._memory is None:
             with ThreadPoolExecutor(max_workers=threads or min(16, os.cpu_count() or 1)) as pool:
                 samples = list(pool.map(self.load, range(len(self))))
-            self._cache = [(image, mask.to(torch.uint8)) for image, mask in samples]
+            self._memory = [(image, mask.to(torch.uint8)) for image, mask in samples]
         return self
 
     def __getitem__(self, key):
         """`dataset[i]`, or `dataset[(i, short_side)]` from a batch sampler that picks one scale per
         batch (see `samplers.AspectRatioBatchSampler`): the transforms then resize to it."""
         index, short_side = key if isinstance(key, tuple) else (key, None)
-        if self._cache is not None:
-            image, mask = self._cache[index][0], self._cache[index][1].long()
+        if self._memory is not None:
+            image, mask = self._memory[index][0], self._memory[index][1].long()
         else:
             image, mask = self.load(index)
         image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
@@ -249,7 +249,7 @@ def join_splits(parts: list[SegmentationDataset]) -> SegmentationDataset:
     )
     joined.files = [f for p in parts for f in p.files]
     joined._sizes = joined.listing.sizes
-    joined._cache = None
+    joined._memory = None
     return joined
 
 
