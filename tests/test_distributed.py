@@ -182,6 +182,7 @@ def train_runs(info: D.DistInfo, out_dir: Path) -> dict:
     # A second process group in these processes gets a store of its own on a fresh port: the
     # agent's store still holds the first group's keys under the same names.
     os.environ["MASTER_PORT"] = str(D.broadcast_object(free_port()))
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"  # rank 0 hosts that store
     D.cleanup()
     # --resume under torchrun, from a clean start: train() starts the group and destroys it.
     out["resume_exit"] = main(["train", str(out_dir / "stop" / "config.yaml"), "--resume"])

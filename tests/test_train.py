@@ -182,3 +182,35 @@ def test_camvid_baseline_config_trains_on_the_real_data(tmp_path):
     result = train(cfg)
     assert result["iterations"] == 2
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["class_names"][3].lower() == "road"
+
+
+@pytest.mark.parametrize("batching", ["aspect", "crop"])
+def test_each_rank_gets_its_own_equal_share_of_whole_batches(tmp_path, batching):
+    """Under torchrun every rank reads other images, as many batches as the others, and with
+    `aspect` each batch is still all landscape or all portrait."""
+    from sceneparse.engine.distributed import DistInfo
+    from sceneparse.engine.train import epoch_batches_fn
+
+    class Sizes:  # 7 landscape and 6 portrait images: 13 is odd on purpose
+        sizes = [(48, 64)] * 7 + [(64, 48)] * 6
+
+        def __len__(self):
+            return len(self.sizes)
+
+        def image_sizes(self):
+            return self.sizes
+
+    data_cfg = tiny_config(tmp_path, f"data.batching={batching}").data
+    per_rank = [epoch_batches_fn(Sizes(), data_cfg, 3, DistInfo(rank=r, world_size=2))(0) for r in (0, 1)]
+    index = (lambda item: item[0]) if batching == "aspect" else (lambda item: item)
+    images = [[index(item) for batch in batches for item in batch] for batches in per_rank]
+    assert len(per_rank[0]) == len(per_rank[1]) >= 2
+    assert all(len(batch) == 2 for batches in per_rank for batch in batches)
+    assert not set(images[0]) & set(images[1]) and len(set(images[0] + images[1])) == len(images[0] + images[1])
+    if batching == "aspect":
+        for batches in per_rank:
+            for batch in batches:
+                assert len({Sizes.sizes[index(item)][1] > Sizes.sizes[index(item)][0] for item in batch}) == 1
+                assert len({item[1] for item in batch}) == 1  # one short side per batch
+    single = epoch_batches_fn(Sizes(), data_cfg, 3, DistInfo())(0)
+    assert len(single) == 6  # 3 landscape + 3 portrait pairs; the two ranks share them 3 + 3

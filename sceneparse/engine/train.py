@@ -473,7 +473,7 @@ def _train(cfg: DictConfig, resume, info) -> dict:
         k = len(window)
         loss_sums, bad_ranks, stop_votes = packed[:k], packed[k : 2 * k], packed[2 * k]
         if bad_ranks.any():
-            raise _nonfinite_error(int(bad_ranks.nonzero()[0]), losses.cpu())
+            raise nonfinite_error(int(bad_ranks.nonzero()[0]), losses.cpu())
         if k:
             elapsed = time.perf_counter() - window_time
             lrs = step_lrs
@@ -489,7 +489,7 @@ def _train(cfg: DictConfig, resume, info) -> dict:
         window_time = time.perf_counter()
         return bool(stop_votes > 0)
 
-    def _nonfinite_error(i: int, local_losses: torch.Tensor) -> NonFiniteLoss:
+    def nonfinite_error(i: int, local_losses: torch.Tensor) -> NonFiniteLoss:
         """Step i of the window went bad on some rank: name that rank's value and images everywhere."""
         iteration_bad, paths = window_steps[i]
         value = local_losses[i].item()
