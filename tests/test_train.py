@@ -214,3 +214,29 @@ def test_each_rank_gets_its_own_equal_share_of_whole_batches(tmp_path, batching)
                 assert len({item[1] for item in batch}) == 1  # one short side per batch
     single = epoch_batches_fn(Sizes(), data_cfg, 3, DistInfo())(0)
     assert len(single) == 6  # 3 landscape + 3 portrait pairs; the two ranks share them 3 + 3
+
+
+def test_a_broken_dataset_is_refused_at_start_up_with_every_problem(tmp_path):
+    """Training runs data check's cheap part first: problems are listed before any iteration."""
+    from PIL import Image
+
+    root = tmp_path / "mine"
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True)
+    (root / "classes.yaml").write_text("classes: [a, b]\n")
+    Image.new("RGB", (32, 24)).save(root / "images" / "ok.png")
+    Image.new("L", (32, 24)).save(root / "labels" / "ok.png")
+    Image.new("RGB", (32, 24)).save(root / "images" / "wrong size.png")
+    Image.new("L", (30, 24)).save(root / "labels" / "wrong size.png")
+    Image.new("RGB", (32, 24)).save(root / "images" / "no label.png")
+    cfg = tiny_config(tmp_path, "data.kind=folder", f"data.root={root}", "model.num_classes=null")
+    # an image without a label: the dataset itself refuses, naming the file and `data check`
+    with pytest.raises(SceneparseError, match="no label.png") as info:
+        train(cfg)
+    assert "sceneparse data check" in str(info.value)
+    # pairs complete but a size mismatch: the start-up check refuses before any iteration
+    (root / "images" / "no label.png").unlink()
+    with pytest.raises(SceneparseError, match=r"data has problems:(.|\n)*wrong size.png") as info:
+        train(cfg)
+    assert "data check" in info.value.hint
+    assert not (tmp_path / "run" / "last.pt").exists()
