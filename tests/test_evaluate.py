@@ -198,6 +198,14 @@ def test_cli_eval_bad_options(tiny_checkpoint, real_dataset, capsys):
     assert "no dataset given" in capsys.readouterr().err
 
 
+def test_cli_eval_window_below_predictor_minimum(tiny_checkpoint, real_dataset, capsys):
+    base = ["eval", "--model", str(tiny_checkpoint), "--data-root", str(real_dataset), "--dataset", "folder"]
+    assert main(base + ["--window", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "--window must be at least 32 pixels, got 16" in err
+    assert "Traceback" not in err
+
+
 def test_cli_predict_writes_and_matches_predictor(tiny_checkpoint, tmp_path, capsys):
     rng = np.random.default_rng(5)
     folder = tmp_path / "my photos ü"

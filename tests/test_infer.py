@@ -113,6 +113,24 @@ def test_original_size_single_scale_is_softmax_of_model():
     assert torch.equal(Predictor(model).predict(image), expected.argmax(0))
 
 
+def test_given_normalization_is_applied_on_every_path():
+    # the identity "model" shows its normalised input: softmax((x / 255 - mean) / std) over channels
+    mean, std = [0.2, 0.5, 0.7], [0.5, 0.25, 0.125]
+    image = _random_image(24, 32, seed=3)
+    x = image.float() / 255
+    expected = ((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)).softmax(0)
+    for resize in ("torch", "pil"):  # the original size needs no resizing in either mode
+        pred = Predictor(nn.Identity(), normalization={"mean": mean, "std": std}, resize=resize)
+        torch.testing.assert_close(pred.probabilities(image), expected, rtol=1e-5, atol=1e-6)
+    # twice the short side: pil resizes the uint8 image, then normalises with the same mean/std
+    pred = Predictor(nn.Identity(), scales=48, normalization={"mean": mean, "std": std}, resize="pil")
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((64, 48), Image.BILINEAR)
+    resized = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255
+    logits = (resized - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    expected = F.interpolate(logits[None], size=(24, 32), mode="bilinear", align_corners=False)[0].softmax(0)
+    torch.testing.assert_close(pred.probabilities(image), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_multi_scale_and_flip_average_probabilities():
     model = ConvNet(kernel=3)  # a 3x3 random kernel is not mirror-symmetric: flipping matters
     image = _random_image(40, 60)

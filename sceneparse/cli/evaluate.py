@@ -97,10 +97,12 @@ def run(args) -> int:
     from sceneparse.engine.evaluate import check_num_classes, evaluate, format_table, write_report
     from sceneparse.engine.visualize import save_confusion_png
 
-    for name in ("workers", "max_images", "max_size", "window"):
+    for name in ("workers", "max_images", "max_size"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "workers" else 1):
             raise SceneparseError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.window is not None and args.window < 32:  # the Predictor's minimum, as in `sceneparse predict`
+        raise SceneparseError(f"--window must be at least 32 pixels, got {args.window}")
     settings, split, defaults, where = _data(args)
     options = _predictor_options(args, defaults)
     device = resolve_device(args.device)

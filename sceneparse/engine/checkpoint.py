@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from sceneparse.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sceneparse.engine.distributed import unwrap as _unwrap  # the Segmenter inside DDP/compile
 from sceneparse.errors import SceneparseError
 
 FORMAT = "sceneparse-checkpoint/1"
-DEFAULT_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+DEFAULT_NORMALIZATION = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -165,7 +166,9 @@ def rng_state() -> dict:
         "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's device only: every rank saves its own, and a run resumed with fewer
+        # visible GPUs must still load.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -176,4 +179,4 @@ def set_rng_state(state: dict) -> None:
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
     np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])

@@ -251,9 +251,14 @@ def shard(dataset: torch.utils.data.Dataset, info: DistInfo) -> torch.utils.data
     return torch.utils.data.Subset(dataset, range(info.rank, len(dataset), info.world_size))
 
 
+def mix_seed(*numbers: int) -> int:
+    """A 32-bit seed mixing the given non-negative ints (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1)[0])
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """A 32-bit seed derived from (seed, rank): different per rank, the same on every rerun."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    return mix_seed(seed, rank)
 
 
 def loader_generator(seed: int, rank: int = 0) -> torch.Generator:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from sceneparse.engine.distributed import unwrap
+from sceneparse.engine.distributed import DistInfo, shard, unwrap
 from sceneparse.engine.infer import Predictor
 from sceneparse.engine.metrics import ConfusionMatrix
 from sceneparse.errors import SceneparseError
@@ -52,13 +52,6 @@ def check_num_classes(model: nn.Module, dataset, model_source: str = "the model"
 
 def _first(batch):
     return batch[0]
-
-
-def _shard(dataset, max_images: int | None, distributed: bool):
-    indices = range(len(dataset) if max_images is None else min(max_images, len(dataset)))
-    if distributed:
-        indices = indices[dist.get_rank()::dist.get_world_size()]
-    return Subset(dataset, indices)
 
 
 def evaluate(
@@ -102,8 +95,10 @@ def evaluate(
     predictor = PROTOCOLS[protocol](model, device=device, **options)
     device = predictor.device
     cm = ConfusionMatrix(dataset.num_classes, device=device)
-    shard = _shard(dataset, max_images, distributed)
-    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=num_workers, collate_fn=_first,
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size()) if distributed else DistInfo()
+    images = shard(Subset(dataset, range(count)), info)
+    loader = DataLoader(images, batch_size=1, shuffle=False, num_workers=num_workers, collate_fn=_first,
                         pin_memory=device.type == "cuda")
     start = time.perf_counter()
     try:
@@ -116,7 +111,7 @@ def evaluate(
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
-    num_images = len(shard)
+    num_images = len(images)
     if distributed:
         count = torch.tensor([num_images], device=device)
         dist.all_reduce(count)

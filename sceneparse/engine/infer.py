@@ -19,6 +19,7 @@ so large photographs do not run out of memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 from typing import Iterable
@@ -133,6 +134,9 @@ class Predictor:
         norm = normalization or getattr(unwrap(model), "normalization", None) or IMAGENET_NORMALIZATION
         self.mean = [float(x) for x in norm["mean"]]
         self.std = [float(x) for x in norm["std"]]
+        # on the device once, so normalising an image copies nothing from the host
+        self._mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(self.std, dtype=torch.float32, device=self.device)
 
     @classmethod
     def csail(cls, model: nn.Module, single_scale: bool = False, flip: bool = False,
@@ -180,10 +184,10 @@ class Predictor:
                 pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
                 resized = np.asarray(pil.resize((size[1], size[0]), Image.BILINEAR))
                 x = torch.from_numpy(resized.copy()).permute(2, 0, 1)[None].to(self.device)
-                yield normalize(x, self.mean, self.std)
+                yield normalize(x, self._mean, self._std)
                 continue
             if full is None:  # normalising commutes with bilinear resizing: do it once
-                full = normalize(image[None].to(self.device, non_blocking=True), self.mean, self.std)
+                full = normalize(image[None].to(self.device, non_blocking=True), self._mean, self._std)
             if size == (h, w):
                 yield full
             else:
@@ -294,6 +298,7 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
     return starts + [length - window]
 
 
+@functools.lru_cache(maxsize=256)  # the same windows/sizes recur image after image
 def _cell_centres(start: int, length: int, cell: float, n: int, device) -> tuple[int, int, torch.Tensor]:
     """Grid cells (of `cell` pixels, `n` in all) whose centres lie in [start, start + length):
     their index range and their centres in grid_sample's coordinates for that window (-1..1 =
@@ -305,6 +310,7 @@ def _cell_centres(start: int, length: int, cell: float, n: int, device) -> tuple
     return first, stop, (centres * 2 / length - 1).float().to(device)
 
 
+@functools.lru_cache(maxsize=256)  # the same windows/sizes recur image after image
 def _linear_weights(in_size: int, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source indices and weights of 1-D linear resizing with align_corners=False (as F.interpolate)."""
     src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)

@@ -45,11 +45,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 # --------------------------------------------------------------------------- reproducible data
-def _seed_of(*numbers: int) -> int:
-    """A 32-bit seed mixing the given non-negative ints (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1)[0])
-
-
 class SeededDataset(torch.utils.data.Dataset):
     """`dataset[(index, seed)]`: the sample with torch, `random` and numpy seeded by `seed`.
 
@@ -106,7 +101,7 @@ class TrainBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         for it, _, _, batch in self.walk():
-            yield [(index, _seed_of(self.seed, self.rank, it, slot)) for slot, index in enumerate(batch)]
+            yield [(index, dist_utils.mix_seed(self.seed, self.rank, it, slot)) for slot, index in enumerate(batch)]
 
     def __len__(self) -> int:
         return self.iterations - self.start_iter
@@ -139,7 +134,7 @@ def epoch_batches_fn(dataset, data_cfg, seed: int, info) -> Callable[[int], list
 
     @functools.lru_cache(maxsize=2)
     def batches(epoch: int) -> list[list[int]]:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(_seed_of(seed, epoch)))
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(dist_utils.mix_seed(seed, epoch)))
         b = data_cfg.batch_size
         all_batches = [order[i : i + b].tolist() for i in range(0, len(order) - b + 1, b)]
         # Same order on every rank; each takes every world_size-th batch (equal counts).
@@ -212,7 +207,10 @@ def build_criterion(cfg: DictConfig, raw_train_set: Callable, num_classes: int, 
 
     weights = cfg.train.class_weights
     if weights == "auto":
-        weights = median_frequency_weights(raw_train_set(), num_classes, cfg.data.num_workers)
+        # One pass over the labels, on rank 0 only; every rank gets the same weights.
+        weights = (median_frequency_weights(raw_train_set(), num_classes, cfg.data.num_workers)
+                   if dist_utils.is_main() else None)
+        weights = dist_utils.broadcast_object(weights)
     elif weights is not None:
         weights = torch.tensor([float(w) for w in weights])
         if len(weights) != num_classes:
@@ -389,10 +387,20 @@ def _train(cfg: DictConfig, resume, info) -> dict:
                         encoder_options=OmegaConf.to_container(cfg.model.encoder_options),
                         decoder_options=OmegaConf.to_container(cfg.model.decoder_options))
     if cfg.model.encoder_weights and ckpt is None:
-        load_encoder_weights(model.encoder, cfg.model.encoder_weights)
+        # Rank 0 alone reads (and maybe downloads) the weights: DDP then copies its model to every
+        # rank, and concurrent downloads into one cache file would clash. A bad file fails all ranks.
+        problem = None
+        if is_main:
+            try:
+                load_encoder_weights(model.encoder, cfg.model.encoder_weights)
+            except SceneparseError as err:
+                problem = (err.message, err.hint)
+        problem = dist_utils.broadcast_object(problem)
+        if problem is not None:
+            raise SceneparseError(*problem)
     optimizer, scheduler = build_optimizer(model, tc)
     scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and device.type == "cuda")
-    criterion = build_criterion(cfg, lambda: build_dataset(data_settings, dc.train_split, None), num_classes, device)
+    criterion = build_criterion(cfg, lambda: build_dataset({**data_settings, "cache_in_memory": False}, dc.train_split, None), num_classes, device)
 
     start_iter, position, best_miou, skipped = 0, (0, 0), float("-inf"), 0
     if ckpt is not None:
@@ -510,12 +518,10 @@ def _train(cfg: DictConfig, resume, info) -> dict:
         every rank gets the same metrics, so `best_miou` agrees everywhere."""
         nonlocal best_miou, last_metrics
         dist_utils.broadcast_buffers(model)  # every rank evaluates the model rank 0 saves
-        core = dist_utils.unwrap(model)
-        core.eval()
+        core = dist_utils.unwrap(model)  # evaluate() switches to eval mode and back
         metrics = evaluate(core, val_set, device=device, scales=list(cfg.eval.scales), flip=cfg.eval.flip,
                            max_size=cfg.eval.max_size, mean=list(dc.mean), std=list(dc.std),
                            num_workers=dc.num_workers)
-        core.train()
         last_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         improved = metrics["mean_iou"] > best_miou
         best_miou = max(best_miou, metrics["mean_iou"])

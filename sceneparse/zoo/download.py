@@ -2,9 +2,13 @@
 
 Cache layout (root: `SCENEPARSE_CACHE`, else `~/.cache/sceneparse`)::
 
-    <root>/checksums.json                            SHA-256 of every file fetched (trust on first use)
+    <root>/checksums.json                            SHA-256 (+ size, mtime) of every file fetched
     <root>/ade20k-<name>/{encoder,decoder}_epoch_N.pth   CSAIL's raw files, as on their server
     <root>/<name>.pt                                 our converted one-file checkpoint
+    <root>/url-<sha256(url)[:16]>/<basename>         any other URL (e.g. backbone weights)
+
+Hashes are trusted on first use. A cached file whose size and mtime still match its manifest entry is
+not hashed again (weights are hundreds of MB); any change to either makes `fetch` re-hash and verify it.
 
 Downloads stream into `<file>.part` and are renamed into place only once complete and verified, so an
 interrupted download never leaves a file that looks finished; the next run resumes the `.part` with an
@@ -12,6 +16,7 @@ HTTP Range request.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -55,55 +60,100 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_manifest(root: Path) -> dict[str, str]:
+@contextlib.contextmanager
+def _writing_to(root: Path):
+    """Turn an OSError from writing into the cache into one message that says what to do."""
+    try:
+        yield
+    except OSError as err:
+        raise SceneparseError(f"cannot write to the model cache {root}: {err}",
+                              hint=f"set {CACHE_ENV} to a writable folder") from err
+
+
+def _read_manifest(root: Path) -> dict[str, dict]:
+    """key -> {"sha256", "size", "mtime_ns"}; older manifests held only the hash (a plain string)."""
     path = root / MANIFEST
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise SceneparseError(f"{path} is not valid JSON ({err})",
                               hint="delete it; hashes are recorded again on the next download") from err
+    return {key: {"sha256": value} if isinstance(value, str) else value for key, value in raw.items()}
 
 
-def _record_hash(root: Path, key: str, digest: str) -> None:
+def _unchanged(entry: dict | None, path: Path) -> bool:
+    """Whether `path` still has the size and mtime recorded with its hash (then it need not be re-hashed)."""
+    if entry is None or "size" not in entry or "mtime_ns" not in entry:
+        return False
+    stat = path.stat()
+    return stat.st_size == entry["size"] and stat.st_mtime_ns == entry["mtime_ns"]
+
+
+def _record_hash(root: Path, key: str, digest: str, path: Path) -> None:
+    stat = path.stat()
     manifest = _read_manifest(root)
-    manifest[key] = digest
-    # atomic replace so a crash never leaves half a manifest
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".checksums.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(tmp, root / MANIFEST)
+    manifest[key] = {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    with _writing_to(root):
+        # atomic replace so a crash never leaves half a manifest
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".checksums.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(manifest, f, indent=2, sort_keys=True)
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600: keep a shared cache readable by everyone
+            os.replace(tmp, root / MANIFEST)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def cache_key(url: str) -> str:
+    """Where `fetch` caches `url` when given no filename, relative to the cache root: keyed by the
+    whole URL, so two URLs that end in the same file name never share a cached file."""
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    return f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}/{name}"
 
 
 def fetch(url: str, sha256: str | None = None, cache_dir: str | os.PathLike | None = None,
           progress: bool = True, filename: str | None = None) -> Path:
-    """Download `url` into the cache (as `filename`, a path relative to the cache root; default: the
-    URL's last path component) and return the file's path. Reuses a verified cached copy.
+    """Download `url` into the cache (as `filename`, a path relative to the cache root; default:
+    `cache_key(url)`) and return the file's path. Reuses a verified cached copy.
 
     The file is checked against `sha256` if given, else against the hash recorded in the cache's
     manifest when the file was first downloaded (a cached file that no longer matches is fetched again).
     """
     root = _root(cache_dir)
-    key = filename or Path(urllib.parse.urlparse(url).path).name
+    key = filename or cache_key(url)
     dest = root / key
-    recorded = _read_manifest(root).get(key)
+    entry = _read_manifest(root).get(key)
+    recorded = entry["sha256"] if entry else None
     expected = sha256 or recorded
 
     if dest.exists():
+        if expected == recorded and _unchanged(entry, dest):
+            return dest  # hashed before and untouched since
         actual = sha256_file(dest)
         if expected is None:
-            _record_hash(root, key, actual)  # e.g. a file the user put there by hand
+            _record_hash(root, key, actual, dest)  # e.g. a file the user put there by hand
             return dest
         if actual == expected:
+            # record size and mtime so the next fetch need not hash it; a read-only (shared) cache
+            # still works without that, it is only hashed every time
+            with contextlib.suppress(SceneparseError):
+                _record_hash(root, key, actual, dest)
             return dest
         print(f"sceneparse: cached {dest} is corrupted (sha256 {actual}, expected {expected}); "
               "deleted it, downloading it again", file=sys.stderr)
-        dest.unlink()
+        with _writing_to(root):
+            dest.unlink()
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _writing_to(root):
+        dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    _download(url, part, dest, progress)
+    # network and read errors become SceneparseErrors inside; an OSError that escapes is the .part file
+    with _writing_to(root):
+        _download(url, part, dest, progress)
     actual = sha256_file(part)
     if expected is not None and actual != expected:
         part.unlink()
@@ -114,9 +164,9 @@ def fetch(url: str, sha256: str | None = None, cache_dir: str | os.PathLike | No
         raise SceneparseError(
             f"checksum mismatch for {url}: sha256 {actual}, expected {expected}; "
             "the downloaded file was deleted", hint=hint)
-    os.replace(part, dest)
-    if recorded != actual:
-        _record_hash(root, key, actual)
+    with _writing_to(root):
+        os.replace(part, dest)
+    _record_hash(root, key, actual, dest)  # always: the new file has a new mtime
     return dest
 
 
@@ -255,6 +305,6 @@ def resolve(name: str, cache_dir=None, missing_ok: bool = False) -> Path | None:
 
 
 __all__ = [
-    "OfflineError", "cache_state", "checkpoint_path", "default_cache_dir", "download_model",
+    "OfflineError", "cache_key", "cache_state", "checkpoint_path", "default_cache_dir", "download_model",
     "fetch", "missing_model_message", "raw_paths", "resolve", "sha256_file",
 ]
