@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sceneparse.data import IGNORE_INDEX
-from sceneparse.engine.config import IMAGENET_MEAN, IMAGENET_STD
+from sceneparse.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sceneparse.engine.optim import param_groups
+from sceneparse.engine.train import segmentation_loss
 from sceneparse.errors import SceneparseError
 
 TASKS = ("latency", "throughput", "train", "train-data", "eval")
@@ -198,14 +199,6 @@ def _inference_fn(model, variant, device, batch, size):
     return forward
 
 
-def _loss(out, target: torch.Tensor, deepsup_weight: float) -> torch.Tensor:
-    logits, aux = _split_output(out)
-    loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
-    if aux is not None:
-        loss = loss + deepsup_weight * F.cross_entropy(aux, target, ignore_index=IGNORE_INDEX)
-    return loss
-
-
 class _Trainer:
     """One SGD training step as the training loop runs it (autocast, GradScaler for fp16)."""
 
@@ -216,14 +209,15 @@ class _Trainer:
         self.variant = variant
         self.device = device
         self.deepsup_weight = deepsup_weight
-        # The fused SGD kernel (one launch for all parameters) exists for CUDA tensors only.
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4,
-                                         fused=True if device.type == "cuda" else None)
+        self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        # The trainer's own optimizer: parameter groups, fused SGD on CUDA.
+        self.optimizer = torch.optim.SGD(param_groups(model, lr, lr, weight_decay=1e-4), lr=lr, momentum=0.9,
+                                         fused=device.type == "cuda")
         self.scaler = torch.amp.GradScaler(device.type, enabled=variant.amp == "fp16")
 
     def step(self, images: torch.Tensor, target: torch.Tensor) -> None:
         with _autocast(self.device, self.variant):
-            loss = _loss(self.net(images), target, self.deepsup_weight)
+            loss = segmentation_loss(self.net(images), target, self.criterion, self.deepsup_weight)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

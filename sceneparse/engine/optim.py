@@ -33,11 +33,16 @@ def poly_lambda(iterations: int, power: float = 0.9, warmup_iters: int = 0):
     return factor
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(model: torch.nn.Module, train_cfg, fused: bool = False
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD over `param_groups` and the poly schedule. `fused=True` (CUDA parameters only, checked
+    at the first step, so the model may move to the GPU after this) updates all parameters in one
+    kernel launch."""
     optimizer = torch.optim.SGD(
         param_groups(model, train_cfg.lr_encoder, train_cfg.lr_decoder, train_cfg.weight_decay),
         lr=train_cfg.lr_decoder,
         momentum=train_cfg.momentum,
+        fused=fused,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_lambda(train_cfg.iterations, train_cfg.poly_power, train_cfg.warmup_iters)

@@ -398,7 +398,7 @@ def _train(cfg: DictConfig, resume, info) -> dict:
         problem = dist_utils.broadcast_object(problem)
         if problem is not None:
             raise SceneparseError(*problem)
-    optimizer, scheduler = build_optimizer(model, tc)
+    optimizer, scheduler = build_optimizer(model, tc, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and device.type == "cuda")
     criterion = build_criterion(cfg, lambda: build_dataset({**data_settings, "cache_in_memory": False}, dc.train_split, None), num_classes, device)
 
