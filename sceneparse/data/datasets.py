@@ -79,11 +79,6 @@ class LabelMapper:
         ignore = ", ".join(map(str, self.ignore_values)) or "none"
         return f"expected class values {ids}, ignore value {ignore}"
 
-    def invalid_values(self, raw: np.ndarray) -> list[int]:
-        """Raw values present in `raw` that are neither a class nor an ignore value."""
-        _, bad = self.map_values(raw)
-        return bad
-
     def map_values(self, raw: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """(mapped ids with -1 where invalid, sorted invalid raw values)."""
         raw = np.asarray(raw)

@@ -2,8 +2,8 @@
 
 `AspectRatioBatchSampler` puts landscape (W >= H) and portrait images in separate batches, so a
 padded batch wastes little, and everything it does is a pure function of `seed` and the epoch:
-`batches(epoch)` is the full list of this rank's batches, which is how a trainer resumes
-mid-epoch exactly (`set_epoch(epoch, start=k)` skips the first k batches).
+`batches(epoch)` is the full list of this rank's batches, which is how the trainer resumes
+mid-epoch exactly (it skips the batches already consumed; see `engine.train.TrainBatches`).
 
 Per-batch scale (CSAIL draws one short side per batch): with `scales=[300, ...]` each batch is a
 list of `(index, short_side)` pairs; `SegmentationDataset.__getitem__` forwards the short side to
@@ -43,7 +43,6 @@ class AspectRatioBatchSampler(Sampler):
         self.rank = rank
         self.scales = list(scales) if scales else None
         self.epoch = 0
-        self.start = 0
         groups = {True: [], False: []}
         for index, (h, w) in enumerate(self.sizes):
             groups[w >= h].append(index)
@@ -81,27 +80,15 @@ class AspectRatioBatchSampler(Sampler):
             all_batches = all_batches + all_batches[: per_rank * replicas - len(all_batches)]
         return all_batches[self.rank: per_rank * replicas: replicas]
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Iterate `epoch` next, skipping its first `start` batches (resume mid-epoch)."""
+    def set_epoch(self, epoch: int) -> None:
+        """Iterate `epoch`'s batches next (as DistributedSampler.set_epoch)."""
         self.epoch = epoch
-        self.start = start
-
-    def state_dict(self, consumed: int) -> dict:
-        """What a checkpoint needs to resume after `consumed` batches of the current epoch."""
-        return {"epoch": self.epoch, "start": consumed, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"sampler seed {self.seed} differs from the checkpoint's {state['seed']}")
-        self.set_epoch(state["epoch"], state["start"])
 
     def __iter__(self) -> Iterator[list]:
-        batches = self.batches(self.epoch)[self.start:]
-        self.start = 0  # the skip applies once
-        yield from batches
+        yield from self.batches(self.epoch)
 
     def __len__(self) -> int:
-        """Batches per epoch for this rank (a full epoch, not counting a resume skip)."""
+        """Batches per epoch for this rank."""
         total = 0
         for group in self.groups:
             full, rest = divmod(len(group), self.batch_size)
@@ -109,20 +96,3 @@ class AspectRatioBatchSampler(Sampler):
         if self.num_replicas == 1:
             return total
         return total // self.num_replicas if self.drop_last else -(-total // self.num_replicas)
-
-
-class InfiniteBatchSampler(Sampler):
-    """Endless batches from `sampler`, epoch after epoch, starting at global step `start_step`
-    (step = epoch * len(sampler) + batch within the epoch), for iteration-based training."""
-
-    def __init__(self, sampler: AspectRatioBatchSampler, start_step: int = 0):
-        if len(sampler) == 0:
-            raise ValueError("the batch sampler yields no batch: fewer images than one batch per rank")
-        self.sampler = sampler
-        self.start_step = start_step
-
-    def __iter__(self) -> Iterator[list]:
-        epoch, skip = divmod(self.start_step, len(self.sampler))
-        while True:
-            yield from self.sampler.batches(epoch)[skip:]
-            epoch, skip = epoch + 1, 0

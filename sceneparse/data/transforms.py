@@ -165,17 +165,6 @@ def build_train_transforms(cfg=None) -> PairTransform:
     return PairTransform(steps)
 
 
-EVAL_DEFAULTS = {"short_side": None, "max_size": None}
-
-
-def build_eval_transforms(cfg=None) -> PairTransform | None:
-    """Evaluation: identity (None) unless `short_side` is set, then a fixed resize."""
-    opts = _options(cfg, EVAL_DEFAULTS, "evaluation resize")
-    if not opts["short_side"]:
-        return None
-    return PairTransform([RandomShortSideResize([opts["short_side"]], opts["max_size"])])
-
-
 def collate_pad(samples: Sequence[dict]) -> dict:
     """Stack samples of different sizes, padding bottom/right to the batch maximum.
 
