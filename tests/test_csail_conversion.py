@@ -15,7 +15,8 @@ from csail_reference import (
     synthetic_state,
 )
 from sceneparse.errors import SceneparseError
-from sceneparse.zoo.csail import ARCHS, SYNCBN_EXTRA_SUFFIXES, from_csail
+from sceneparse.models.pretrained import SYNCBN_EXTRA_SUFFIXES
+from sceneparse.zoo.csail import ARCHS, from_csail
 
 needs_shared = pytest.mark.skipif(not KEYS_DIR.is_dir(), reason=f"../shared not found: {KEYS_DIR}")
 

@@ -52,6 +52,11 @@ def _summary(label: str, items: list[str]) -> str:
     return f"{len(items)} {label}: {shown}{more}"
 
 
+def drop_syncbn_extras(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` without the bookkeeping buffers of CSAIL's SyncBN (the only keys ever dropped)."""
+    return {k: v for k, v in state.items() if not k.endswith(SYNCBN_EXTRA_SUFFIXES)}
+
+
 def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
     """Load `state` into `module` requiring the same keys and shapes (apart from BN batch counters).
 
@@ -96,5 +101,5 @@ def load_encoder_weights(encoder: nn.Module, source: str | os.PathLike) -> None:
         path = Path(text)
     state = read_state_dict(path, "encoder weights file")
     head = encoder.head_prefixes
-    body = {k: v for k, v in state.items() if not k.startswith(head) and not k.endswith(SYNCBN_EXTRA_SUFFIXES)}
+    body = {k: v for k, v in drop_syncbn_extras(state).items() if not k.startswith(head)}
     load_state_dict_strict(encoder, encoder.adapt_state_dict(body), f"encoder weights file {path}")

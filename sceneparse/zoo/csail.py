@@ -15,7 +15,7 @@ from torch import Tensor
 from sceneparse.errors import SceneparseError
 from sceneparse.models import Segmenter, build_model
 from sceneparse.models.decoders import DECODERS
-from sceneparse.models.pretrained import SYNCBN_EXTRA_SUFFIXES, load_state_dict_strict, read_state_dict
+from sceneparse.models.pretrained import drop_syncbn_extras, load_state_dict_strict, read_state_dict
 from sceneparse.zoo.registry import ZOO, ZooEntry
 
 
@@ -41,10 +41,6 @@ def _describe(source, what: str) -> str:
     return what if isinstance(source, dict) else f"{what} {source}"
 
 
-def _drop_syncbn_extras(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v for k, v in state.items() if not k.endswith(SYNCBN_EXTRA_SUFFIXES)}
-
-
 def from_csail(
     encoder: str | os.PathLike | dict,
     decoder: str | os.PathLike | dict,
@@ -57,8 +53,8 @@ def from_csail(
     when given, the file must have exactly that many. Returns the model in eval mode.
     """
     spec = get_arch(arch)
-    enc_state = _drop_syncbn_extras(_state(encoder, "CSAIL encoder file"))
-    dec_state = _drop_syncbn_extras(_state(decoder, "CSAIL decoder file"))
+    enc_state = drop_syncbn_extras(_state(encoder, "CSAIL encoder file"))
+    dec_state = drop_syncbn_extras(_state(decoder, "CSAIL decoder file"))
     dec_what = _describe(decoder, "CSAIL decoder file")
 
     classifier_key = f"{DECODERS[spec.decoder].classifier}.weight"
