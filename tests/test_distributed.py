@@ -179,6 +179,19 @@ def train_runs(info: D.DistInfo, out_dir: Path) -> dict:
     # SIGTERM on rank 1 during step 1: both ranks stop together at the next log step (2).
     out["stop"] = run("stop", hooks={1: "sigterm"})
     train_mod.segmentation_loss = real_loss
+    # Encoder weights from a file: rank 0 alone reads (or downloads) them; DDP copies its model.
+    from sceneparse.models import build_model, pretrained
+
+    weights = out_dir / "encoder_weights.pth"
+    if info.is_main:
+        encoder = build_model("timm:test_resnet", "ppm_deepsup", 5).encoder
+        torch.save({k.removeprefix("body."): v for k, v in encoder.state_dict().items()}, weights)
+    D.barrier()
+    real_load, loads = pretrained.load_encoder_weights, []
+    pretrained.load_encoder_weights = lambda *args: (loads.append(args[1]), real_load(*args))[1]
+    out["weights_run"] = run("weights", f"model.encoder_weights={weights}")
+    out["weights_loads"] = list(loads)
+    pretrained.load_encoder_weights = real_load
     # A second process group in these processes gets a store of its own on a fresh port: the
     # agent's store still holds the first group's keys under the same names.
     os.environ["MASTER_PORT"] = str(D.broadcast_object(free_port()))
@@ -296,6 +309,13 @@ def test_validation_during_training_equals_single_process_evaluation(ranks):
     assert val["val_miou"] == pytest.approx(metrics["mean_iou"], abs=1e-12)
     assert val["val_pixel_accuracy"] == pytest.approx(metrics["pixel_accuracy"], abs=1e-12)
     assert metrics["num_images"] == 5
+
+
+def test_encoder_weights_are_read_by_rank_0_alone(ranks):
+    # concurrent downloads of a URL into one cache file would clash; DDP broadcasts rank 0's model
+    for r in ranks:
+        assert isinstance(r["weights_run"], dict), r["weights_run"]
+    assert [len(r["weights_loads"]) for r in ranks] == [1, 0]
 
 
 def test_a_nan_on_one_rank_is_skipped_by_both(ranks):

@@ -280,3 +280,18 @@ def test_url_sources_go_through_the_download_cache(tmp_path, monkeypatch):
     encoder = build_encoder("timm:resnet18")
     load_encoder_weights(encoder, "https://example.org/resnet18.pth")
     assert calls == ["https://example.org/resnet18.pth"]
+
+
+def test_timm_weights_load_into_an_encoder_cut_short_with_out_indices(tmp_path):
+    # A full timm checkpoint into `timm:<name>` with out_indices: the later stages are unused keys
+    # (dropped like the head); the kept stages must receive exactly the file's tensors.
+    import timm
+
+    full = timm.create_model("test_resnet", pretrained=False)
+    torch.save(full.state_dict(), tmp_path / "full.pth")
+    model = build_model("timm:test_resnet", "c1", 3, encoder_options={"out_indices": [0, 1, 2]})
+    load_encoder_weights(model.encoder, tmp_path / "full.pth")
+    loaded = model.encoder.state_dict()
+    assert torch.equal(loaded["body.conv1.0.weight"], full.state_dict()["conv1.0.weight"])
+    assert torch.equal(loaded["body.layer2.0.conv1.weight"], full.state_dict()["layer2.0.conv1.weight"])
+    assert not any(k.startswith("body.layer3") for k in loaded)

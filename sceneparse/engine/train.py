@@ -323,6 +323,26 @@ def next_batch(batches, iteration: int, output_dir: Path) -> dict:
         ) from None
 
 
+def run_on_main(fn: Callable[[], object], info) -> None:
+    """Run `fn` on rank 0 alone; if it fails, every rank raises (none is left waiting for it).
+
+    A user error reaches every rank as the same SceneparseError; any other exception is re-raised
+    on rank 0 and reported on the others as a pointer to rank 0's traceback."""
+    problem, error = None, None
+    if info.is_main:
+        try:
+            fn()
+        except SceneparseError as err:
+            problem = (err.message, err.hint)
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the others are told
+            problem, error = (f"rank 0 failed ({type(err).__name__}: {err}); see its traceback", None), err
+    problem = dist_utils.broadcast_object(problem)
+    if error is not None:
+        raise error
+    if problem is not None:
+        raise SceneparseError(*problem)
+
+
 def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     """Train as `cfg` says; `resume=True` continues from OUTPUT/last.pt, a path from that file.
 
@@ -352,16 +372,8 @@ def _train(cfg: DictConfig, resume, info) -> dict:
     device, is_main = info.device, info.is_main
     output_dir = Path(cfg.output_dir)
     resume_path = (output_dir / "last.pt") if resume is True else (Path(resume) if resume else None)
-    problem = None
-    if is_main:
-        try:
-            prepare_output(output_dir, cfg.overwrite, resume_path is not None)
-        except SceneparseError as err:
-            problem = (err.message, err.hint)
     # Rank 0 checks/clears the folder while the others wait; then all of them fail alike or go on.
-    problem = dist_utils.broadcast_object(problem)
-    if problem is not None:
-        raise SceneparseError(*problem)
+    run_on_main(lambda: prepare_output(output_dir, cfg.overwrite, resume_path is not None), info)
     ckpt = load_checkpoint(resume_path) if resume_path is not None else None
     if ckpt is not None and "train_state" not in ckpt:
         raise SceneparseError(
@@ -389,15 +401,7 @@ def _train(cfg: DictConfig, resume, info) -> dict:
     if cfg.model.encoder_weights and ckpt is None:
         # Rank 0 alone reads (and maybe downloads) the weights: DDP then copies its model to every
         # rank, and concurrent downloads into one cache file would clash. A bad file fails all ranks.
-        problem = None
-        if is_main:
-            try:
-                load_encoder_weights(model.encoder, cfg.model.encoder_weights)
-            except SceneparseError as err:
-                problem = (err.message, err.hint)
-        problem = dist_utils.broadcast_object(problem)
-        if problem is not None:
-            raise SceneparseError(*problem)
+        run_on_main(lambda: load_encoder_weights(model.encoder, cfg.model.encoder_weights), info)
     optimizer, scheduler = build_optimizer(model, tc, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and device.type == "cuda")
     criterion = build_criterion(cfg, lambda: build_dataset({**data_settings, "cache_in_memory": False}, dc.train_split, None), num_classes, device)

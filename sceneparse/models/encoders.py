@@ -232,6 +232,10 @@ class HRNetV2Encoder(Encoder):
 # --- any timm model ---------------------------------------------------------------------------------
 
 
+# timm.create_model options that only the features_only wrapper understands.
+_FEATURES_ONLY_OPTIONS = {"out_indices", "feature_location", "feature_cls", "feature_cfg", "flatten_sequential"}
+
+
 class TimmEncoder(Encoder):
     """Any timm model with `features_only=True`; options go to `timm.create_model`."""
 
@@ -255,8 +259,9 @@ class TimmEncoder(Encoder):
     def head_prefixes(self) -> tuple[str, ...]:
         # The classifier named by timm, plus top-level modules of the full model that the feature
         # extractor dropped (layers after the last tap, e.g. a final 1x1 conv or head norm).
+        model_options = {k: v for k, v in self.options.items() if k not in _FEATURES_ONLY_OPTIONS}
         with torch.device("meta"):
-            full = timm.create_model(self.model_name, pretrained=False, **self.options)
+            full = timm.create_model(self.model_name, pretrained=False, **model_options)
         ours = {key.split(".")[1] for key in self.state_dict()}
         dropped = [
             name for name, _ in full.named_children()
