@@ -171,6 +171,14 @@ def _randomise_bn(module, seed):
             m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
 
 
+def _assert_same_features(encoder, reference) -> None:
+    """Our encoder's feature maps equal CSAIL's (`return_feature_maps=True`) on one random input."""
+    images = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        ours, theirs = encoder.eval()(images), reference(images, return_feature_maps=True)
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(ours, theirs, strict=True))
+
+
 def test_csail_imagenet_resnet_loads_and_matches_csail(tmp_path):
     models = _mit_semseg()
     from mit_semseg.models import resnet
@@ -185,10 +193,7 @@ def test_csail_imagenet_resnet_loads_and_matches_csail(tmp_path):
     assert torch.equal(encoder.bn1.running_var, state["bn3.running_var"])
 
     reference = models.ResnetDilated(csail_net, dilate_scale=8).eval()
-    images = torch.randn(1, 3, 48, 64)
-    with torch.no_grad():
-        ours, theirs = encoder.eval()(images), reference(images, return_feature_maps=True)
-    assert all((a - b).abs().max() < 1e-4 for a, b in zip(ours, theirs, strict=True))
+    _assert_same_features(encoder, reference)
 
 
 def test_csail_imagenet_mobilenet_tar_loads_and_matches_csail(tmp_path):
@@ -204,10 +209,7 @@ def test_csail_imagenet_mobilenet_tar_loads_and_matches_csail(tmp_path):
     load_encoder_weights(encoder, _save(tmp_path, state, "mobilenet_v2.pth.tar"))
 
     reference = models.MobileNetV2Dilated(csail_net, dilate_scale=8).eval()
-    images = torch.randn(1, 3, 48, 64)
-    with torch.no_grad():
-        ours, theirs = encoder.eval()(images), reference(images, return_feature_maps=True)
-    assert all((a - b).abs().max() < 1e-4 for a, b in zip(ours, theirs, strict=True))
+    _assert_same_features(encoder, reference)
 
 
 def test_torchvision_mobilenet_v2_loads(tmp_path):
