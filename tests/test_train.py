@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sceneparse.engine.config import load_config
-from sceneparse.engine.optim import param_groups, poly_lambda
+from sceneparse.engine.optim import PolySchedule, param_groups
 from sceneparse.engine.train import (
     SeededDataset,
     TrainBatches,
@@ -55,13 +55,15 @@ def test_param_groups_split_lr_and_skip_decay_on_norms_and_biases():
 
 
 def test_poly_lr_with_warmup_by_hand():
-    f = poly_lambda(10, power=0.9)
+    f = PolySchedule(10, power=0.9)
     assert f(0) == 1.0 and f(10) == 0.0
     assert f(5) == pytest.approx(0.5 ** 0.9)
-    w = poly_lambda(10, power=0.9, warmup_iters=4)
+    w = PolySchedule(10, power=0.9, warmup_iters=4)
     assert w(0) == pytest.approx(0.25)  # (1 - 0/10)^0.9 * 1/4
     assert w(2) == pytest.approx(0.8 ** 0.9 * 3 / 4)
     assert w(4) == pytest.approx(0.6 ** 0.9)  # warmup over
+    f.horizon = 20  # moved by train.time_budget_s
+    assert f(5) == pytest.approx(0.75 ** 0.9) and f(25) == 0.0
 
 
 def test_batches_are_a_function_of_the_iteration():
@@ -240,3 +242,44 @@ def test_a_broken_dataset_is_refused_at_start_up_with_every_problem(tmp_path):
         train(cfg)
     assert "data check" in info.value.hint
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_time_budget_horizon_by_hand():
+    from sceneparse.engine.train import TimeBudget
+
+    budget = TimeBudget(100.0, start=0.0)
+    assert budget.horizon(10, cap=1000, elapsed=40.0, steps_per_s=2.0) == 130  # 60 s left x 2 steps/s
+    assert budget.horizon(10, cap=50, elapsed=40.0, steps_per_s=2.0) == 50  # train.iterations caps it
+    assert budget.horizon(10, cap=1000, elapsed=120.0, steps_per_s=2.0) == 10  # time is up: end here
+    assert budget.horizon(10, cap=1000, elapsed=5.0, steps_per_s=0.0) == 1000  # no speed known yet
+    assert budget.horizon(10, cap=1000, elapsed=101.0, steps_per_s=0.0) == 10
+    budget.measured(10, 100.0)  # the first window (warm-up) counts until there is a second
+    assert budget.steps_per_s == 0.1
+    budget.measured(20, 10.0)
+    budget.measured(10, 10.0)
+    assert budget.steps_per_s == 1.5  # (20 + 10) / (10 + 10)
+
+
+def test_time_budget_fits_the_schedule_to_the_clock_and_resumes_with_the_time_spent(tmp_path):
+    import time
+
+    overrides = ["train.iterations=100000", "train.time_budget_s=4", "train.log_every=2", "train.val_every=0",
+                 "train.checkpoint_every=100000", "train.warmup_iters=0"]
+    began = time.perf_counter()
+    result = train(tiny_config(tmp_path, *overrides))
+    took = time.perf_counter() - began
+    assert 4.0 <= took < 30.0  # the whole run: start-up, steps, final save
+    done = result["iterations"]
+    assert 4 <= done < 100000
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["end_iter"] == done  # the run ended where the fitted schedule ends
+    assert records[-1]["lr"] < 0.5 * 0.05  # and the rate decayed towards zero on the way
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train_state"]
+    assert state["iteration"] == done and 3.0 <= state["elapsed_s"] <= took
+
+    # Resumed with 3 more seconds: continues from where it stopped and stops again in time.
+    spent = state["elapsed_s"]
+    began = time.perf_counter()
+    more = train(tiny_config(tmp_path, *overrides[:1], f"train.time_budget_s={spent + 3}", *overrides[2:]),
+                 resume=True)
+    assert more["iterations"] > done and time.perf_counter() - began < 25.0

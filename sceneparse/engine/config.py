@@ -54,6 +54,10 @@ class DataConfig:
     # Decode every image and label once at start-up and keep them in RAM (uint8): DataLoader workers
     # then only augment. For small datasets (CamVid: ~250 MB); forked workers share the memory.
     cache_in_memory: bool = False
+    # Where the training augmentation runs: `workers` (DataLoader processes, torchvision.transforms.v2)
+    # or `device`: batched on the training device (sceneparse.data.device_augment; crop recipes
+    # only). With cache_in_memory as well, the whole training set is kept on the device: no workers.
+    augment_on: str = "workers"
     # kind=synthetic: {num_images: int or {train: N, val: M}, seed: int, image_size: int}
     synthetic: Dict[str, Any] = field(default_factory=dict)
 
@@ -61,6 +65,10 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 100_000
+    # Wall-clock seconds for the whole `sceneparse train` run (start-up included; a resumed run
+    # counts the time already spent). Set: the poly schedule is fitted to the clock (its end moves
+    # with the measured speed) and training ends when the time is up; `iterations` is then a cap.
+    time_budget_s: Optional[float] = None
     lr_encoder: float = 0.02
     lr_decoder: float = 0.02
     momentum: float = 0.9
@@ -100,6 +108,7 @@ class Config:
 
 CHOICES = {
     "data.batching": ("aspect", "crop"),
+    "data.augment_on": ("workers", "device"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip"),
 }
@@ -153,7 +162,14 @@ def _check_choices(cfg: DictConfig) -> None:
             raise SceneparseError(f"{key}={value!r} must be a positive number")
     if cfg.train.val_every < 0 or cfg.data.num_workers < 0:
         raise SceneparseError("train.val_every (0: never) and data.num_workers must not be negative")
+    if cfg.train.time_budget_s is not None and cfg.train.time_budget_s <= 0:
+        raise SceneparseError(f"train.time_budget_s={cfg.train.time_budget_s!r} must be positive (or null: no budget)")
     crop = cfg.data.crop_size
+    if cfg.data.augment_on == "device" and crop is None:
+        raise SceneparseError(
+            "data.augment_on=device needs data.crop_size: batched augmentation makes fixed-size crops",
+            "set data.crop_size (e.g. 512 or [360, 480]), or keep data.augment_on=workers",
+        )
     if crop is not None:
         values = list(crop) if OmegaConf.is_list(crop) else [crop]
         if not 1 <= len(values) <= 2 or not all(type(v) is int and v > 0 for v in values):

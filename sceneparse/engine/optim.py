@@ -21,16 +21,21 @@ def param_groups(model: torch.nn.Module, lr_encoder: float, lr_decoder: float, w
     return [g for g in groups if g["params"]]
 
 
-def poly_lambda(iterations: int, power: float = 0.9, warmup_iters: int = 0):
-    """LR factor at step `it`: (1 - it/iterations)^power, ramped linearly over the first warmup_iters."""
+class PolySchedule:
+    """LR factor at step `it`: (1 - it/horizon)^power, ramped linearly over the first warmup_iters.
 
-    def factor(it: int) -> float:
-        poly = max(0.0, 1.0 - it / iterations) ** power
-        if it < warmup_iters:
-            return poly * (it + 1) / warmup_iters
+    `horizon` starts at the run's iteration count; `train.time_budget_s` moves it as the clock
+    runs (see `engine.train.TimeBudget`).
+    """
+
+    def __init__(self, iterations: int, power: float = 0.9, warmup_iters: int = 0):
+        self.horizon, self.power, self.warmup_iters = int(iterations), float(power), int(warmup_iters)
+
+    def __call__(self, it: int) -> float:
+        poly = max(0.0, 1.0 - it / max(self.horizon, 1)) ** self.power
+        if it < self.warmup_iters:
+            return poly * (it + 1) / self.warmup_iters
         return poly
-
-    return factor
 
 
 def build_optimizer(model: torch.nn.Module, train_cfg, fused: bool = False
@@ -44,7 +49,8 @@ def build_optimizer(model: torch.nn.Module, train_cfg, fused: bool = False
         momentum=train_cfg.momentum,
         fused=fused,
     )
+    # One schedule object shared by all groups: moving its horizon moves every group's rate.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lambda(train_cfg.iterations, train_cfg.poly_power, train_cfg.warmup_iters)
+        optimizer, PolySchedule(train_cfg.iterations, train_cfg.poly_power, train_cfg.warmup_iters)
     )
     return optimizer, scheduler

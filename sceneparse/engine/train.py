@@ -144,6 +144,105 @@ def epoch_batches_fn(dataset, data_cfg, seed: int, info) -> Callable[[int], list
     return batches
 
 
+# --------------------------------------------------------------------------- feeding the loop
+def training_feed(train_set, sampler: TrainBatches, data_cfg, device: torch.device, num_classes: int):
+    """Yields `(images, masks, paths)` for each step: on `device`, images normalised float32,
+    masks int64. How, by `data.augment_on` and `data.cache_in_memory`:
+
+    - workers: DataLoader workers decode and augment; uint8 batches travel through pinned memory
+      with non-blocking copies, normalised on the device.
+    - device: workers only decode; the batch is augmented on the device (`DeviceAugment`).
+    - device + cache_in_memory: the whole training set sits on the device; no workers at all.
+    """
+    from sceneparse.data import IGNORE_INDEX
+    from sceneparse.data.device_augment import DeviceAugment
+    from sceneparse.data.transforms import collate_pad, normalize
+
+    dc = data_cfg
+    # uint8 masks: 8x less to copy; class ids must then stay below IGNORE_INDEX (255).
+    mask_dtype = torch.uint8 if num_classes < IGNORE_INDEX else torch.int64
+    augment = None
+    if dc.augment_on == "device":
+        augment = DeviceAugment(dc.crop_size, dc.scale_range, dc.flip, dc.color_jitter, dc.mean, dc.std)
+        if dc.cache_in_memory:
+            yield from _device_resident_feed(train_set, sampler, augment, device, mask_dtype)
+            return
+    loader = torch.utils.data.DataLoader(
+        SeededDataset(train_set), batch_sampler=sampler,
+        collate_fn=functools.partial(collate_pad, mask_dtype=mask_dtype),
+        num_workers=dc.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=dc.num_workers > 0 and len(sampler) > 0,
+        generator=torch.Generator(),  # keeps the DataLoader from drawing on the global RNG
+    )
+    # On the device once: a list would be copied from pageable memory every step (a host sync).
+    mean, std = (torch.tensor(list(v), dtype=torch.float32, device=device) for v in (dc.mean, dc.std))
+    seeds = iter(sampler)  # the same (index, seed) pairs the loader's workers receive, in order
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        masks = batch["mask"].to(device, non_blocking=True)
+        pairs = next(seeds)
+        if augment is not None:
+            images, masks = augment(images, masks, batch["sizes"], [seed for _, seed in pairs])
+        else:
+            images, masks = normalize(images, mean, std), masks.long()
+        yield images, masks, batch["paths"]
+
+
+def _device_resident_feed(train_set, sampler, augment, device, mask_dtype):
+    """The training set decoded once (from the RAM cache), padded into one uint8 tensor on the
+    device; each step gathers its rows and augments them there."""
+    from sceneparse.data.transforms import collate_pad
+
+    everything = collate_pad([train_set[i] for i in range(len(train_set))], mask_dtype=mask_dtype)
+    images, masks = everything["image"].to(device), everything["mask"].to(device)
+    sizes, paths = everything["sizes"], everything["paths"]
+    for pairs in sampler:
+        rows = [index for index, _ in pairs]
+        picked = torch.tensor(rows)
+        if device.type == "cuda":  # pinned + non-blocking: no wait for the GPU's queue
+            picked = picked.pin_memory()
+        picked = picked.to(device, non_blocking=True)
+        batch_images, batch_masks = augment(images[picked], masks[picked], [sizes[r] for r in rows],
+                                            [seed for _, seed in pairs])
+        yield batch_images, batch_masks, [paths[r] for r in rows]
+
+
+class TimeBudget:
+    """`train.time_budget_s`: the poly schedule's end fitted to the clock.
+
+    At each sync point the ranks agree (through the all-reduce they already do) on the elapsed
+    time and the steps per second of the previous log window, validation and checkpoint time
+    left out; the schedule's horizon becomes the iteration the run will reach when the time is
+    up, capped at `train.iterations`. Once the time is up the horizon is the current iteration:
+    the run validates, saves and ends there. The speed is the average over all windows but the
+    first, whose warm-up (cudnn.benchmark, compilation) would make the horizon start low.
+    """
+
+    def __init__(self, budget_s: float, start: float):
+        self.budget_s = float(budget_s)
+        self.start = start  # time.perf_counter() when the run began (earlier runs' time subtracted)
+        self.steps_per_s = 0.0  # measured after each sync, sent with the next one
+        self._windows, self._steps, self._seconds = 0, 0, 0.0
+
+    def measured(self, steps: int, seconds: float) -> None:
+        """A log window of `steps` training steps took `seconds`."""
+        self._windows += 1
+        if self._windows == 1:  # warm-up: only until a second window is measured
+            self.steps_per_s = steps / max(seconds, 1e-9)
+            return
+        self._steps, self._seconds = self._steps + steps, self._seconds + seconds
+        self.steps_per_s = self._steps / max(self._seconds, 1e-9)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def horizon(self, iteration: int, cap: int, elapsed: float, steps_per_s: float) -> int:
+        remaining = max(0.0, self.budget_s - elapsed)
+        if steps_per_s <= 0:  # no speed measured yet: keep the cap until there is one
+            return cap if remaining > 0 else iteration
+        return int(min(cap, iteration + math.floor(remaining * steps_per_s)))
+
+
 # --------------------------------------------------------------------------- set-up helpers
 def prepare_output(output_dir: Path, overwrite: bool, resuming: bool) -> None:
     """Refuse to mix two runs in one folder; make sure we can write there before training."""
@@ -288,7 +387,9 @@ def build_data(cfg: DictConfig, data_settings: dict, verbose: bool = True):
     from sceneparse.data.transforms import build_train_transforms
 
     dc = cfg.data
-    train_set = build_dataset(data_settings, dc.train_split, build_train_transforms(train_transform_options(dc)))
+    # augment_on=device: the dataset yields decoded images; DeviceAugment does the rest, batched.
+    transforms = None if dc.augment_on == "device" else build_train_transforms(train_transform_options(dc))
+    train_set = build_dataset(data_settings, dc.train_split, transforms)
     val_set = build_dataset(data_settings, dc.val_split, None)
     for split_name, dataset in ((dc.train_split, train_set), (dc.val_split, val_set)):
         problems = quick_check(dataset)
@@ -362,12 +463,12 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
 
 def _train(cfg: DictConfig, resume, info) -> dict:
     from sceneparse.data import build_dataset
-    from sceneparse.data.transforms import collate_pad, normalize
     from sceneparse.engine.evaluate import evaluate
     from sceneparse.engine.visualize import save_curves_png
     from sceneparse.models import build_model
     from sceneparse.models.pretrained import load_encoder_weights
 
+    started = time.perf_counter()  # train.time_budget_s counts from here
     tc, dc = cfg.train, cfg.data
     device, is_main = info.device, info.is_main
     output_dir = Path(cfg.output_dir)
@@ -430,6 +531,7 @@ def _train(cfg: DictConfig, resume, info) -> dict:
         scaler.load_state_dict(state["scaler"])
         start_iter, position = state["iteration"], tuple(state["data_position"])
         best_miou, skipped = state["best_miou"], state["skipped"]
+        started -= state.get("elapsed_s", 0.0)
         # Each rank's own RNG streams (dropout draws differ per rank); rank 0's when the process
         # count changed or the checkpoint predates per-rank states.
         per_rank = state.get("rng_per_rank") or []
@@ -439,14 +541,12 @@ def _train(cfg: DictConfig, resume, info) -> dict:
 
     sampler = TrainBatches(epoch_batches_fn(train_set, dc, tc.seed, info), tc.seed, tc.iterations,
                            start_iter, position, info.rank)
-    loader = torch.utils.data.DataLoader(
-        SeededDataset(train_set), batch_sampler=sampler, collate_fn=collate_pad,
-        num_workers=dc.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=dc.num_workers > 0 and len(sampler) > 0,
-        generator=torch.Generator(),  # keeps the DataLoader from drawing on the global RNG
-    )
-    # On the device once: a list would be copied from pageable memory every step (a host sync).
-    mean, std = (torch.tensor(list(v), dtype=torch.float32, device=device) for v in (dc.mean, dc.std))
+    schedule = scheduler.lr_lambdas[0]  # the PolySchedule every parameter group shares
+    schedule.__init__(tc.iterations, tc.poly_power, tc.warmup_iters)  # resumed: the config's schedule
+    budget = TimeBudget(tc.time_budget_s, started) if tc.time_budget_s else None
+    if budget is not None and ckpt is not None:  # no steps at all if the time is already spent
+        spent = ckpt["train_state"].get("elapsed_s", 0.0)  # the same number on every rank
+        schedule.horizon = budget.horizon(start_iter, tc.iterations, spent, 0.0)
     class_names, palette = list(train_set.class_names), [list(c) for c in train_set.palette]
     normalization = {"mean": list(dc.mean), "std": list(dc.std)}
     logger = RunLogger(output_dir, resume_from=start_iter if ckpt is not None else None) if is_main else None
@@ -461,6 +561,7 @@ def _train(cfg: DictConfig, resume, info) -> dict:
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "best_miou": best_miou, "skipped": skipped,
             "rng": rng_states[0], "rng_per_rank": rng_states, "config": OmegaConf.to_container(cfg),
+            "elapsed_s": time.perf_counter() - started,
         }
         save_model(output_dir / "last.pt", model, class_names, palette, normalization, state)
 
@@ -479,19 +580,29 @@ def _train(cfg: DictConfig, resume, info) -> dict:
         nonlocal window_time
         losses = torch.stack(window).float() if window else torch.zeros(0, device=device)
         finite = torch.isfinite(losses)
+        clock = [budget.elapsed(), budget.steps_per_s] if budget is not None else [0.0, 0.0]
         packed = torch.cat([torch.where(finite, losses, torch.zeros_like(losses)), (~finite).float(),
-                            torch.tensor([float(stop_requested)], device=device)])
+                            torch.tensor([float(stop_requested)] + clock, device=device)])
         packed = dist_utils.all_reduce_(packed).cpu()
         k = len(window)
         loss_sums, bad_ranks, stop_votes = packed[:k], packed[k : 2 * k], packed[2 * k]
         if bad_ranks.any():
             raise nonfinite_error(int(bad_ranks.nonzero()[0]), losses.cpu())
+        elapsed = time.perf_counter() - window_time  # the GPU has caught up (.cpu() above)
+        if budget is not None:
+            # Every rank computes the horizon from the same (rank-averaged) numbers.
+            mean_elapsed, mean_speed = (packed[2 * k + 1 :] / info.world_size).tolist()
+            schedule.horizon = budget.horizon(iteration, tc.iterations, mean_elapsed, mean_speed)
+            bar.total = schedule.horizon
+            if k:
+                budget.measured(k, elapsed)
         if k:
-            elapsed = time.perf_counter() - window_time
             lrs = step_lrs
             record = {"iter": iteration, "loss": loss_sums.sum().item() / (k * info.world_size),
                       "lr": lrs[-1], "lr_encoder": lrs[0],
                       "img_per_s": k * dc.batch_size * info.world_size / max(elapsed, 1e-9), "skipped": skipped}
+            if budget is not None:
+                record["end_iter"] = schedule.horizon
             if logger is not None:
                 logger.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -544,17 +655,14 @@ def _train(cfg: DictConfig, resume, info) -> dict:
     model.train()
     it, next_position = start_iter, position
     positions = sampler.walk()
-    batches = iter(loader)
+    batches = training_feed(train_set, sampler, dc, device, num_classes)
     autocast = _autocast(tc.amp, device)
     with _StopSignal() as stop:
         try:
-            while it < tc.iterations:
-                batch = next_batch(batches, it + 1, output_dir)
+            while it < schedule.horizon:
+                images, masks, paths = next_batch(batches, it + 1, output_dir)
                 _, epoch, offset, _ = next(positions)
                 it, next_position = it + 1, (epoch, offset + 1)
-                images = batch["image"].to(device, non_blocking=True)
-                masks = batch["mask"].to(device, non_blocking=True)
-                images = normalize(images, mean, std)
                 if tc.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast:
@@ -567,7 +675,7 @@ def _train(cfg: DictConfig, resume, info) -> dict:
                     if not torch.isfinite(loss):  # the rank(s) that read the bad batch name it
                         bar.write(f"iteration {it}: non-finite loss, batch skipped"
                                   + (f" (rank {info.rank})" if info.distributed else "")
-                                  + f": {', '.join(batch['paths'])}", file=sys.stderr)
+                                  + f": {', '.join(paths)}", file=sys.stderr)
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
@@ -575,10 +683,10 @@ def _train(cfg: DictConfig, resume, info) -> dict:
                     scaler.update()
                     scheduler.step()
                     window.append(loss.detach())
-                    window_steps.append((it, list(batch["paths"])))
+                    window_steps.append((it, list(paths)))
                 bar.update(1)
 
-                done = it == tc.iterations
+                done = it >= schedule.horizon
                 validate_now = tc.val_every > 0 and (it % tc.val_every == 0 or done)
                 checkpoint_now = it % tc.checkpoint_every == 0 or done or validate_now
                 # The ranks agree on stopping at log steps and checkpoints only (a signal reaches
@@ -587,10 +695,15 @@ def _train(cfg: DictConfig, resume, info) -> dict:
                 if it % tc.log_every == 0 or checkpoint_now or (stop.received and not info.distributed):
                     # also the non-finite check: nothing is saved after a bad step
                     stopping = sync(it, stop.received is not None)
+                    if it >= schedule.horizon and not done:  # the time budget ran out here
+                        done = True
+                        validate_now, checkpoint_now = tc.val_every > 0, True
                 if validate_now:
                     validate(it)
                 if checkpoint_now or stopping:
                     save_last(it, next_position)
+                if validate_now or checkpoint_now:
+                    window_time = time.perf_counter()  # the speed measures training steps only
                 if stopping and not done:
                     bar.close()
                     reason = stop.received or "stop signal on another process"
