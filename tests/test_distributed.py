@@ -178,6 +178,11 @@ def train_runs(info: D.DistInfo, out_dir: Path) -> dict:
     out["nan"] = run("nan", "train.val_every=0", "train.checkpoint_every=2", hooks={3: "nan"})
     # SIGTERM on rank 1 during step 1: both ranks stop together at the next log step (2).
     out["stop"] = run("stop", hooks={1: "sigterm"})
+    # Augmented on the device (whole set there) and fitted to a 3-second budget: the ranks must
+    # agree on the clock, else one would wait for the other in a collective until the timeout.
+    out["budget"] = run("budget", "data.augment_on=device", "data.cache_in_memory=true", "data.crop_size=48",
+                        "data.batching=crop", "train.time_budget_s=3", "train.iterations=100000",
+                        "train.log_every=2", "train.val_every=0", "train.checkpoint_every=100000")
     train_mod.segmentation_loss = real_loss
     # Encoder weights from a file: rank 0 alone reads (or downloads) them; DDP copies its model.
     from sceneparse.models import build_model, pretrained
@@ -279,6 +284,14 @@ def test_train_command_prints_its_summary_once_and_keeps_a_callers_group(ranks):
     assert log.count(f"outputs in {out / 'run'}: last.pt") == 1
     assert log.count(f"training done: 4 iterations; outputs in {out / 'run'} ") == 1
     assert [r["group_kept"] for r in ranks] == [True, True]
+
+
+def test_time_budget_and_device_augmentation_agree_across_ranks(ranks):
+    results = [r["budget"] for r in ranks]
+    assert all(isinstance(r, dict) for r in results), results  # no rank failed
+    assert results[0]["iterations"] == results[1]["iterations"] < 100000
+    state = torch.load(results[0]["last"], weights_only=True)["train_state"]
+    assert state["iteration"] == results[0]["iterations"] and state["elapsed_s"] >= 2.0
 
 
 def test_logged_loss_is_the_mean_over_ranks_and_steps(ranks):
