@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 from sceneparse.engine.config import load_config
+from sceneparse.engine.feed import SeededDataset, TrainBatches, epoch_batches_fn
 from sceneparse.engine.optim import PolySchedule, param_groups
 from sceneparse.engine.train import (
-    SeededDataset,
-    TrainBatches,
     median_frequency_weights,
     prepare_output,
     segmentation_loss,
@@ -191,7 +190,6 @@ def test_each_rank_gets_its_own_equal_share_of_whole_batches(tmp_path, batching)
     """Under torchrun every rank reads other images, as many batches as the others, and with
     `aspect` each batch is still all landscape or all portrait."""
     from sceneparse.engine.distributed import DistInfo
-    from sceneparse.engine.train import epoch_batches_fn
 
     class Sizes:  # 7 landscape and 6 portrait images: 13 is odd on purpose
         sizes = [(48, 64)] * 7 + [(64, 48)] * 6

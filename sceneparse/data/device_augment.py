@@ -8,7 +8,7 @@ and frees the data-loader workers from the most expensive part of their work (th
 `data.cache_in_memory` the whole training set lives on the device and no workers run at all.
 
 Randomness: each sample's parameters come from its own seed (the `(index, seed)` pairs of
-`engine.train.TrainBatches`), drawn on the CPU, so a batch is a pure function of its seeds - on any
+`engine.feed.TrainBatches`), drawn on the CPU, so a batch is a pure function of its seeds - on any
 device, with any batch composition - and resumed runs see the same batches.
 
 Differences from the worker pipeline, by design: no antialiasing when shrinking (scale factors

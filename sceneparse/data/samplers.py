@@ -3,7 +3,7 @@
 `AspectRatioBatchSampler` puts landscape (W >= H) and portrait images in separate batches, so a
 padded batch wastes little, and everything it does is a pure function of `seed` and the epoch:
 `batches(epoch)` is the full list of this rank's batches, which is how the trainer resumes
-mid-epoch exactly (it skips the batches already consumed; see `engine.train.TrainBatches`).
+mid-epoch exactly (it skips the batches already consumed; see `engine.feed.TrainBatches`).
 
 Per-batch scale (CSAIL draws one short side per batch): with `scales=[300, ...]` each batch is a
 list of `(index, short_side)` pairs; `SegmentationDataset.__getitem__` forwards the short side to

@@ -1,0 +1,238 @@
+"""What each training step sees, and how it reaches the device.
+
+- `TrainBatches` + `SeededDataset`: batch `i` is a pure function of (seed, i) - which images, and
+  every random number of their augmentation (each sample gets its own seed) - so a resumed run
+  sees exactly the batches the uninterrupted run would have, whatever the number of workers.
+- `build_data`: the train/val datasets from the config, refused at start-up when broken.
+- `training_feed`: normalised device batches from one of three pipelines (workers augment;
+  workers decode and the device augments; the whole training set on the device).
+"""
+from __future__ import annotations
+
+import functools
+import random
+import sys
+from typing import Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from sceneparse.engine import distributed as dist_utils
+from sceneparse.errors import SceneparseError
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """`dataset[(index, seed)]`: the sample with torch, `random` and numpy seeded by `seed`.
+
+    The caller's RNG states are left as they were, so with num_workers=0 the training process's
+    own random stream (dropout, ...) does not depend on the data pipeline.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        key, seed = item  # key: an index, or (index, short_side) from AspectRatioBatchSampler
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed)
+                return self.dataset[key]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class TrainBatches(torch.utils.data.Sampler):
+    """Batch sampler over iterations `start_iter..iterations`, starting at data position `start`.
+
+    `epoch_batches(e)` is epoch e's list of index batches (deterministic in e). Each yielded batch
+    is a list of `(index, seed)` pairs for `SeededDataset`; the seed depends on (seed, rank,
+    iteration, slot) only. `walk()` replays the same sequence with its (epoch, offset) positions.
+    """
+
+    def __init__(self, epoch_batches: Callable[[int], list[list[int]]], seed: int, iterations: int,
+                 start_iter: int = 0, start: tuple[int, int] = (0, 0), rank: int = 0):
+        self.epoch_batches = epoch_batches
+        self.seed, self.rank = seed, rank
+        self.iterations, self.start_iter, self.start = iterations, start_iter, tuple(start)
+
+    def walk(self):
+        epoch, offset = self.start
+        it = self.start_iter
+        while it < self.iterations:
+            batches = self.epoch_batches(epoch)
+            if not batches:
+                raise SceneparseError("the training set is smaller than one batch", "lower data.batch_size")
+            while offset < len(batches) and it < self.iterations:
+                yield it, epoch, offset, batches[offset]
+                offset += 1
+                it += 1
+            epoch, offset = epoch + 1, 0
+
+    def __iter__(self):
+        for it, _, _, batch in self.walk():
+            yield [(index, dist_utils.mix_seed(self.seed, self.rank, it, slot)) for slot, index in enumerate(batch)]
+
+    def __len__(self) -> int:
+        return self.iterations - self.start_iter
+
+
+def train_transform_options(data_cfg) -> dict:
+    """DataConfig -> `build_train_transforms` options: CSAIL short-side resize, or scale + crop."""
+    jitter = data_cfg.color_jitter or None
+    if data_cfg.crop_size:
+        return {"scales": None, "scale_range": list(data_cfg.scale_range), "crop": data_cfg.crop_size,
+                "flip": data_cfg.flip, "jitter": jitter}
+    return {"scales": list(data_cfg.scales), "max_size": data_cfg.max_size, "flip": data_cfg.flip,
+            "jitter": jitter}
+
+
+def epoch_batches_fn(dataset, data_cfg, seed: int, info) -> Callable[[int], list[list]]:
+    """Epoch -> this rank's batches, a pure function of (seed, epoch).
+
+    `aspect`: CSAIL's grouping of landscape/portrait images, one short side drawn per batch
+    (items are `(index, short_side)`); `crop`: a plain shuffle (fixed-size crops need no grouping).
+    """
+    from sceneparse.data.samplers import AspectRatioBatchSampler
+
+    if data_cfg.batching == "aspect":
+        sampler = AspectRatioBatchSampler(
+            dataset.image_sizes(), data_cfg.batch_size, seed=seed, num_replicas=info.world_size,
+            rank=info.rank, scales=None if data_cfg.crop_size else list(data_cfg.scales),
+        )
+        return functools.lru_cache(maxsize=2)(sampler.batches)
+
+    @functools.lru_cache(maxsize=2)
+    def batches(epoch: int) -> list[list[int]]:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(dist_utils.mix_seed(seed, epoch)))
+        b = data_cfg.batch_size
+        all_batches = [order[i : i + b].tolist() for i in range(0, len(order) - b + 1, b)]
+        # Same order on every rank; each takes every world_size-th batch (equal counts).
+        per_rank = len(all_batches) // info.world_size
+        return all_batches[info.rank :: info.world_size][:per_rank]
+
+    return batches
+
+
+def build_data(cfg: DictConfig, data_settings: dict, verbose: bool = True):
+    """Train and val datasets and the class count; a broken dataset is refused before any training."""
+    from sceneparse.data import build_dataset
+    from sceneparse.data.check import ERROR, quick_check
+    from sceneparse.data.transforms import build_train_transforms
+
+    dc = cfg.data
+    # augment_on=device: the dataset yields decoded images; DeviceAugment does the rest, batched.
+    transforms = None if dc.augment_on == "device" else build_train_transforms(train_transform_options(dc))
+    train_set = build_dataset(data_settings, dc.train_split, transforms)
+    val_set = build_dataset(data_settings, dc.val_split, None)
+    for split_name, dataset in ((dc.train_split, train_set), (dc.val_split, val_set)):
+        problems = quick_check(dataset)
+        errors = [p for p in problems if p.severity == ERROR]
+        if errors:
+            raise SceneparseError(
+                f"the {split_name} data has problems:\n  - " + "\n  - ".join(map(str, errors[:20]))
+                + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""),
+                "fix the files, or run `sceneparse data check` for a full report",
+            )
+        if verbose and problems:
+            print("data warnings:\n  - " + "\n  - ".join(map(str, problems)), file=sys.stderr)
+    num_classes = cfg.model.num_classes or train_set.num_classes
+    if num_classes != train_set.num_classes:
+        raise SceneparseError(
+            f"model.num_classes={num_classes} but the {dc.kind} dataset has {train_set.num_classes} classes",
+            "remove model.num_classes (it is taken from the dataset) or fix the dataset's classes",
+        )
+    return train_set, val_set, num_classes
+
+
+def training_feed(train_set, sampler: TrainBatches, data_cfg, device: torch.device, num_classes: int):
+    """Yields `(images, masks, paths)` for each step: on `device`, images normalised float32,
+    masks int64. How, by `data.augment_on` and `data.cache_in_memory`:
+
+    - workers: DataLoader workers decode and augment; uint8 batches travel through pinned memory
+      with non-blocking copies, normalised on the device.
+    - device: workers only decode; the batch is augmented on the device (`DeviceAugment`).
+    - device + cache_in_memory: the whole training set sits on the device; no workers at all.
+    """
+    from sceneparse.data import IGNORE_INDEX
+    from sceneparse.data.device_augment import DeviceAugment
+    from sceneparse.data.transforms import collate_pad, normalize
+
+    dc = data_cfg
+    # uint8 masks: 8x less to copy; class ids must then stay below IGNORE_INDEX (255).
+    mask_dtype = torch.uint8 if num_classes < IGNORE_INDEX else torch.int64
+    augment = None
+    if dc.augment_on == "device":
+        augment = DeviceAugment(dc.crop_size, dc.scale_range, dc.flip, dc.color_jitter, dc.mean, dc.std)
+        if dc.cache_in_memory:
+            yield from _device_resident_feed(train_set, sampler, augment, device, mask_dtype)
+            return
+    loader = torch.utils.data.DataLoader(
+        SeededDataset(train_set), batch_sampler=sampler,
+        collate_fn=functools.partial(collate_pad, mask_dtype=mask_dtype),
+        num_workers=dc.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=dc.num_workers > 0 and len(sampler) > 0,
+        generator=torch.Generator(),  # keeps the DataLoader from drawing on the global RNG
+    )
+    # On the device once: a list would be copied from pageable memory every step (a host sync).
+    mean, std = (torch.tensor(list(v), dtype=torch.float32, device=device) for v in (dc.mean, dc.std))
+    seeds = iter(sampler)  # the same (index, seed) pairs the loader's workers receive, in order
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        masks = batch["mask"].to(device, non_blocking=True)
+        pairs = next(seeds)
+        if augment is not None:
+            images, masks = augment(images, masks, batch["sizes"], [seed for _, seed in pairs])
+        else:
+            images, masks = normalize(images, mean, std), masks.long()
+        yield images, masks, batch["paths"]
+
+
+def _device_resident_feed(train_set, sampler, augment, device, mask_dtype):
+    """The training set decoded once (from the RAM cache), padded into one uint8 tensor on the
+    device; each step gathers its rows and augments them there."""
+    from sceneparse.data.transforms import collate_pad
+
+    everything = collate_pad([train_set[i] for i in range(len(train_set))], mask_dtype=mask_dtype)
+    images, masks = everything["image"].to(device), everything["mask"].to(device)
+    sizes, paths = everything["sizes"], everything["paths"]
+    for pairs in sampler:
+        rows = [index for index, _ in pairs]
+        picked = torch.tensor(rows)
+        if device.type == "cuda":  # pinned + non-blocking: no wait for the GPU's queue
+            picked = picked.pin_memory()
+        picked = picked.to(device, non_blocking=True)
+        batch_images, batch_masks = augment(images[picked], masks[picked], [sizes[r] for r in rows],
+                                            [seed for _, seed in pairs])
+        yield batch_images, batch_masks, [paths[r] for r in rows]
+
+
+def next_batch(batches, iteration: int, resume_command: str):
+    """The next batch; a dataset file that vanished or broke mid-run becomes a clear error."""
+    try:
+        return next(batches)
+    except (OSError, SceneparseError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "Original Traceback" not in str(err):
+            raise  # a bug, not a data problem (worker errors are re-raised with "Original Traceback")
+        raise SceneparseError(
+            f"reading training data failed at iteration {iteration}: {_data_error_message(err)}",
+            f"restore the dataset files, then resume: {resume_command}",
+        ) from None
+
+
+def _data_error_message(err: BaseException) -> str:
+    """The useful line of a (possibly DataLoader-worker re-raised) exception: the original error."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if "Original Traceback" in str(err):
+        # The re-raised text ends with "<Type>: <message>" (and maybe a "fix:" line): keep those.
+        for i in range(len(lines) - 1, -1, -1):
+            if not lines[i].startswith(" ") and ": " in lines[i]:
+                return "\n".join(lines[i:])
+    return "\n".join(lines) or type(err).__name__
