@@ -26,6 +26,7 @@ __all__ = [
     "init_from_env",
     "resolve_device",
     "wrap_model",
+    "sync_batchnorm",
     "unwrap",
     "all_reduce_",
     "reduce_mean",
@@ -136,23 +137,40 @@ def wrap_model(
 ) -> nn.Module:
     """Move `model` to `info.device` and, when distributed, wrap it in DDP.
 
+    Distributed means launched on several processes, or a process group already up (also one of
+    a single process: that is how one GPU exercises the DDP, SyncBatchNorm and NCCL code paths).
     With `sync_bn` and CUDA, BatchNorm layers become SyncBatchNorm so their batch statistics are
     computed over the global batch (what a single big-batch run would see). torch's SyncBatchNorm
     only runs on GPU-like devices (it raises on CPU tensors), so on CPU/gloo plain BatchNorm is
     kept: each process normalises with the statistics of its own share of the batch.
+    Memory format (channels-last) must be set before this: DDP lays out its gradient buckets
+    from the parameters' strides at construction.
     """
     model = model.to(info.device)
-    if not info.distributed:
+    if not (info.distributed or _active()):
         return model
     if sync_bn and info.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
+        model = sync_batchnorm(model)
+    device_ids = None
+    if info.device.type == "cuda":
+        device_ids = [torch.cuda.current_device() if info.device.index is None else info.device.index]
     return DistributedDataParallel(
         model,
         device_ids=device_ids,
         output_device=device_ids[0] if device_ids else None,
         find_unused_parameters=find_unused_parameters,
     )
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """`model` with every BatchNorm layer a SyncBatchNorm, keeping timm's fused norm + activation
+    layers whole. torch's `SyncBatchNorm.convert_sync_batchnorm` turns timm's `BatchNormAct2d`
+    (MobileNetV2's, EfficientNet's, ...) into a plain SyncBatchNorm whose forward never calls the
+    activation it still holds: the network silently loses its ReLU6s. timm's converter makes
+    `SyncBatchNormAct` for those and plain SyncBatchNorm for the rest."""
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
