@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from sceneparse.cli.main import main
-from sceneparse.engine.bench import Variant, measure, variants_for
+from sceneparse.engine.bench import Variant, explicit_variants, measure, parse_variant, variants_for
+from sceneparse.errors import SceneparseError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 CAMVID = SHARED / "data" / "camvid"
 TINY = ["--encoder", "timm:test_resnet", "--decoder", "c1", "--size", "32", "32", "--batch", "2",
         "--warmup", "1", "--iters", "1", "--repeats", "2", "--device", "cpu"]
@@ -35,6 +37,65 @@ def test_variants_are_baseline_each_option_and_the_combination():
     names = [v.name for v in variants_for(amp="bf16", channels_last=True, compile=True)]
     assert names == ["fp32-eager", "bf16", "fp32+channels-last", "fp32+compile", "bf16+channels-last+compile"]
     assert [v.name for v in variants_for(amp="fp16")] == ["fp32-eager", "fp16"]
+
+
+def test_variant_names_parse_back_and_typos_are_refused():
+    every = [Variant(amp, cl, comp, graphs) for amp in (None, "bf16", "fp16") for cl in (False, True)
+             for comp in (False, True) for graphs in (False, True)]
+    assert all(parse_variant(v.name) == v for v in every)
+    for bad in ("bf16+compile+channels-last", "fp32", "bf16+cudagraphs", "int8", "bf16+compile+compile"):
+        with pytest.raises(SceneparseError):
+            parse_variant(bad)
+    chosen = explicit_variants(["bf16+channels-last", "fp32-eager", "bf16+channels-last"])
+    assert [v.name for v in chosen] == ["fp32-eager", "bf16+channels-last"]  # baseline first, once
+
+
+def test_explicit_variants_report_agreement_and_save_every_row(tmp_path, monkeypatch):
+    from sceneparse.engine import bench
+
+    out, writes = tmp_path / "bench.json", []
+    real_write = bench.write_json
+    monkeypatch.setattr(bench, "write_json", lambda report, path: (writes.append(len(report["results"])),
+                                                                   real_write(report, path)))
+    assert main(["bench", *TINY, "--num-classes", "3", "--tasks", "latency,throughput,train",
+                 "--variants", "fp32+channels-last", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["task"], r["variant"]) for r in rows] == [
+        (t, v) for v in ("fp32-eager", "fp32+channels-last") for t in ("latency", "throughput", "train")]
+    assert writes == [1, 2, 3, 4, 5, 6, 6]  # after each row, then the final report
+    for r in rows:  # inference rows of a speed variant: share of pixels predicted as fp32 eager does
+        expected = r["task"] != "train" and r["variant"] != "fp32-eager"
+        assert (r["agreement"] is not None) == expected
+        assert r["agreement"] is None or r["agreement"] > 0.99  # channels-last on the CPU: same maths
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_make_table_shows_agreement_and_the_end_to_end_ratio(tmp_path):
+    import subprocess
+    import sys
+
+    def row(task, variant, ips, agreement=None):
+        return {"task": task, "variant": variant, "batch": 16, "ms_per_iter": 16000 / ips, "images_per_s": ips,
+                "speedup": None, "peak_mem_mib": 100.0, "agreement": agreement, "note": None}
+
+    report = {"format": "sceneparse-bench/1",
+              "meta": {"model_name": "m", "model": {}, "device": "cuda:0", "device_name": "GPU", "torch": "x",
+                       "size": [512, 512], "date": "2026-11-22T00:00:00+00:00"},
+              "results": [row("train", "bf16", 200.0), row("train-data", "bf16", 190.0),
+                          row("throughput", "bf16", 900.0, 0.9987)]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    text = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_table.py"), str(path)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "| 99.87 |" in text
+    assert "end-to-end 190.0 img/s = 95 % of the synthetic-tensor step (200.0 img/s)" in text
+
+
+def test_bench_variants_replace_the_option_flags(capsys):
+    args = ["bench", *TINY, "--num-classes", "3", "--amp", "bf16", "--variants", "bf16"]
+    assert main(args) == 2 and "--variants replaces" in capsys.readouterr().err
+    assert main(["bench", *TINY, "--num-classes", "3", "--variants", "bf16+turbo"]) == 2
+    assert "unknown bench variant" in capsys.readouterr().err
 
 
 def test_bench_writes_table_and_json(tmp_path, capsys):

@@ -34,6 +34,10 @@ def register(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="also measure torch.compile")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also measure CUDA graphs (inference; with --compile: mode reduce-overhead)")
+    p.add_argument("--variants", metavar="LIST",
+                   help="instead of the four options above: exactly these comma-separated variants "
+                        "(fp32 eager is always measured first), e.g. "
+                        "fp32-eager,bf16+channels-last,bf16+channels-last+compile+cuda-graphs")
     p.add_argument("--data", metavar="ROOT", help="dataset root for the train-data task")
     p.add_argument("--data-kind", help="dataset kind of --data: ade20k, camvid or folder (default: detected)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes for train-data (default 4)")
@@ -66,7 +70,14 @@ def _load(args):
 
 
 def run(args) -> int:
-    from sceneparse.engine.bench import BenchSettings, format_table, run_benchmark, variants_for, write_json
+    from sceneparse.engine.bench import (
+        BenchSettings,
+        explicit_variants,
+        format_table,
+        run_benchmark,
+        variants_for,
+        write_json,
+    )
     from sceneparse.engine.distributed import resolve_device
 
     for name in ("batch", "warmup", "iters", "repeats"):
@@ -87,6 +98,13 @@ def run(args) -> int:
             raise SceneparseError(f"cannot tell the dataset layout of {args.data}",
                                   "pass --data-kind ade20k|camvid|folder")
         data = {"kind": kind, "root": args.data, "workers": args.workers}
+    if args.variants:
+        if args.amp or args.channels_last or args.compile or args.cuda_graphs:
+            raise SceneparseError("--variants replaces --amp/--channels-last/--compile/--cuda-graphs",
+                                  "give one or the other")
+        variants = explicit_variants(args.variants.split(","))
+    else:
+        variants = variants_for(args.amp, args.channels_last, args.compile, args.cuda_graphs)
     device = resolve_device(args.device)
     model, num_classes, normalization = _load(args)
     settings = BenchSettings(
@@ -97,13 +115,20 @@ def run(args) -> int:
         iters=args.iters,
         repeats=args.repeats,
         data=data,
-        variants=variants_for(args.amp, args.channels_last, args.compile, args.cuda_graphs),
+        variants=variants,
     )
-    report = run_benchmark(model, num_classes, settings, device, normalization,
-                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    if sys.argv[1:2] == ["bench"]:  # launched from the shell (not through main(argv) in-process)
-        report["meta"]["command"] = "sceneparse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report["meta"]["model_name"] = args.model or f"{args.encoder}-{args.decoder}"
+
+    def describe(report: dict) -> dict:
+        if sys.argv[1:2] == ["bench"]:  # launched from the shell (not through main(argv) in-process)
+            report["meta"]["command"] = "sceneparse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        report["meta"]["model_name"] = args.model or f"{args.encoder}-{args.decoder}"
+        return report
+
+    # With --json, the file is rewritten after every row: a run cut short keeps what it measured.
+    progress = (lambda partial: write_json(describe(partial), args.json)) if args.json else None
+    report = describe(run_benchmark(model, num_classes, settings, device, normalization,
+                                    log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                                    progress=progress))
     print(format_table(report))
     if args.json:
         write_json(report, args.json)

@@ -10,14 +10,17 @@ Tasks (each at a fixed input size, logits at that size as the Segmenter returns 
 
 Every requested speed option (autocast dtype, channels-last, torch.compile, CUDA graphs) is measured
 alone and combined, each next to the fp32 eager run of the same model in the same process, and
-reported with its ratio to it. Timing: warm-up iterations first, `torch.cuda.synchronize()` before
-reading the clock on CUDA, median over repeats.
+reported with its ratio to it; `--variants` picks an explicit list instead (the baseline is always
+measured first). Inference rows also report `agreement`: the fraction of output pixels whose
+argmax class equals the fp32 eager model's on the same input. Timing: warm-up iterations first,
+`torch.cuda.synchronize()` before reading the clock on CUDA, median over repeats.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import datetime as _dt
+import gc
 import json
 import platform
 import statistics
@@ -61,6 +64,37 @@ class Variant:
         return "fp32-eager" if parts == ["fp32"] else "+".join(parts)
 
 
+def parse_variant(name: str) -> Variant:
+    """The inverse of `Variant.name`: "fp32-eager", "bf16+channels-last+cuda-graphs", ..."""
+    name = name.strip()
+    if name == "fp32-eager":
+        return Variant()
+    parts = name.split("+")
+    amp = parts.pop(0) if parts and parts[0] in ("fp32", *AMP_DTYPES) else None
+    flags = {"channels-last": "channels_last", "compile": "compile", "cuda-graphs": "cuda_graphs"}
+    unknown = [p for p in parts if p not in flags]
+    if amp is None or unknown or len(set(parts)) != len(parts):
+        raise SceneparseError(
+            f"unknown bench variant {name!r}",
+            "write fp32-eager, or fp32|bf16|fp16 followed by +channels-last, +compile, +cuda-graphs "
+            "(in that order), e.g. bf16+channels-last+cuda-graphs",
+        )
+    variant = Variant(amp=None if amp == "fp32" else amp, **{flags[p]: True for p in parts})
+    if variant.name != name:  # one spelling per variant, so report rows match what was asked
+        raise SceneparseError(f"bench variant {name!r} is spelled {variant.name!r}")
+    return variant
+
+
+def explicit_variants(names: list[str]) -> list[Variant]:
+    """The named variants, the fp32 eager baseline first (added when missing: ratios need it)."""
+    chosen = [parse_variant(n) for n in names if n.strip()]
+    out = [Variant()]
+    for v in chosen:
+        if v not in out:
+            out.append(v)
+    return out
+
+
 def variants_for(amp: str | None = None, channels_last: bool = False, compile: bool = False,
                  cuda_graphs: bool = False) -> list[Variant]:
     """The fp32 eager baseline, each requested option alone, and all of them together."""
@@ -102,6 +136,7 @@ class Row:
     images_per_s: float | None = None
     speedup: float | None = None  # images_per_s / the fp32 eager baseline's, same task
     peak_mem_mib: float | None = None  # CUDA only
+    agreement: float | None = None  # inference: share of pixels whose argmax = fp32 eager's
     note: str | None = None  # why a row has no numbers (skipped or failed)
 
 
@@ -141,12 +176,15 @@ def _autocast(device: torch.device, variant: Variant):
 
 def _prepare(model: nn.Module, variant: Variant) -> nn.Module:
     """A model set up for `variant`: channels-last memory format and/or torch.compile.
-    CUDA graphs with compile use compile's "reduce-overhead" mode (cudagraph trees)."""
+    CUDA graphs with compile use compile's "reduce-overhead" mode (cudagraph trees).
+    dynamic=False: every shape gets kernels specialised to it, as a fixed-size deployment would.
+    Otherwise the batch-16 task, compiled after the batch-1 one (the same forward code), would
+    get batch-generic kernels."""
     if variant.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if variant.compile:
         mode = "reduce-overhead" if variant.cuda_graphs else None
-        model = torch.compile(model, mode=mode)
+        model = torch.compile(model, mode=mode, dynamic=False)
     return model
 
 
@@ -180,7 +218,9 @@ def cuda_graph_replay(fn: Callable[[], torch.Tensor], device: torch.device
             fn()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread) during the
+    # capture are theirs, not an error of the capture.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         output = fn()
     return graph.replay, output
 
@@ -195,7 +235,13 @@ def _inference_fn(model, variant, device, batch, size):
             return net(x)
 
     if variant.cuda_graphs and not variant.compile:
-        return cuda_graph_replay(forward, device)[0]
+        replay, output = cuda_graph_replay(forward, device)
+
+        def forward_graph():
+            replay()
+            return output
+
+        return forward_graph
     return forward
 
 
@@ -293,7 +339,8 @@ def _train_data_fn(model, variant, device, loader, settings, normalization):
         raise SceneparseError("the dataset has fewer images than one batch", "lower --batch")
     trainer = _Trainer(model, variant, device, settings.lr, settings.deepsup_weight)
     batches = iter(loader)
-    mean, std = normalization
+    # On the device once: lists would be copied from pageable memory at every step, a host sync.
+    mean, std = (torch.tensor(list(v), dtype=torch.float32, device=device) for v in normalization)
 
     def step():
         nonlocal batches
@@ -320,9 +367,16 @@ def _device_name(device: torch.device) -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def _labels(output) -> torch.Tensor:
+    """Class map of an inference output, on the CPU (int32: 4 bytes a pixel)."""
+    return _split_output(output)[0].argmax(1).to(torch.int32).cpu()
+
+
 def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
-                  device: torch.device, normalization=None, log: Callable[[str], None] = print) -> dict:
-    """Run every (variant, task) pair on fresh copies of `model` and return the JSON-ready report."""
+                  device: torch.device, normalization=None, log: Callable[[str], None] = print,
+                  progress: Callable[[dict], None] | None = None) -> dict:
+    """Run every (variant, task) pair on fresh copies of `model` and return the JSON-ready report.
+    `progress(report)` gets the report so far after each row (e.g. to save partial results)."""
     unknown = set(settings.tasks) - set(TASKS)
     if unknown:
         raise SceneparseError(f"unknown bench task(s): {', '.join(sorted(unknown))}",
@@ -353,6 +407,13 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
 
     rows: list[Row] = []
     baseline: dict[str, float] = {}
+    baseline_labels: dict[str, torch.Tensor] = {}
+    meta = _meta(model, num_classes, settings, device)
+
+    def report() -> dict:
+        return {"format": FORMAT, "meta": meta, "results": [asdict(r) for r in rows]}
+
+    fn = None
     for variant in settings.variants:
         for task in settings.tasks:
             batch = 1 if task == "latency" else settings.batch
@@ -362,6 +423,10 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
                 rows.append(row)
                 continue
             log(f"bench: {task} {variant.name} batch {batch} ...")
+            # The previous row's closure holds its model, optimizer state, inputs and CUDA graph:
+            # free them first, or they count in this row's peak memory.
+            fn = None
+            gc.collect()
             net = copy.deepcopy(model).to(device)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -376,50 +441,61 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
                 else:
                     fn = _train_data_fn(net, variant, device, loader, settings, normalization)
                 seconds = measure(fn, device, settings.warmup, settings.iters, settings.repeats)
+                # Read before the agreement pass below allocates anything.
+                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+                labels = _labels(fn()) if task in ("latency", "throughput") else None
             except SceneparseError:
                 raise
             except Exception as err:  # e.g. torch.compile without a working compiler: report, go on
                 row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 rows.append(row)
                 log(f"bench: {task} {variant.name}: {row.note}")
+                if progress is not None:
+                    progress(report())
                 continue
             finally:
                 del net
             row.ms_per_iter = seconds * 1000
             row.images_per_s = batch / seconds
-            if device.type == "cuda":
-                row.peak_mem_mib = torch.cuda.max_memory_allocated(device) / 2**20
+            row.peak_mem_mib = peak
             if variant == Variant():
                 baseline[task] = row.images_per_s
+                if labels is not None:
+                    baseline_labels[task] = labels
+            elif labels is not None and task in baseline_labels:
+                row.agreement = (labels == baseline_labels[task]).float().mean().item()
             if task in baseline:
                 row.speedup = row.images_per_s / baseline[task]
             rows.append(row)
+            if progress is not None:
+                progress(report())
         if variant.compile:
+            fn = None
             torch.compiler.reset()  # free compiled graphs (and CUDA graph pools) before the next variant
 
+    return report()
+
+
+def _meta(model: nn.Module, num_classes: int, settings: BenchSettings, device: torch.device) -> dict:
     return {
-        "format": FORMAT,
-        "meta": {
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": str(device),
-            "device_name": _device_name(device),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "threads": torch.get_num_threads(),
-            # fp32 convolutions on CUDA use TF32 tensor cores when cuDNN allows it (torch's default)
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
-            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
-            "model": dict(getattr(model, "config", {}) or {}),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "num_classes": num_classes,
-            "size": list(settings.size),
-            "batch": settings.batch,
-            "warmup": settings.warmup,
-            "iters": settings.iters,
-            "repeats": settings.repeats,
-            "data": settings.data,
-        },
-        "results": [asdict(r) for r in rows],
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": _device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        # fp32 convolutions on CUDA use TF32 tensor cores when cuDNN allows it (torch's default)
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
+        "model": dict(getattr(model, "config", {}) or {}),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "num_classes": num_classes,
+        "size": list(settings.size),
+        "batch": settings.batch,
+        "warmup": settings.warmup,
+        "iters": settings.iters,
+        "repeats": settings.repeats,
+        "data": settings.data,
     }
 
 
@@ -429,7 +505,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_table(report: dict) -> str:
     """The results as a fixed-width text table (rows without numbers show their note)."""
-    header = ["task", "variant", "batch", "ms/iter", "img/s", "vs fp32", "peak MiB"]
+    header = ["task", "variant", "batch", "ms/iter", "img/s", "vs fp32", "peak MiB", "agree %"]
     cells = []
     for r in report["results"]:
         row = [r["task"], r["variant"], str(r["batch"])]
@@ -438,7 +514,8 @@ def format_table(report: dict) -> str:
         else:
             row += [_fmt(r["ms_per_iter"], ".1f"), _fmt(r["images_per_s"], ".2f"),
                     "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
-                    _fmt(r["peak_mem_mib"], ".0f")]
+                    _fmt(r["peak_mem_mib"], ".0f"),
+                    _fmt(None if r.get("agreement") is None else 100 * r["agreement"], ".2f")]
         cells.append(row)
     widths = [max([len(h)] + [len(c[i]) for c in cells if len(c) == len(header)])
               for i, h in enumerate(header)]
@@ -456,4 +533,6 @@ def format_table(report: dict) -> str:
 def write_json(report: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")  # rewritten after every row: never leave half a file
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
