@@ -10,6 +10,8 @@
 # Weights are random: speed does not depend on them. Every JSON report records the device, torch
 # version, date and command; benchmarks/make_table.py turns them into the markdown table.
 # Expect about an hour on one GPU: every torch.compile variant compiles anew per task and shape.
+# For a time-limited session (device commands of at most 10 minutes), benchmarks/gpu/ measures
+# the figures of issue 4 in parts instead: see the runbook in docs/benchmarks.md.
 set -euo pipefail
 
 OUT=${1:-benchmarks/results}

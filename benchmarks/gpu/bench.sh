@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Issue 4's benchmark in parts that each fit one device command, most important first:
+#
+#   bash benchmarks/gpu/bench.sh PART [PART ...]      (from the repo root, on the GPU machine)
+#
+#   1  resnet50dilated-ppm_deepsup: inference at batch 1 and 16; training steps at batch 16 on
+#      512x512 crops; the same steps fed by a real DataLoader over CamVid (.data/camvid, or
+#      CAMVID=DIR) with 14 workers, for the end-to-end ratio.
+#   2  hrnetv2-c1, resnet50-upernet, mobilenetv2dilated-c1_deepsup: inference at batch 1 and 16.
+#   3  resnet50dilated-ppm_deepsup with torch.compile (alone and with CUDA graphs), inference and
+#      training: slow, every variant and shape compiles anew.
+#   4  torch.compile + CUDA graphs for the three models of part 2.
+#
+# All at 512x512, 150 classes, random weights (speed does not depend on them), each variant next
+# to fp32 eager in the same process. Per part: JSON reports (rewritten after every row, so a part
+# cut short keeps what it measured) in /tmp/gpu-results/partN/, packed into
+# $OUT/bench-partN.tgz with the logs, and the markdown table in $OUT/table-partN.md (also
+# printed). Each `sceneparse bench` run is stopped before GPU_DEADLINE (see setup.sh).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+. benchmarks/gpu/setup.sh
+RESULTS=${RESULTS:-/tmp/gpu-results}  # packed into $OUT; unpack into benchmarks/results/ to commit
+CAMVID=${CAMVID:-.data/camvid}
+SIZE=(--num-classes 150 --size 512 512 --batch 16)
+INFER=(--tasks latency,throughput --warmup 5 --iters 20 --repeats 3)
+TRAIN=(--tasks train --warmup 5 --iters 10 --repeats 3)
+OTHERS=(hrnetv2:c1 resnet50:upernet mobilenetv2dilated:c1_deepsup)
+
+# bench PART NAME ENCODER:DECODER ARGS...: one `sceneparse bench` run, stopped in time.
+bench() {
+    local part=$1 name=$2 model=$3
+    shift 3
+    local dir=$RESULTS/part$part limit
+    limit=$(gpu_time_left 30)  # -k 15 and the packing after it
+    mkdir -p "$dir"
+    if [ "$limit" -lt 45 ]; then
+        echo "bench: no time left for $name (${limit} s)" | tee -a "$dir/skipped.txt"
+        return 0
+    fi
+    echo "bench: part $part, $name, at most ${limit} s"
+    timeout -s INT -k 15 "$limit" python3 -m sceneparse bench --encoder "${model%%:*}" --decoder "${model##*:}" \
+        "$@" --json "$dir/$name.json" > "$dir/$name.log" 2>&1
+    local status=$?
+    [ $status -eq 124 ] && echo "bench: $name stopped at its time limit; its JSON holds the rows measured"
+    [ $status -ne 0 ] && [ $status -ne 124 ] && tail -5 "$dir/$name.log"
+    grep -E "^(latency|throughput|train|eval)" "$dir/$name.log" || true
+}
+
+part1() {
+    bench 1 infer-resnet50dilated-ppm_deepsup resnet50dilated:ppm_deepsup "${SIZE[@]}" "${INFER[@]}" \
+        --variants fp32+channels-last,bf16,bf16+channels-last,bf16+channels-last+cuda-graphs
+    bench 1 train-resnet50dilated-ppm_deepsup resnet50dilated:ppm_deepsup "${SIZE[@]}" "${TRAIN[@]}" \
+        --variants bf16,bf16+channels-last,fp16+channels-last
+    if [ -d "$CAMVID" ]; then  # CamVid has 11 classes; the class count hardly changes the cost
+        bench 1 train-data-resnet50dilated-ppm_deepsup resnet50dilated:ppm_deepsup \
+            --num-classes 11 --size 512 512 --batch 16 --tasks train,train-data --warmup 5 --iters 10 \
+            --repeats 3 --variants bf16+channels-last --data "$CAMVID" --workers 14
+    else
+        mkdir -p "$RESULTS/part1"
+        echo "bench: no CamVid at $CAMVID (carry .data): no end-to-end training figure" | tee -a "$RESULTS/part1/skipped.txt"
+    fi
+}
+
+part2() {
+    for model in "${OTHERS[@]}"; do
+        bench 2 "infer-${model/:/-}" "$model" "${SIZE[@]}" "${INFER[@]}" \
+            --variants bf16+channels-last,bf16+channels-last+cuda-graphs
+    done
+}
+
+part3() {
+    bench 3 compile-infer-resnet50dilated-ppm_deepsup resnet50dilated:ppm_deepsup "${SIZE[@]}" "${INFER[@]}" \
+        --variants bf16+channels-last+compile,bf16+channels-last+compile+cuda-graphs
+    bench 3 compile-train-resnet50dilated-ppm_deepsup resnet50dilated:ppm_deepsup "${SIZE[@]}" "${TRAIN[@]}" \
+        --variants bf16+channels-last+compile
+}
+
+part4() {
+    for model in "${OTHERS[@]}"; do
+        bench 4 "compile-infer-${model/:/-}" "$model" "${SIZE[@]}" "${INFER[@]}" \
+            --variants bf16+channels-last+compile+cuda-graphs
+    done
+}
+
+pack() {
+    local part=$1 dir=$RESULTS/part$1
+    [ -d "$dir" ] || return 0
+    ls "$dir"/*.json >/dev/null 2>&1 && python3 benchmarks/make_table.py "$dir"/*.json | tee "$OUT/table-part$part.md"
+    tar czf "$OUT/bench-part$part.tgz" -C "$RESULTS" "part$part"
+}
+
+[ $# -gt 0 ] || { echo "usage: bench.sh PART [PART ...]   (parts 1-4, see the top of this file)" >&2; exit 2; }
+for part in "$@"; do
+    case $part in
+        1|2|3|4) "part$part"; pack "$part" ;;
+        *) echo "bench: unknown part $part" >&2; exit 2 ;;
+    esac
+done

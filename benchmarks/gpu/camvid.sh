@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# CamVid from scratch (issue 5) on the GPU machine, in one device command (the call must carry
+# .data, holding a copy of ../shared/data/camvid; see docs/benchmarks.md):
+#
+#   bash benchmarks/gpu/camvid.sh [key=value ...]    (overrides for `sceneparse train`;
+#                                                     CONFIG=, CAMVID=, TIME_BUDGET_S= to change)
+#
+# Trains CONFIG (default configs/camvid/scratch_10min.yaml) on CAMVID (default .data/camvid),
+# with train.time_budget_s lowered when the command's deadline needs it (the device stops a
+# command at 600 s, set-up and evaluation included), then evaluates last.pt on val at 480x360:
+# fp32, and bf16 + channels-last (the reduced-precision check on a trained model).
+# Back in $OUT: camvid-train.log, metrics.jsonl, curves.png, eval{,-bf16}/{report.json,confusion.png}.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+. benchmarks/gpu/setup.sh
+CAMVID=${CAMVID:-.data/camvid}
+CONFIG=${CONFIG:-configs/camvid/scratch_10min.yaml}
+RUN=runs/gpu-camvid
+[ -d "$CAMVID/train" ] || { echo "camvid: no CamVid at $CAMVID (copy ../shared/data/camvid to .data/, carry .data)" >&2; exit 2; }
+budget=$(gpu_time_left 65)  # interpreter start-up, the final validation and save, two evaluations
+[ "$budget" -gt "${TIME_BUDGET_S:-540}" ] && budget=${TIME_BUDGET_S:-540}
+echo "camvid: $CONFIG on $CAMVID, train.time_budget_s=$budget"
+start=$(date +%s)
+# SIGTERM (should the budget overrun) makes the trainer finish its step and save last.pt.
+timeout -s TERM -k 30 $((budget + 40)) python3 -m sceneparse train "$CONFIG" "data.root=$CAMVID" \
+    "output_dir=$RUN" "train.time_budget_s=$budget" "$@" --overwrite > "$OUT/camvid-train.log" 2>&1
+status=$?
+echo "camvid: training exited $status after $(( $(date +%s) - start )) s (interpreter start-up included)"
+tr '\r' '\n' < "$OUT/camvid-train.log" | grep -vE "^train: +[0-9]+%" | tail -15
+cp "$RUN/metrics.jsonl" "$RUN/curves.png" "$OUT/" 2>/dev/null
+python3 - "$RUN/metrics.jsonl" <<'PY' || true
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+steps = [r for r in records if "img_per_s" in r]
+vals = [(r["iter"], round(r["val_miou"], 4)) for r in records if "val_miou" in r]
+if steps:
+    speeds = sorted(r["img_per_s"] for r in steps[1:] or steps)  # the first window holds the warm-up
+    print(f"camvid: {steps[-1]['iter']} iterations, median {speeds[len(speeds) // 2]:.0f} img/s "
+          f"(log windows after the first), final loss {steps[-1]['loss']:.4f}")
+print(f"camvid: validation (iteration, mIoU): {vals}")
+PY
+[ -f "$RUN/last.pt" ] || { echo "camvid: no last.pt" >&2; exit 1; }
+for mode in fp32 bf16; do
+    extra=()
+    [ "$mode" = bf16 ] && extra=(--amp bf16 --channels-last)
+    out=$OUT/eval; [ "$mode" = bf16 ] && out=$OUT/eval-bf16
+    timeout -k 10 90 python3 -m sceneparse eval --model "$RUN/last.pt" --dataset camvid --data-root "$CAMVID" \
+        --split val --workers 8 --output "$out" "${extra[@]}" 2>&1 | grep -E "mean IoU|images in"
+done
