@@ -96,8 +96,12 @@ def init_from_env(device: str | torch.device = "auto") -> DistInfo:
     requested = resolve_device(device)
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
-        if requested.type == "cuda" and requested.index is None:
-            requested = torch.device("cuda", torch.cuda.current_device())
+        if requested.type == "cuda":
+            if requested.index is None:
+                requested = torch.device("cuda", torch.cuda.current_device())
+            # The current device is what the CUDA RNG state saved in checkpoints, new streams
+            # and NCCL's object collectives use: make it the one the model runs on (cuda:N).
+            torch.cuda.set_device(requested)
         return DistInfo(device=requested)
 
     rank = _env_int("RANK", 0)
