@@ -251,10 +251,11 @@ def test_time_budget_horizon_by_hand():
     assert budget.horizon(10, cap=1000, elapsed=120.0, steps_per_s=2.0) == 10  # time is up: end here
     assert budget.horizon(10, cap=1000, elapsed=5.0, steps_per_s=0.0) == 1000  # no speed known yet
     assert budget.horizon(10, cap=1000, elapsed=101.0, steps_per_s=0.0) == 10
-    budget.measured(10, 100.0)  # the first window (warm-up) counts until there is a second
+    budget.measured(0, now=5.0)  # the loop starts
+    budget.measured(10, now=105.0)  # the first window (warm-up) counts until there is a second
     assert budget.steps_per_s == 0.1
-    budget.measured(20, 10.0)
-    budget.measured(10, 10.0)
+    budget.measured(30, now=115.0)
+    budget.measured(40, now=125.0)
     assert budget.steps_per_s == 1.5  # (20 + 10) / (10 + 10)
 
 

@@ -48,27 +48,33 @@ class TimeBudget:
     """`train.time_budget_s`: the poly schedule's end fitted to the clock.
 
     At each sync point the ranks agree (through the all-reduce they already do) on the elapsed
-    time and the steps per second of the previous log window, validation and checkpoint time
-    left out; the schedule's horizon becomes the iteration the run will reach when the time is
-    up, capped at `train.iterations`. Once the time is up the horizon is the current iteration:
-    the run validates, saves and ends there. The speed is the average over all windows but the
-    first, whose warm-up (cudnn.benchmark, compilation) would make the horizon start low.
+    time and the speed; the schedule's horizon becomes the iteration the run will reach when the
+    time is up, capped at `train.iterations`. Once the time is up the horizon is the current
+    iteration: the run validates, saves and ends there. The speed counts whole log windows,
+    validations and checkpoints included (they recur, and take their share of the time), and
+    leaves out the first window, whose warm-up (cudnn.benchmark, compilation) would make the
+    horizon start low; it is used only until a second window is measured.
     """
 
     def __init__(self, budget_s: float, start: float):
         self.budget_s = float(budget_s)
         self.start = start  # time.perf_counter() when the run began (earlier runs' time subtracted)
         self.steps_per_s = 0.0  # measured after each sync, sent with the next one
+        self._mark: tuple[int, float] | None = None  # (iteration, time) of the last measurement
         self._windows, self._steps, self._seconds = 0, 0, 0.0
 
-    def measured(self, steps: int, seconds: float) -> None:
-        """A log window of `steps` training steps took `seconds`."""
-        self._windows += 1
-        if self._windows == 1:  # warm-up: only until a second window is measured
-            self.steps_per_s = steps / max(seconds, 1e-9)
-            return
-        self._steps, self._seconds = self._steps + steps, self._seconds + seconds
-        self.steps_per_s = self._steps / max(self._seconds, 1e-9)
+    def measured(self, iteration: int, now: float | None = None) -> None:
+        """The loop is at `iteration` (call once before the first step, then at every sync)."""
+        now = time.perf_counter() if now is None else now
+        if self._mark is not None:
+            steps, seconds = iteration - self._mark[0], now - self._mark[1]
+            self._windows += 1
+            if self._windows == 1:
+                self.steps_per_s = steps / max(seconds, 1e-9)
+            else:
+                self._steps, self._seconds = self._steps + steps, self._seconds + seconds
+                self.steps_per_s = self._steps / max(self._seconds, 1e-9)
+        self._mark = (iteration, now)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -355,6 +361,8 @@ class Trainer:
         self.model.train()
         it, next_position = self.start_iter, self.position
         positions = self.sampler.walk()
+        if self.budget is not None:
+            self.budget.measured(it)
         batches = training_feed(self.train_set, self.sampler, self.cfg.data, info.device, self.num_classes)
         with _StopSignal() as stop:
             try:
@@ -439,8 +447,7 @@ class Trainer:
             mean_elapsed, mean_speed = (packed[2 * k + 1 :] / world).tolist()
             self.schedule.horizon = budget.horizon(iteration, self.cfg.train.iterations, mean_elapsed, mean_speed)
             self.bar.total = self.schedule.horizon
-            if k:
-                budget.measured(k, elapsed)
+            budget.measured(iteration)
         if k:
             lrs = self.step_lrs
             record = {"iter": iteration, "loss": loss_sums.sum().item() / (k * world),
