@@ -154,6 +154,15 @@ def test_training_with_device_augmentation_learns_and_resumes_exactly(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_training_set_too_large_for_the_device_is_refused_with_the_fix(tmp_path, monkeypatch):
+    from sceneparse.engine import feed
+
+    monkeypatch.setattr(feed, "free_memory", lambda device: 100_000)  # 8 x 64 x 64 x 4 B = 131 kB > half
+    with pytest.raises(SceneparseError, match="data.cache_in_memory would keep the 8 training images") as info:
+        train(tiny_config(tmp_path, *DEVICE, "data.cache_in_memory=true"))
+    assert "data.cache_in_memory=false" in info.value.hint
+
+
 def test_device_augmentation_needs_a_crop_size(tmp_path):
     with pytest.raises(SceneparseError, match="data.augment_on=device needs data.crop_size"):
         tiny_config(tmp_path, "data.augment_on=device")

@@ -153,8 +153,8 @@ def build_data(cfg: DictConfig, data_settings: dict, verbose: bool = True):
 
 
 def training_feed(train_set, sampler: TrainBatches, data_cfg, device: torch.device, num_classes: int):
-    """Yields `(images, masks, paths)` for each step: on `device`, images normalised float32,
-    masks int64. How, by `data.augment_on` and `data.cache_in_memory`:
+    """An iterator of `(images, masks, paths)`, one per step: on `device`, images normalised
+    float32, masks int64. How, by `data.augment_on` and `data.cache_in_memory`:
 
     - workers: DataLoader workers decode and augment; uint8 batches travel through pinned memory
       with non-blocking copies, normalised on the device.
@@ -163,7 +163,6 @@ def training_feed(train_set, sampler: TrainBatches, data_cfg, device: torch.devi
     """
     from sceneparse.data import IGNORE_INDEX
     from sceneparse.data.device_augment import DeviceAugment
-    from sceneparse.data.transforms import collate_pad, normalize
 
     dc = data_cfg
     # uint8 masks: 8x less to copy; class ids must then stay below IGNORE_INDEX (255).
@@ -171,9 +170,15 @@ def training_feed(train_set, sampler: TrainBatches, data_cfg, device: torch.devi
     augment = None
     if dc.augment_on == "device":
         augment = DeviceAugment(dc.crop_size, dc.scale_range, dc.flip, dc.color_jitter, dc.mean, dc.std)
-        if dc.cache_in_memory:
-            yield from _device_resident_feed(train_set, sampler, augment, device, mask_dtype)
-            return
+        if dc.cache_in_memory:  # set up now: a set too large for the device fails before any step
+            return _device_resident_feed(train_set, sampler, augment, device, mask_dtype)
+    return _loader_feed(train_set, sampler, dc, device, mask_dtype, augment)
+
+
+def _loader_feed(train_set, sampler, dc, device, mask_dtype, augment):
+    """DataLoader workers decode (and augment, unless `augment` is given: then the device does)."""
+    from sceneparse.data.transforms import collate_pad, normalize
+
     loader = torch.utils.data.DataLoader(
         SeededDataset(train_set), batch_sampler=sampler,
         collate_fn=functools.partial(collate_pad, mask_dtype=mask_dtype),
@@ -200,9 +205,25 @@ def _device_resident_feed(train_set, sampler, augment, device, mask_dtype):
     device; each step gathers its rows and augments them there."""
     from sceneparse.data.transforms import collate_pad
 
+    sizes = train_set.image_sizes()
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    needed = len(sizes) * height * width * (3 + mask_dtype.itemsize)  # padded to the largest image
+    free = free_memory(device)
+    if needed > free // 2:
+        raise SceneparseError(
+            f"data.augment_on=device with data.cache_in_memory would keep the {len(sizes)} training "
+            f"images on {device} as one {len(sizes)} x {height} x {width} tensor: {needed / 2**30:.1f} GiB, "
+            f"more than half of the {free / 2**30:.1f} GiB free there",
+            "set data.cache_in_memory=false (workers decode, the device still augments), or "
+            "data.augment_on=workers",
+        )
     everything = collate_pad([train_set[i] for i in range(len(train_set))], mask_dtype=mask_dtype)
     images, masks = everything["image"].to(device), everything["mask"].to(device)
-    sizes, paths = everything["sizes"], everything["paths"]
+    return _gather_and_augment(images, masks, everything["sizes"], everything["paths"], sampler, augment, device)
+
+
+def _gather_and_augment(images, masks, sizes, paths, sampler, augment, device):
+    """Per step: the batch's rows of the device-resident set, augmented there."""
     for pairs in sampler:
         rows = [index for index, _ in pairs]
         picked = torch.tensor(rows)
@@ -212,6 +233,18 @@ def _device_resident_feed(train_set, sampler, augment, device, mask_dtype):
         batch_images, batch_masks = augment(images[picked], masks[picked], [sizes[r] for r in rows],
                                             [seed for _, seed in pairs])
         yield batch_images, batch_masks, [paths[r] for r in rows]
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: the GPU's own count, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as info:  # MemAvailable counts reclaimable caches too
+            fields = dict(line.split(":", 1) for line in info)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62  # unknown (not Linux): do not refuse
 
 
 def next_batch(batches, iteration: int, resume_command: str):

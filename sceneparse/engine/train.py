@@ -169,9 +169,9 @@ def _autocast(amp: str, device: torch.device):
 
 def wrap_model(model: nn.Module, cfg: DictConfig, info) -> nn.Module:
     """Device, memory format, DDP (when launched with torchrun) and torch.compile: one place."""
-    model = dist_utils.wrap_model(model, info)
-    if cfg.train.channels_last:
+    if cfg.train.channels_last:  # before DDP, which lays out its gradient buckets by the parameters
         model = model.to(memory_format=torch.channels_last)
+    model = dist_utils.wrap_model(model, info)  # .to(device) keeps the memory format
     if cfg.train.compile:
         model = torch.compile(model)
     return model
@@ -279,8 +279,9 @@ class Trainer:
             )
 
         _seed_everything(tc.seed)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        # cuDNN's autotuner pays off for fixed-size crops; with CSAIL's per-batch sizes
+        # (data.crop_size unset) it would re-tune for every new shape.
+        torch.backends.cudnn.benchmark = device.type == "cuda" and dc.crop_size is not None
         model = build_model(cfg.model.encoder, cfg.model.decoder, self.num_classes,
                             encoder_options=OmegaConf.to_container(cfg.model.encoder_options),
                             decoder_options=OmegaConf.to_container(cfg.model.decoder_options))
@@ -321,6 +322,7 @@ class Trainer:
         if self.budget is not None and ckpt is not None:  # no steps at all if the time is already spent
             spent = ckpt["train_state"].get("elapsed_s", 0.0)  # the same number on every rank
             self.schedule.horizon = self.budget.horizon(self.start_iter, tc.iterations, spent, 0.0)
+        self.batches = training_feed(self.train_set, self.sampler, dc, device, self.num_classes)
         self.class_names = list(self.train_set.class_names)
         self.palette = [list(c) for c in self.train_set.palette]
         self.normalization = {"mean": list(dc.mean), "std": list(dc.std)}
@@ -363,11 +365,10 @@ class Trainer:
         positions = self.sampler.walk()
         if self.budget is not None:
             self.budget.measured(it)
-        batches = training_feed(self.train_set, self.sampler, self.cfg.data, info.device, self.num_classes)
         with _StopSignal() as stop:
             try:
                 while it < self.schedule.horizon:
-                    images, masks, paths = next_batch(batches, it + 1, self.resume_command)
+                    images, masks, paths = next_batch(self.batches, it + 1, self.resume_command)
                     _, epoch, offset, _ = next(positions)
                     it, next_position = it + 1, (epoch, offset + 1)
                     self._step(it, images, masks, paths)
