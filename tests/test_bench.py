@@ -123,10 +123,12 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not CAMVID.is_dir(), reason=f"../shared not found: {CAMVID} (real CamVid data)")
-def test_bench_trains_from_real_data(tmp_path):
+@pytest.mark.parametrize("pipeline", [["--workers", "1"], ["--workers", "0", "--augment-on", "device", "--cache-in-memory"]],
+                         ids=["workers", "on-device"])
+def test_bench_trains_from_real_data(tmp_path, pipeline):
     out = tmp_path / "bench.json"
     args = ["bench", *TINY, "--num-classes", "11", "--tasks", "train-data", "--data", str(CAMVID),
-            "--workers", "1", "--json", str(out)]
+            *pipeline, "--json", str(out)]
     assert main(args) == 0
     (row,) = json.loads(out.read_text())["results"]
     assert row["task"] == "train-data" and row["note"] is None and row["images_per_s"] > 0

@@ -41,6 +41,10 @@ def register(subparsers) -> None:
     p.add_argument("--data", metavar="ROOT", help="dataset root for the train-data task")
     p.add_argument("--data-kind", help="dataset kind of --data: ade20k, camvid or folder (default: detected)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes for train-data (default 4)")
+    p.add_argument("--augment-on", choices=("workers", "device"), default="workers",
+                   help="train-data: augment in the workers (default) or batched on the device")
+    p.add_argument("--cache-in-memory", action="store_true",
+                   help="train-data: decode the training set once (with --augment-on device: keep it on the device)")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per repeat (default 10)")
     p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported (default 3)")
@@ -97,7 +101,8 @@ def run(args) -> int:
         if kind is None:
             raise SceneparseError(f"cannot tell the dataset layout of {args.data}",
                                   "pass --data-kind ade20k|camvid|folder")
-        data = {"kind": kind, "root": args.data, "workers": args.workers}
+        data = {"kind": kind, "root": args.data, "workers": args.workers, "augment_on": args.augment_on,
+                "cache_in_memory": args.cache_in_memory}
     if args.variants:
         if args.amp or args.channels_last or args.compile or args.cuda_graphs:
             raise SceneparseError("--variants replaces --amp/--channels-last/--compile/--cuda-graphs",

@@ -4,8 +4,9 @@ Tasks (each at a fixed input size, logits at that size as the Segmenter returns 
 - latency:    inference at batch 1, milliseconds per image.
 - throughput: inference at batch N, images per second.
 - train:      one training step (forward, loss, backward, SGD step) at batch N on random tensors.
-- train-data: the same step fed by a real DataLoader (JPEG/PNG decoding and augmentation in
-              worker processes, pinned memory, non-blocking copies, normalisation on the device).
+- train-data: the same step fed by the trainer's own data pipeline on a real dataset
+              (`engine.feed`: JPEG/PNG decoding in worker processes, augmentation there or
+              batched on the device, pinned memory, non-blocking copies).
 - eval:       evaluation at batch N: forward, argmax, confusion-matrix update.
 
 Every requested speed option (autocast dtype, channels-last, torch.compile, CUDA graphs) is measured
@@ -307,51 +308,34 @@ def _eval_fn(model, variant, device, batch, size, num_classes):
 
 # ---------------------------------------------------------------------------- real data loading
 
-def train_loader(data: dict, batch: int, size: tuple[int, int], seed: int = 0):
-    """A training DataLoader over a real dataset: random scale (0.5-2x), crops of `size` and flips,
-    decoded and augmented in `data["workers"]` worker processes, batches in pinned memory."""
-    from sceneparse.data import build_dataset
-    from sceneparse.data.transforms import build_train_transforms, collate_pad
+def train_feed(data: dict, batch: int, size: tuple[int, int], device: torch.device, normalization, seed: int = 0):
+    """The trainer's own pipeline (`engine.feed.training_feed`) over a real dataset's train split:
+    random scale 0.5-2x, crops of `size`, flips; decoded by `data["workers"]` worker processes and
+    augmented there or, with `data["augment_on"] == "device"`, batched on the device (the whole
+    set kept there with `data["cache_in_memory"]`). Returns (train set, endless batch iterator)."""
+    from omegaconf import OmegaConf
 
-    from sceneparse.engine.distributed import loader_generator
+    from sceneparse.engine.config import DataConfig
+    from sceneparse.engine.distributed import DistInfo
+    from sceneparse.engine.feed import TrainBatches, build_train_set, epoch_batches_fn, training_feed
 
-    transforms = build_train_transforms(
-        {"scales": None, "scale_range": [0.5, 2.0], "crop": list(size), "flip": True})
-    dataset = build_dataset({"kind": data["kind"], "root": data["root"]}, "train", transforms)
-    workers = int(data.get("workers", 4))
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch,
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
-        collate_fn=collate_pad,
-        generator=loader_generator(seed),
-    )
+    mean, std = normalization
+    dc = OmegaConf.structured(DataConfig(
+        kind=data["kind"], root=data["root"], crop_size=list(size), scale_range=[0.5, 2.0], flip=True,
+        batch_size=batch, num_workers=int(data.get("workers", 4)), batching="crop",
+        augment_on=data.get("augment_on", "workers"), cache_in_memory=bool(data.get("cache_in_memory")),
+        mean=list(mean), std=list(std),
+    ))
+    train_set = build_train_set(dc)
+    sampler = TrainBatches(epoch_batches_fn(train_set, dc, seed, DistInfo(device=device)), seed, iterations=2**40)
+    return train_set, training_feed(train_set, sampler, dc, device, train_set.num_classes)
 
 
-def _train_data_fn(model, variant, device, loader, settings, normalization):
-    from sceneparse.data.transforms import normalize
-
-    if len(loader) == 0:
-        raise SceneparseError("the dataset has fewer images than one batch", "lower --batch")
+def _train_data_fn(model, variant, device, feed, settings):
     trainer = _Trainer(model, variant, device, settings.lr, settings.deepsup_weight)
-    batches = iter(loader)
-    # On the device once: lists would be copied from pageable memory at every step, a host sync.
-    mean, std = (torch.tensor(list(v), dtype=torch.float32, device=device) for v in normalization)
 
     def step():
-        nonlocal batches
-        try:
-            batch = next(batches)
-        except StopIteration:  # epoch over: persistent workers restart at once
-            batches = iter(loader)
-            batch = next(batches)
-        images = batch["image"].to(device, non_blocking=True)
-        target = batch["mask"].to(device, non_blocking=True)
-        images = normalize(images, mean, std)
+        images, target, _ = next(feed)  # normalised, on the device
         if variant.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         trainer.step(images, target)
@@ -394,10 +378,12 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune convolutions (in warm-up)
 
-    loader = None
+    feed = None
     if "train-data" in settings.tasks:
-        loader = train_loader(settings.data, settings.batch, settings.size)
-        data_classes = loader.dataset.num_classes
+        train_set, feed = train_feed(settings.data, settings.batch, settings.size, device, normalization)
+        if len(train_set) < settings.batch:
+            raise SceneparseError("the dataset has fewer images than one batch", "lower --batch")
+        data_classes = train_set.num_classes
         if data_classes != num_classes:
             raise SceneparseError(
                 f"the model predicts {num_classes} classes but the {settings.data['kind']} data at "
@@ -439,7 +425,7 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
                 elif task == "eval":
                     fn = _eval_fn(net, variant, device, batch, settings.size, num_classes)
                 else:
-                    fn = _train_data_fn(net, variant, device, loader, settings, normalization)
+                    fn = _train_data_fn(net, variant, device, feed, settings)
                 seconds = measure(fn, device, settings.warmup, settings.iters, settings.repeats)
                 # Read before the agreement pass below allocates anything.
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None

@@ -121,17 +121,27 @@ def epoch_batches_fn(dataset, data_cfg, seed: int, info) -> Callable[[int], list
     return batches
 
 
-def build_data(cfg: DictConfig, data_settings: dict, verbose: bool = True):
+def build_train_set(data_cfg):
+    """The training split of a `data:` config section, with the worker-side transforms unless
+    augment_on=device (then it yields decoded images and `DeviceAugment` does the rest, batched)."""
+    from sceneparse.data import build_dataset
+    from sceneparse.data.transforms import build_train_transforms
+    from sceneparse.engine.config import dataset_settings
+
+    dc = data_cfg
+    transforms = None if dc.augment_on == "device" else build_train_transforms(train_transform_options(dc))
+    return build_dataset(dataset_settings(dc), dc.train_split, transforms)
+
+
+def build_data(cfg: DictConfig, verbose: bool = True):
     """Train and val datasets and the class count; a broken dataset is refused before any training."""
     from sceneparse.data import build_dataset
     from sceneparse.data.check import ERROR, quick_check
-    from sceneparse.data.transforms import build_train_transforms
+    from sceneparse.engine.config import dataset_settings
 
     dc = cfg.data
-    # augment_on=device: the dataset yields decoded images; DeviceAugment does the rest, batched.
-    transforms = None if dc.augment_on == "device" else build_train_transforms(train_transform_options(dc))
-    train_set = build_dataset(data_settings, dc.train_split, transforms)
-    val_set = build_dataset(data_settings, dc.val_split, None)
+    train_set = build_train_set(dc)
+    val_set = build_dataset(dataset_settings(dc), dc.val_split, None)
     for split_name, dataset in ((dc.train_split, train_set), (dc.val_split, val_set)):
         problems = quick_check(dataset)
         errors = [p for p in problems if p.severity == ERROR]

@@ -270,7 +270,7 @@ class Trainer:
             )
 
         data_settings = dataset_settings(dc)
-        self.train_set, self.val_set, self.num_classes = build_data(cfg, data_settings, verbose=info.is_main)
+        self.train_set, self.val_set, self.num_classes = build_data(cfg, verbose=info.is_main)
         if ckpt is not None and len(ckpt["class_names"]) != self.num_classes:
             raise SceneparseError(
                 f"{resume_path} was trained for {len(ckpt['class_names'])} classes, "
