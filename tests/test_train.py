@@ -141,8 +141,9 @@ def test_class_count_mismatch_is_refused(tmp_path):
         train(tiny_config(tmp_path, "model.num_classes=7"))
 
 
-def test_tiny_run_learns_and_writes_everything(tmp_path):
+def test_tiny_run_learns_and_writes_everything(tmp_path, capsys):
     result = train(tiny_config(tmp_path))
+    assert "12/12" in capsys.readouterr().err  # the progress bar counted every step
     out = tmp_path / "run"
     for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "curves.png"):
         assert (out / name).is_file(), name

@@ -372,6 +372,7 @@ class Trainer:
                     _, epoch, offset, _ = next(positions)
                     it, next_position = it + 1, (epoch, offset + 1)
                     self._step(it, images, masks, paths)
+                    self.bar.update(1)
 
                     done = it >= self.schedule.horizon
                     validate_now = tc.val_every > 0 and (it % tc.val_every == 0 or done)
