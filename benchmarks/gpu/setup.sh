@@ -3,7 +3,7 @@
 # Every call may land on a fresh machine (one goes back 30 s after a command), so this is quick
 # and idempotent. It installs the wheels carried in .whl/ (benchmarks/gpu/fetch_wheels.sh made
 # them here; the call must name ".whl" in `carry`) into the machine's python3, puts this
-# checkout on PYTHONPATH (no `pip install -e .`: our pyproject pins torch 2.14 and Python < 3.12,
+# checkout on PYTHONPATH (no `pip install -e .`: our pyproject pins torch 2.14.1;
 # the machine has torch 2.11 and Python 3.12, and nothing can be fetched there) and a
 # `sceneparse` command on PATH, prints the versions and the GPU, and sets GPU_DEADLINE: the
 # epoch second by which the scripts of this command must be done (570 s after the first
