@@ -283,3 +283,12 @@ def test_time_budget_fits_the_schedule_to_the_clock_and_resumes_with_the_time_sp
     more = train(tiny_config(tmp_path, *overrides[:1], f"train.time_budget_s={spent + 3}", *overrides[2:]),
                  resume=True)
     assert more["iterations"] > done and time.perf_counter() - began < 25.0
+
+
+def test_resume_with_more_iterations_extends_the_run_and_its_schedule(tmp_path):
+    train(tiny_config(tmp_path))  # 12 iterations
+    result = train(tiny_config(tmp_path, "train.iterations=16"), resume=True)
+    assert result["iterations"] == 16
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "loss" in r][-1]
+    assert last["iter"] == 16 and last["lr"] == pytest.approx(0.05 * (1 - 15 / 16) ** 0.9)

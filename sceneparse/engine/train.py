@@ -316,7 +316,10 @@ class Trainer:
         self.sampler = TrainBatches(epoch_batches_fn(self.train_set, dc, tc.seed, info), tc.seed, tc.iterations,
                                     self.start_iter, self.position, info.rank)
         self.schedule = self.scheduler.lr_lambdas[0]  # the PolySchedule every parameter group shares
-        self.schedule.__init__(tc.iterations, tc.poly_power, tc.warmup_iters)  # resumed: the config's
+        # A resumed scheduler's state_dict brought the old run's settings back: the config decides
+        # (`train.iterations=MORE --resume` extends a run).
+        self.schedule.horizon, self.schedule.power = tc.iterations, tc.poly_power
+        self.schedule.warmup_iters = tc.warmup_iters
         self.started = started
         self.budget = TimeBudget(tc.time_budget_s, started) if tc.time_budget_s else None
         if self.budget is not None and ckpt is not None:  # no steps at all if the time is already spent
