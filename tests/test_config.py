@@ -61,6 +61,10 @@ def test_wrong_types_are_refused_with_the_key():
         load_config(None, ["train.checkpoint_every=0"])
     with pytest.raises(SceneparseError, match="not key=value"):
         load_config(None, ["train.iterations"])
+    with pytest.raises(SceneparseError, match="train.time_budget_s=-5.0 must be positive"):
+        load_config(None, ["train.time_budget_s=-5"])
+    with pytest.raises(SceneparseError, match="data.augment_on='gpu' is not one of workers, device"):
+        load_config(None, ["data.augment_on=gpu", "data.crop_size=64"])
 
 
 def test_missing_file_and_yaml_syntax_error_name_the_file(tmp_path):
