@@ -291,7 +291,11 @@ class Trainer:
             run_on_main(lambda: load_encoder_weights(model.encoder, cfg.model.encoder_weights), info)
         self.optimizer, self.scheduler = build_optimizer(model, tc, fused=device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and device.type == "cuda")
-        raw_train_set = lambda: build_dataset({**data_settings, "cache_in_memory": False}, dc.train_split, None)  # noqa: E731
+        def raw_train_set():  # labels as stored: the training set itself when it has no transforms
+            if self.train_set.transforms is None:  # (augment_on=device: maybe cached in memory already)
+                return self.train_set
+            return build_dataset({**data_settings, "cache_in_memory": False}, dc.train_split, None)
+
         self.criterion = build_criterion(cfg, raw_train_set, self.num_classes, device)
 
         self.start_iter, self.position, self.best_miou, self.skipped = 0, (0, 0), float("-inf"), 0
