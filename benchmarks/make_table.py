@@ -14,6 +14,14 @@ def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _data_label(data: dict | None) -> str:
+    """Which pipeline fed the data rows: dataset kind, where it augments, how many workers."""
+    if not data:
+        return ""
+    where = data.get("augment_on", "workers") + (", cached" if data.get("cache_in_memory") else "")
+    return f" [{data['kind']}: augment on {where}, {data.get('workers', '?')} workers]"
+
+
 def table(paths: list[Path]) -> str:
     lines = ["| model | task | variant | batch | ms/iter | img/s | vs fp32 eager | peak GPU MiB | agree % |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -23,12 +31,13 @@ def table(paths: list[Path]) -> str:
         meta = report["meta"]
         name = meta.get("model_name") or f"{meta['model'].get('encoder')}-{meta['model'].get('decoder')}"
         for r in report["results"]:
+            task = r["task"] + (_data_label(meta.get("data")) if r["task"] in ("data", "train-data") else "")
             if r["note"]:
-                lines.append(f"| {name} | {r['task']} | {r['variant']} | {r['batch']} | {r['note']} | | | | |")
+                lines.append(f"| {name} | {task} | {r['variant']} | {r['batch']} | {r['note']} | | | | |")
                 continue
             speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
             agreement = r.get("agreement")  # absent in reports older than the column
-            lines.append(f"| {name} | {r['task']} | {r['variant']} | {r['batch']} | "
+            lines.append(f"| {name} | {task} | {r['variant']} | {r['batch']} | "
                          f"{_num(r['ms_per_iter'], '.1f')} | {_num(r['images_per_s'], '.1f')} | "
                          f"{speedup} | {_num(r['peak_mem_mib'], '.0f')} | "
                          f"{_num(None if agreement is None else 100 * agreement, '.2f')} |")

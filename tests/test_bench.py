@@ -153,3 +153,50 @@ def test_bench_refuses_class_count_mismatch_with_data(capsys):
     args = ["bench", *TINY, "--num-classes", "3", "--tasks", "train-data", "--data", str(CAMVID), "--workers", "0"]
     assert main(args) == 2
     assert "--num-classes 11" in capsys.readouterr().err
+
+
+ADE_SAMPLES = SHARED / "data" / "ade20k_samples"
+
+
+@pytest.mark.skipif(not ADE_SAMPLES.is_dir(), reason=f"../shared not found: {ADE_SAMPLES} (real ADE20K samples)")
+def test_ade_sized_data_has_the_listed_sizes_and_feeds_the_benchmark(tmp_path):
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+
+    from sceneparse.data import build_dataset
+
+    spec = importlib.util.spec_from_file_location("make_ade_sized", ROOT / "benchmarks" / "make_ade_sized.py")
+    make_ade_sized = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_ade_sized)
+    odgt = tmp_path / "training.odgt"
+    listed = {(683, 512), (512, 768), (256, 200)}  # (width, height)
+    odgt.write_text("".join(json.dumps({"fpath_img": "a.jpg", "fpath_segm": "a.png", "width": w, "height": h}) + "\n"
+                            for w, h in sorted(listed)))
+    make_ade_sized.make(ADE_SAMPLES, odgt, tmp_path / "ade", count=7, workers=1)
+
+    dataset = build_dataset({"kind": "ade20k", "root": str(tmp_path / "ade")}, "train")
+    assert len(dataset) == 7
+    assert {(w, h) for h, w in dataset.image_sizes()} <= listed
+    # labels are resized by nearest neighbour: only values of the source annotation appear
+    source = np.array(Image.open(sorted((ADE_SAMPLES / "annotations").glob("*.png"))[0]))
+    made = np.array(Image.open(sorted((tmp_path / "ade").rglob("*.png"))[0]))
+    assert set(np.unique(made)) <= set(np.unique(source))
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--num-classes", "150", "--tasks", "train-data", "--data", str(tmp_path / "ade"),
+                 "--data-kind", "ade20k", "--workers", "0", "--augment-on", "device", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["task"] == "train-data" and row["note"] is None and row["images_per_s"] > 0
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason=f"../shared not found: {CAMVID} (real CamVid data)")
+def test_data_task_times_the_pipeline_alone_once(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--num-classes", "11", "--tasks", "data,train-data", "--data", str(CAMVID),
+                 "--workers", "1", "--variants", "fp32-eager,fp32+channels-last", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["task"], r["variant"]) for r in rows] == [
+        ("data", "fp32-eager"), ("train-data", "fp32-eager"), ("train-data", "fp32+channels-last")]
+    assert all(r["note"] is None and r["images_per_s"] > 0 for r in rows)

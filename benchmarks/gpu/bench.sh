@@ -7,7 +7,9 @@
 #      512x512 crops; the same steps fed by the trainer's pipeline over CamVid (.data/camvid, or
 #      CAMVID=DIR): 14 workers augmenting, then the set kept and augmented on the GPU; for the
 #      end-to-end ratio.
-#   2  hrnetv2-c1, resnet50-upernet, mobilenetv2dilated-c1_deepsup: inference at batch 1 and 16.
+#   2  hrnetv2-c1, resnet50-upernet, mobilenetv2dilated-c1_deepsup: inference at batch 1 and 16;
+#      then ADE20K-sized JPEGs (benchmarks/make_ade_sized.py) feeding resnet50dilated-ppm_deepsup's
+#      training step, augmented by 14 workers and on the GPU, and the pipeline alone.
 #   3  resnet50dilated-ppm_deepsup with torch.compile (alone and with CUDA graphs), inference and
 #      training: slow, every variant and shape compiles anew.
 #   4  torch.compile + CUDA graphs for the three models of part 2.
@@ -22,6 +24,8 @@ cd "$(dirname "$0")/../.."
 . benchmarks/gpu/setup.sh
 RESULTS=${RESULTS:-/tmp/gpu-results}  # packed into $OUT; unpack into benchmarks/results/ to commit
 CAMVID=${CAMVID:-.data/camvid}
+ADE_SAMPLES=${ADE_SAMPLES:-.data/ade20k_samples}  # copies of ../shared/data/ade20k_samples and
+ADE_ODGT=${ADE_ODGT:-.data/ade20k_meta/training.odgt}  # ../shared/data/ade20k_meta/training.odgt
 SIZE=(--num-classes 150 --size 512 512 --batch 16)
 INFER=(--tasks latency,throughput --warmup 5 --iters 20 --repeats 3)
 TRAIN=(--tasks train --warmup 5 --iters 10 --repeats 3)
@@ -44,7 +48,7 @@ bench() {
     local status=$?
     [ $status -eq 124 ] && echo "bench: $name stopped at its time limit; its JSON holds the rows measured"
     [ $status -ne 0 ] && [ $status -ne 124 ] && tail -5 "$dir/$name.log"
-    grep -E "^(latency|throughput|train|eval)" "$dir/$name.log" || true
+    grep -E "^(latency|throughput|train|data|eval)" "$dir/$name.log" || true
 }
 
 part1() {
@@ -71,6 +75,22 @@ part2() {
         bench 2 "infer-${model/:/-}" "$model" "${SIZE[@]}" "${INFER[@]}" \
             --variants bf16+channels-last,bf16+channels-last+cuda-graphs
     done
+    # End to end on ADE20K-sized JPEGs (real samples resized to sizes drawn from the real list):
+    # the data pipeline alone, then feeding resnet50dilated-ppm_deepsup's training step; workers
+    # augmenting, then workers decoding and the GPU augmenting.
+    if [ -d "$ADE_SAMPLES" ] && [ -f "$ADE_ODGT" ]; then
+        python3 benchmarks/make_ade_sized.py "$ADE_SAMPLES" "$ADE_ODGT" /tmp/ade-sized --count 1024
+        for where in workers device; do
+            bench 2 "train-data-ade-$where-resnet50dilated-ppm_deepsup" resnet50dilated:ppm_deepsup \
+                "${SIZE[@]}" --tasks data,train,train-data --warmup 5 --iters 10 --repeats 3 \
+                --variants bf16+channels-last --data /tmp/ade-sized --data-kind ade20k --workers 14 \
+                --augment-on "$where"
+        done
+    else
+        mkdir -p "$RESULTS/part2"
+        echo "bench: no $ADE_SAMPLES or $ADE_ODGT (carry .data): no ADE20K-sized end-to-end figure" \
+            | tee -a "$RESULTS/part2/skipped.txt"
+    fi
 }
 
 part3() {

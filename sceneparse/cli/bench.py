@@ -27,8 +27,8 @@ def register(subparsers) -> None:
                    help="input size (default 512 512)")
     p.add_argument("--batch", type=int, default=16, help="batch size of all but the latency task (default 16)")
     p.add_argument("--tasks", default=None,
-                   help="comma-separated subset of latency,throughput,train,train-data,eval "
-                        "(default: all but train-data, plus train-data with --data)")
+                   help="comma-separated subset of latency,throughput,train,train-data,data,eval "
+                        "(default: all but train-data and data, plus train-data with --data)")
     p.add_argument("--amp", choices=["bf16", "fp16"], help="also measure autocast with this dtype")
     p.add_argument("--channels-last", action="store_true", help="also measure channels-last memory format")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile")
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
                    help="instead of the four options above: exactly these comma-separated variants "
                         "(fp32 eager is always measured first), e.g. "
                         "fp32-eager,bf16+channels-last,bf16+channels-last+compile+cuda-graphs")
-    p.add_argument("--data", metavar="ROOT", help="dataset root for the train-data task")
+    p.add_argument("--data", metavar="ROOT", help="dataset root for the train-data and data tasks")
     p.add_argument("--data-kind", help="dataset kind of --data: ade20k, camvid or folder (default: detected)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes for train-data (default 4)")
     p.add_argument("--augment-on", choices=("workers", "device"), default="workers",

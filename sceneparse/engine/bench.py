@@ -7,6 +7,8 @@ Tasks (each at a fixed input size, logits at that size as the Segmenter returns 
 - train-data: the same step fed by the trainer's own data pipeline on a real dataset
               (`engine.feed`: JPEG/PNG decoding in worker processes, augmentation there or
               batched on the device, pinned memory, non-blocking copies).
+- data:       that pipeline alone, no model: how many images per second it can deliver (once,
+              whatever the variants; with `--augment-on device` the augmentation is on the device).
 - eval:       evaluation at batch N: forward, argmax, confusion-matrix update.
 
 Every requested speed option (autocast dtype, channels-last, torch.compile, CUDA graphs) is measured
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import functools
 import gc
 import json
 import platform
@@ -39,7 +42,7 @@ from sceneparse.engine.optim import param_groups
 from sceneparse.engine.train import segmentation_loss
 from sceneparse.errors import SceneparseError
 
-TASKS = ("latency", "throughput", "train", "train-data", "eval")
+TASKS = ("latency", "throughput", "train", "train-data", "data", "eval")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FORMAT = "sceneparse-bench/1"
 
@@ -368,8 +371,9 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
     if any(t in settings.tasks for t in ("train", "train-data")) and settings.batch < 2:
         raise SceneparseError("training benchmarks need --batch >= 2 (BatchNorm over one image "
                               "fails in pooled decoder branches)", "raise --batch")
-    if "train-data" in settings.tasks and not settings.data:
-        raise SceneparseError("task train-data needs a dataset", "pass --data ROOT")
+    for task in ("train-data", "data"):
+        if task in settings.tasks and not settings.data:
+            raise SceneparseError(f"task {task} needs a dataset", "pass --data ROOT")
     if any(v.cuda_graphs for v in settings.variants) and device.type != "cuda":
         raise SceneparseError("--cuda-graphs needs a CUDA device", "drop --cuda-graphs on CPU")
     if normalization is None:
@@ -379,7 +383,7 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune convolutions (in warm-up)
 
     feed = None
-    if "train-data" in settings.tasks:
+    if "train-data" in settings.tasks or "data" in settings.tasks:
         train_set, feed = train_feed(settings.data, settings.batch, settings.size, device, normalization)
         if len(train_set) < settings.batch:
             raise SceneparseError("the dataset has fewer images than one batch", "lower --batch")
@@ -404,6 +408,8 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
         for task in settings.tasks:
             batch = 1 if task == "latency" else settings.batch
             row = Row(task=task, variant=variant.name, batch=batch)
+            if task == "data" and variant != settings.variants[0]:
+                continue  # no model: the variants do not change it
             if task in ("train", "train-data") and variant.cuda_graphs and not variant.compile:
                 row.note = "skipped: CUDA graphs without --compile are inference-only here"
                 rows.append(row)
@@ -413,7 +419,7 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
             # free them first, or they count in this row's peak memory.
             fn = None
             gc.collect()
-            net = copy.deepcopy(model).to(device)
+            net = copy.deepcopy(model).to(device) if task != "data" else None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -424,8 +430,10 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
                     fn = _train_fn(net, variant, device, batch, settings.size, num_classes, settings)
                 elif task == "eval":
                     fn = _eval_fn(net, variant, device, batch, settings.size, num_classes)
-                else:
+                elif task == "train-data":
                     fn = _train_data_fn(net, variant, device, feed, settings)
+                else:
+                    fn = functools.partial(next, feed)
                 seconds = measure(fn, device, settings.warmup, settings.iters, settings.repeats)
                 # Read before the agreement pass below allocates anything.
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
