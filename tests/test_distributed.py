@@ -208,16 +208,23 @@ def train_runs(info: D.DistInfo, out_dir: Path) -> dict:
     return out
 
 
+def launch_torchrun(script: str, out: Path, nproc: int, timeout: int, **env_vars) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node NPROC SCRIPT OUT` from the repo root, with this
+    checkout importable and no rendezvous variables inherited; fails the test if it fails."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **env_vars)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           script, str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           __file__, str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch_torchrun(__file__, out, nproc=2, timeout=180, OMP_NUM_THREADS="1")
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for r in results:
         r["out_dir"], r["log"] = out, proc.stdout + proc.stderr

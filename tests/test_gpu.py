@@ -14,7 +14,6 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -167,14 +166,9 @@ def test_bench_train_step_does_not_sync_with_the_host(amp):
 def test_ddp_syncbn_and_nccl_in_one_process(tmp_path):
     """`torchrun --nproc-per-node 1` running `worker()` below: a one-process NCCL group, so
     wrap_model makes DDP + SyncBatchNorm and `sceneparse train` runs every collective on NCCL."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               NCCL_DEBUG="WARN")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           __file__, str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from test_distributed import launch_torchrun
+
+    launch_torchrun(__file__, tmp_path, nproc=1, timeout=300, NCCL_DEBUG="WARN")
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["backend"] == "nccl" and r["wrapped"] == "DistributedDataParallel"
     assert r["plain_bn"] == [] and "SyncBatchNormAct" in r["bn_types"]
