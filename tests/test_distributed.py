@@ -385,6 +385,50 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_step_and_resume_continues(r
     assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])
 
 
+def test_two_machines_train_like_one_machine_with_two_processes(ranks, tmp_path):
+    """Multi-node, emulated on this host: two torchrun agents (`--nnodes 2 --nproc-per-node 1`, c10d
+    rendezvous, as docs/distributed.md says), so each process has LOCAL_RANK 0 and only RANK tells
+    them apart. The run must write once and equal the one-machine, two-process run of the fixture."""
+    import json
+
+    from sceneparse.engine.checkpoint import load_checkpoint
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    endpoint = f"127.0.0.1:{free_port()}"
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "sceneparse-test",
+           "-m", "sceneparse", "train", str(ROOT / "configs" / "quickstart.yaml"), *TRAIN_OVERRIDES,
+           f"output_dir={run}"]
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    logs = []
+    try:
+        for agent in agents:
+            logs.append(agent.communicate(timeout=180)[0])
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    summary = f"training done: 4 iterations; outputs in {run} "
+    assert sum(log.count(summary) for log in logs) == 1  # printed by global rank 0 alone
+
+    def rows(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
+
+    one_machine = ranks[0]["out_dir"] / "run"
+    assert len(rows(run)) == 3  # losses at iterations 2 and 4, one validation
+    assert rows(run) == rows(one_machine)
+    ours, theirs = (load_checkpoint(folder / "last.pt")["model"]["state_dict"] for folder in (run, one_machine))
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 # ------------------------------------------------------------------------- single-process behaviour
 
 def test_single_process_is_a_no_op(monkeypatch):
