@@ -208,15 +208,21 @@ def train_runs(info: D.DistInfo, out_dir: Path) -> dict:
     return out
 
 
-def launch_torchrun(script: str, out: Path, nproc: int, timeout: int, **env_vars) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node NPROC SCRIPT OUT` from the repo root, with this
-    checkout importable and no rendezvous variables inherited; fails the test if it fails."""
+def torchrun_env(**env_vars) -> dict:
+    """This environment with the checkout importable and no rendezvous variables inherited."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **env_vars)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    return env
+
+
+def launch_torchrun(script: str, out: Path, nproc: int, timeout: int, **env_vars) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node NPROC SCRIPT OUT` from the repo root, with this
+    checkout importable and no rendezvous variables inherited; fails the test if it fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            script, str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=torchrun_env(**env_vars), capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -393,10 +399,7 @@ def test_two_machines_train_like_one_machine_with_two_processes(ranks, tmp_path)
 
     from sceneparse.engine.checkpoint import load_checkpoint
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = torchrun_env(OMP_NUM_THREADS="1")
     endpoint = f"127.0.0.1:{free_port()}"
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
