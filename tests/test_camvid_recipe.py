@@ -7,6 +7,9 @@ The recipe's real target (>= 65% mIoU on val after 10 H100-minutes) needs a GPU;
 from __future__ import annotations
 
 import json
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +127,25 @@ def test_shrunk_recipe_trains_on_real_camvid_and_the_loss_falls(tmp_path):
     assert last < 0.85 * first, losses  # measured: about 0.74
     assert result["iterations"] == 40 and Path(result["last"]).is_file()
     assert 0.0 <= result["metrics"]["mean_iou"] <= 1.0  # validated once, at full 360x480
+
+    # What the GPU run does next (benchmarks/gpu/camvid.sh): `sceneparse eval` of last.pt on val,
+    # then benchmarks/camvid_report.py turns the run and the report into the block for the docs.
+    from sceneparse.cli.main import main
+
+    assert main(["eval", "--model", result["last"], "--dataset", "camvid", "--data-root", str(root),
+                 "--split", "val", "--workers", "0", "--device", "cpu", "--output", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["mean_iou"] == pytest.approx(result["metrics"]["mean_iou"], abs=1e-9)  # same model, same image
+    text = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "camvid_report.py"), str(tmp_path / "run"),
+                           str(tmp_path / "eval"), "--wall-clock", "75"],
+                          capture_output=True, text=True, check=True).stdout
+    speeds = [r["img_per_s"] for r in records if "img_per_s" in r][1:]  # the first window: warm-up
+    assert f"- iterations: 40 (last logged), final training loss {losses[-1]:.4f}" in text
+    assert f"median {statistics.median(speeds):.0f} img/s over 7 log windows" in text
+    assert "1 min 15 s" in text
+    assert f"`sceneparse eval`, eval (fp32): mIoU {100 * report['mean_iou']:.2f} %" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "class" not in line]
+    assert len(rows) == 12  # 11 classes and the mean
+    for cls, row in zip(report["classes"], rows):
+        expected = "-" if cls["iou"] is None else f"{100 * cls['iou']:.2f}"
+        assert row == f"| {cls['name']} | {expected} |"

@@ -9,7 +9,8 @@
 # with train.time_budget_s lowered when the command's deadline needs it (the device stops a
 # command at 600 s, set-up and evaluation included), then evaluates last.pt on val at 480x360:
 # fp32, and bf16 + channels-last (the reduced-precision check on a trained model).
-# Back in $OUT: camvid-train.log, metrics.jsonl, curves.png, eval{,-bf16}/{report.json,confusion.png}.
+# Back in $OUT (8 files, the device's limit): camvid-train.log, metrics.jsonl, curves.png,
+# eval/{report.json,confusion.png}, eval-bf16/report.json, and camvid.md (benchmarks/camvid_report.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . benchmarks/gpu/setup.sh
@@ -25,25 +26,24 @@ start=$(date +%s)
 timeout -s TERM -k 30 $((budget + 40)) python3 -m sceneparse train "$CONFIG" "data.root=$CAMVID" \
     "output_dir=$RUN" "train.time_budget_s=$budget" "$@" --overwrite > "$OUT/camvid-train.log" 2>&1
 status=$?
-echo "camvid: training exited $status after $(( $(date +%s) - start )) s (interpreter start-up included)"
+train_s=$(( $(date +%s) - start ))
+echo "camvid: training exited $status after $train_s s (interpreter start-up included)"
 tr '\r' '\n' < "$OUT/camvid-train.log" | grep -vE "^train: +[0-9]+%" | tail -15
 cp "$RUN/metrics.jsonl" "$RUN/curves.png" "$OUT/" 2>/dev/null
-python3 - "$RUN/metrics.jsonl" <<'PY' || true
-import json, sys
-records = [json.loads(line) for line in open(sys.argv[1])]
-steps = [r for r in records if "img_per_s" in r]
-vals = [(r["iter"], round(r["val_miou"], 4)) for r in records if "val_miou" in r]
-if steps:
-    speeds = sorted(r["img_per_s"] for r in steps[1:] or steps)  # the first window holds the warm-up
-    print(f"camvid: {steps[-1]['iter']} iterations, median {speeds[len(speeds) // 2]:.0f} img/s "
-          f"(log windows after the first), final loss {steps[-1]['loss']:.4f}")
-print(f"camvid: validation (iteration, mIoU): {vals}")
-PY
-[ -f "$RUN/last.pt" ] || { echo "camvid: no last.pt" >&2; exit 1; }
-for mode in fp32 bf16; do
-    extra=()
-    [ "$mode" = bf16 ] && extra=(--amp bf16 --channels-last)
-    out=$OUT/eval; [ "$mode" = bf16 ] && out=$OUT/eval-bf16
-    timeout -k 10 90 python3 -m sceneparse eval --model "$RUN/last.pt" --dataset camvid --data-root "$CAMVID" \
-        --split val --workers 8 --output "$out" "${extra[@]}" 2>&1 | grep -E "mean IoU|images in"
-done
+if [ -f "$RUN/last.pt" ]; then
+    for mode in fp32 bf16; do
+        extra=()
+        [ "$mode" = bf16 ] && extra=(--amp bf16 --channels-last)
+        out=$OUT/eval; [ "$mode" = bf16 ] && out=$OUT/eval-bf16
+        timeout -k 10 90 python3 -m sceneparse eval --model "$RUN/last.pt" --dataset camvid --data-root "$CAMVID" \
+            --split val --workers 8 --output "$out" "${extra[@]}" 2>&1 | grep -E "mean IoU|images in"
+    done
+    rm -f "$OUT/eval-bf16/confusion.png"  # the device returns at most 8 files: keep the fp32 one
+else
+    echo "camvid: no last.pt" >&2
+    status=1
+fi
+# The block for docs/camvid.md: iterations, speed, validations, per-class IoU (fp32 and bf16).
+python3 benchmarks/camvid_report.py "$RUN" "$OUT/eval" "$OUT/eval-bf16" --wall-clock "$train_s" \
+    | tee "$OUT/camvid.md"
+exit $status
