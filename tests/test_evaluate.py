@@ -234,6 +234,20 @@ def test_cli_predict_writes_and_matches_predictor(tiny_checkpoint, tmp_path, cap
     assert len(list(out.iterdir())) == 9
 
 
+def test_cli_predict_speed_options_reach_the_predictor(tiny_checkpoint, tmp_path):
+    image_path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)).save(image_path)
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(tiny_checkpoint), str(image_path), "--output", str(out),
+                 "--device", "cpu", "--amp", "bf16", "--channels-last"]) == 0
+    image = read_image(image_path)
+    fast = Predictor(load_model(tiny_checkpoint), amp_dtype=torch.bfloat16, channels_last=True)
+    plain = Predictor(load_model(tiny_checkpoint))
+    assert np.array_equal(np.asarray(Image.open(out / "a_labels.png")), fast.predict(image).numpy())
+    # bf16 really changes the numbers, so the equality above would catch an option left behind
+    assert not torch.equal(fast.probabilities(image), plain.probabilities(image))
+
+
 def test_cli_predict_nothing_matched(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["predict", "--model", str(tiny_checkpoint), str(tmp_path / "empty"), "--output",

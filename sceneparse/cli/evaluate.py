@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sceneparse.cli.options import add_inference_speed_args, inference_speed_options
 from sceneparse.errors import SceneparseError
 
 
@@ -36,8 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-size", type=int, default=None, help="cap on the resized long side (default 1000)")
     p.add_argument("--window", type=int, default=None,
                    help="run network inputs larger than this many pixels as overlapping windows")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default: none)")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    add_inference_speed_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: 2)")
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
@@ -68,8 +68,6 @@ def _data(args):
 
 
 def _predictor_options(args, defaults: dict) -> dict:
-    import torch
-
     options: dict = {}
     if args.protocol == "csail":
         if args.scales:
@@ -85,8 +83,7 @@ def _predictor_options(args, defaults: dict) -> dict:
         options["max_size"] = args.max_size or defaults.get("max_size") or 1000
     options["flip"] = args.flip or bool(defaults.get("flip"))
     options["window"] = args.window
-    options["amp_dtype"] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    options["channels_last"] = args.channels_last
+    options.update(inference_speed_options(args))
     return options
 
 

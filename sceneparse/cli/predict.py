@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
+from sceneparse.cli.options import add_inference_speed_args, inference_speed_options
 from sceneparse.errors import SceneparseError
 
 
@@ -30,6 +31,7 @@ def register(subparsers) -> None:
                         "(default: 1024)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the colours in the overlay (default: 0.5)")
     p.add_argument("--top", type=int, default=5, help="how many of the largest classes to print (default: 5)")
+    add_inference_speed_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=run)
 
@@ -118,7 +120,8 @@ def run(args) -> int:
     num_classes = len(model.class_names)
     palette = getattr(model, "palette", None) or make_palette(num_classes)
     predictor = Predictor(model, scales=tuple(args.scales) if args.scales else (None,), flip=args.flip,
-                          max_size=args.max_size, device=device, window=args.window)
+                          max_size=args.max_size, device=device, window=args.window,
+                          **inference_speed_options(args))
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as err:
