@@ -248,6 +248,22 @@ def test_cli_predict_speed_options_reach_the_predictor(tiny_checkpoint, tmp_path
     assert not torch.equal(fast.probabilities(image), plain.probabilities(image))
 
 
+def test_inference_speed_flags_become_predictor_options(tiny_checkpoint, tmp_path, capsys):
+    from sceneparse.cli.main import build_parser
+    from sceneparse.cli.options import inference_speed_options
+
+    for command in (["predict", "--model", "m", "x.jpg"], ["eval", "--model", "m"]):
+        parse = build_parser().parse_args
+        assert inference_speed_options(parse(command)) == {"amp_dtype": None, "channels_last": False, "compile": False}
+        assert inference_speed_options(parse(command + ["--amp", "bf16", "--channels-last", "--compile"])) == {
+            "amp_dtype": torch.bfloat16, "channels_last": True, "compile": True}
+        assert inference_speed_options(parse(command + ["--compile", "--cuda-graphs"]))["compile"] == "reduce-overhead"
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    assert main(["predict", "--model", str(tiny_checkpoint), str(image), "--cuda-graphs"]) == 2
+    assert "--cuda-graphs works through torch.compile" in capsys.readouterr().err
+
+
 def test_cli_predict_nothing_matched(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["predict", "--model", str(tiny_checkpoint), str(tmp_path / "empty"), "--output",

@@ -1,5 +1,6 @@
 """The CUDA-only code paths, briefly, on one GPU: autocast (bf16, fp16 + GradScaler), fused SGD,
-channels-last, torch.compile, CUDA-graph inference, DDP + SyncBatchNorm over NCCL (one process:
+channels-last, torch.compile, CUDA-graph inference (bench's capture and the Predictor's compiled
+graphs), DDP + SyncBatchNorm over NCCL (one process:
 one GPU cannot host two NCCL ranks), pinned memory and non-blocking copies (no host sync per
 training step), bench's synchronised timing and peak memory, Predictor and checkpoints on CUDA.
 
@@ -321,6 +322,23 @@ def test_predictor_windows_and_stripes_on_cuda(trained):
     cpu = Predictor(copy.deepcopy(model), **opts).predict(image)
     gpu = Predictor(copy.deepcopy(model), device="cuda", **opts).predict(image)
     assert gpu.device.type == "cuda" and (gpu.cpu() == cpu).float().mean() >= 0.995
+
+
+@needs_cuda
+def test_predictor_compiled_with_cuda_graphs_equals_eager(trained):
+    """compile="reduce-overhead" (`--compile --cuda-graphs`): one CUDA graph per input size. The
+    sliding windows and the flip replay the same graph several times for one image: each
+    replay's logits must be kept (copied) before the next one overwrites them."""
+    from sceneparse.engine.infer import Predictor
+
+    model, images, _ = trained
+    image = torch.cat([images[0], images[1]], dim=-1)  # 32 x 64: three 32 x 32 windows
+    opts = {"device": "cuda", "window": 32, "window_overlap": 0.5, "flip": True}
+    eager = Predictor(copy.deepcopy(model), **opts)
+    graphs = Predictor(copy.deepcopy(model), compile="reduce-overhead", **opts)
+    for _ in range(3):  # the first runs record the graph, the later ones replay it
+        torch.testing.assert_close(graphs.probabilities(image), eager.probabilities(image), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(graphs.probabilities(images[2]), eager.probabilities(images[2]), rtol=1e-3, atol=1e-4)
 
 
 @needs_cuda

@@ -86,15 +86,20 @@ def _have_compiler() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _have_compiler(), reason="torch.compile (inductor, CPU) needs a C++ compiler: none found")
-def test_compile_matches_eager(trained):
-    from sceneparse.data.transforms import normalize
+def test_compiled_predictor_matches_eager(trained):
+    from torch._dynamo.utils import counters
 
     model, images, _ = trained
-    x = normalize(images)
-    with torch.no_grad():
-        eager = model(x)
-        compiled = torch.compile(copy.deepcopy(model))(x)
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    eager = Predictor(copy.deepcopy(model))
+    compiled = Predictor(copy.deepcopy(model), compile=True)
+    graphs_before = counters["stats"]["unique_graphs"]
+    # 32 x 32: a multiple of the encoder's stride, so encoder and decoder run (compiled) on their
+    # own; 30 x 28: not one, so the whole Segmenter runs (its own compiled graph, padding inside).
+    for image in (images[0], images[1][:, :30, :28]):
+        torch.testing.assert_close(compiled.probabilities(image), eager.probabilities(image), rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= graphs_before + 3  # encoder, decoder, Segmenter: compiled
+    with pytest.raises(ValueError, match="compile must be"):
+        Predictor(copy.deepcopy(model), compile="fastest")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; none here")

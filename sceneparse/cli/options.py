@@ -1,19 +1,30 @@
 """Command-line options that several sub-commands share, defined once."""
 from __future__ import annotations
 
+from sceneparse.errors import SceneparseError
+
 AMP_CHOICES = ("none", "bf16", "fp16")
 
 
 def add_inference_speed_args(parser) -> None:
-    """--amp and --channels-last for commands that run a Predictor (eval, predict)."""
+    """--amp, --channels-last, --compile, --cuda-graphs for commands that run a Predictor."""
     parser.add_argument("--amp", choices=AMP_CHOICES, default="none",
                         help="autocast dtype (default: none, i.e. fp32)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network; each new input size compiles first, so it pays "
+                             "off over many images")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="with --compile, on a GPU: replay a CUDA graph per input size (compile mode "
+                             "reduce-overhead), for many images of one size")
 
 
 def inference_speed_options(args) -> dict:
     """The Predictor keyword arguments those options stand for."""
     import torch
 
+    if args.cuda_graphs and not args.compile:
+        raise SceneparseError("--cuda-graphs works through torch.compile", "add --compile")
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    return {"amp_dtype": dtype, "channels_last": args.channels_last}
+    compile = "reduce-overhead" if args.cuda_graphs else args.compile
+    return {"amp_dtype": dtype, "channels_last": args.channels_last, "compile": compile}

@@ -113,6 +113,7 @@ def run(args) -> int:
         raise SceneparseError(f"--alpha must be between 0 and 1, got {args.alpha}")
     if args.window is not None and args.window < 32:
         raise SceneparseError(f"--window must be at least 32 pixels, got {args.window}")
+    speed = inference_speed_options(args)
     output = Path(args.output).expanduser()
     paths = expand_inputs(args.inputs, exclude=output)
     device = resolve_device(args.device)
@@ -120,8 +121,7 @@ def run(args) -> int:
     num_classes = len(model.class_names)
     palette = getattr(model, "palette", None) or make_palette(num_classes)
     predictor = Predictor(model, scales=tuple(args.scales) if args.scales else (None,), flip=args.flip,
-                          max_size=args.max_size, device=device, window=args.window,
-                          **inference_speed_options(args))
+                          max_size=args.max_size, device=device, window=args.window, **speed)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as err:

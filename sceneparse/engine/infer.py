@@ -82,6 +82,9 @@ class Predictor:
         window_overlap: fraction of a window shared with its neighbour.
         amp_dtype: run the model under autocast with this dtype (e.g. torch.bfloat16).
         channels_last: run the model in channels-last memory format.
+        compile: `torch.compile` the network: True (default mode) or a mode name, e.g.
+            "reduce-overhead" (CUDA graphs, one per input size: for many images of one size on a
+            GPU). Each new input size compiles first (slow), so it pays off over many images.
         resize: "torch" (bilinear with antialiasing, on the device) or "pil" (Pillow's bilinear on
             the uint8 image, as CSAIL's imresize does).
         max_prob_bytes: above this size of the C x H x W probability map, `predict()` works in stripes.
@@ -100,6 +103,7 @@ class Predictor:
         window_overlap: float = 1 / 3,
         amp_dtype: torch.dtype | None = None,
         channels_last: bool = False,
+        compile: bool | str = False,
         resize: str = "torch",
         max_prob_bytes: int = 1 << 30,
     ):
@@ -131,6 +135,9 @@ class Predictor:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model.eval()
+        self._encoder, self._decoder, self._net = _compiled(model, compile)
+        # compile's CUDA graphs reuse their output memory at the next run of the same graph
+        self._copy_outputs = compile in ("reduce-overhead", "max-autotune")
         norm = normalization or getattr(unwrap(model), "normalization", None) or IMAGENET_NORMALIZATION
         self.mean = [float(x) for x in norm["mean"]]
         self.std = [float(x) for x in norm["std"]]
@@ -203,18 +210,18 @@ class Predictor:
         """Logits covering the input `x`, at the decoder's resolution when that is exact."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        net = self.model
-        encoder, decoder = getattr(net, "encoder", None), getattr(net, "decoder", None)
-        multiple = getattr(encoder, "pad_multiple", 0)
+        multiple = getattr(getattr(self.model, "encoder", None), "pad_multiple", 0)
+        if self._copy_outputs:  # the previous run's outputs were copied: the graphs may reuse them
+            torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
-            if decoder is not None and multiple and x.shape[-2] % multiple == 0 and x.shape[-1] % multiple == 0:
+            if self._decoder is not None and multiple and x.shape[-2] % multiple == 0 and x.shape[-1] % multiple == 0:
                 # no padding needed: the Segmenter would only resize these logits to the input size
-                out = decoder(encoder(x))
+                out = self._decoder(self._encoder(x))
             else:
-                out = net(x)
+                out = self._net(x)
         if isinstance(out, tuple):  # a training-style output; the main logits come first
             out = out[0]
-        return out.float()
+        return out.float().clone() if self._copy_outputs else out.float()
 
     def _windows(self, x: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of `x` from overlapping windows (probabilities averaged).
@@ -288,6 +295,23 @@ class Predictor:
         return _labels_in_stripes(passes, size, self.max_prob_bytes)
 
     __call__ = predict
+
+
+def _compiled(model: nn.Module, compile: bool | str):
+    """(encoder, decoder, whole model) to call, each wrapped by torch.compile when asked (lazily:
+    only the paths that run are compiled). Encoder and decoder are None for a plain module."""
+    encoder, decoder = getattr(model, "encoder", None), getattr(model, "decoder", None)
+    if decoder is None:
+        encoder = None
+    if compile is False:
+        return encoder, decoder, model
+    from torch._inductor import list_mode_options
+
+    if compile is not True and compile not in list_mode_options():
+        raise ValueError(f"compile must be True, False or one of {sorted(list_mode_options())}, got {compile!r}")
+    options = {} if compile is True else {"mode": compile}
+    wrap = functools.partial(torch.compile, **options)
+    return (None if encoder is None else wrap(encoder)), (None if decoder is None else wrap(decoder)), wrap(model)
 
 
 def _starts(length: int, window: int, stride: int) -> list[int]:
