@@ -216,11 +216,12 @@ def torchrun_env(**env_vars) -> dict:
     return env
 
 
-def launch_torchrun(script: str, out: Path, nproc: int, timeout: int, **env_vars) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node NPROC SCRIPT OUT` from the repo root, with this
-    checkout importable and no rendezvous variables inherited; fails the test if it fails."""
+def launch_torchrun(args: list, nproc: int, timeout: int, **env_vars) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node NPROC ARGS...` (a script and its arguments, or
+    `-m sceneparse ...`) from the repo root, with this checkout importable and no rendezvous
+    variables inherited; fails the test if it fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           script, str(out)]
+           *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=torchrun_env(**env_vars), capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -230,7 +231,7 @@ def launch_torchrun(script: str, out: Path, nproc: int, timeout: int, **env_vars
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    proc = launch_torchrun(__file__, out, nproc=2, timeout=180, OMP_NUM_THREADS="1")
+    proc = launch_torchrun([__file__, out], nproc=2, timeout=180, OMP_NUM_THREADS="1")
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for r in results:
         r["out_dir"], r["log"] = out, proc.stdout + proc.stderr
@@ -430,6 +431,48 @@ def test_two_machines_train_like_one_machine_with_two_processes(ranks, tmp_path)
     assert ours.keys() == theirs.keys()
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_eval_and_predict_commands_under_torchrun_equal_one_process(tmp_path, capsys):
+    """`torchrun -m sceneparse eval|predict`: each rank takes every other image; the report (summed
+    confusion matrices) and the files written equal a single process's."""
+    import json
+
+    from PIL import Image
+
+    from sceneparse.cli.main import main
+    from sceneparse.engine.checkpoint import save_model
+    from test_evaluate import _write_folder_dataset
+
+    rng = np.random.default_rng(0)
+    pairs = {f"img{i}": (rng.integers(0, 256, size=(24 + 4 * i, 32, 3), dtype=np.uint8),
+                         rng.integers(0, NUM_CLASSES, size=(24 + 4 * i, 32))) for i in range(EVAL_ITEMS)}
+    root = _write_folder_dataset(tmp_path / "data", pairs)
+    checkpoint = tmp_path / "model.pt"
+    save_model(checkpoint, tiny_model(), ["road", "tree", "sky"], [[255, 0, 0], [0, 255, 0], [0, 0, 255]])
+    common = ["--model", checkpoint, "--device", "cpu"]
+    evaluate = ["eval", *common, "--data-root", root, "--dataset", "folder", "--workers", "0", "--output"]
+    predict = ["predict", *common, root / "images", "--output"]
+
+    two = launch_torchrun(["-m", "sceneparse", *evaluate, tmp_path / "eval2"], nproc=2, timeout=120, OMP_NUM_THREADS="1")
+    assert two.stdout.count("overall score") == 1  # rank 0 alone prints and writes
+    assert main([*map(str, evaluate), str(tmp_path / "eval1")]) == 0
+    one_report, two_report = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("eval1", "eval2"))
+    assert two_report["num_images"] == one_report["num_images"] == EVAL_ITEMS
+    assert two_report["confusion_matrix"] == one_report["confusion_matrix"]
+    assert sum(map(sum, one_report["confusion_matrix"])) == sum(label.size for _, label in pairs.values())
+    assert two_report["mean_iou"] == one_report["mean_iou"]
+
+    two = launch_torchrun(["-m", "sceneparse", *predict, tmp_path / "pred2"], nproc=2, timeout=120, OMP_NUM_THREADS="1")
+    assert two.stdout.count("wrote 15 files for 5 images") == 1
+    assert sum(f"img{i}.png: " in two.stdout for i in range(EVAL_ITEMS)) == EVAL_ITEMS  # each image once
+    assert main([*map(str, predict), str(tmp_path / "pred1")]) == 0
+    capsys.readouterr()
+    written = sorted(p.name for p in (tmp_path / "pred1").iterdir())
+    assert len(written) == 15 and sorted(p.name for p in (tmp_path / "pred2").iterdir()) == written
+    for name in written:
+        one, two_ = (np.asarray(Image.open(tmp_path / folder / name)) for folder in ("pred1", "pred2"))
+        assert np.array_equal(one, two_), name
 
 
 # ------------------------------------------------------------------------- single-process behaviour

@@ -169,7 +169,7 @@ def test_ddp_syncbn_and_nccl_in_one_process(tmp_path):
     wrap_model makes DDP + SyncBatchNorm and `sceneparse train` runs every collective on NCCL."""
     from test_distributed import launch_torchrun
 
-    launch_torchrun(__file__, tmp_path, nproc=1, timeout=300, NCCL_DEBUG="WARN")
+    launch_torchrun([__file__, tmp_path], nproc=1, timeout=300, NCCL_DEBUG="WARN")
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["backend"] == "nccl" and r["wrapped"] == "DistributedDataParallel"
     assert r["plain_bn"] == [] and "SyncBatchNormAct" in r["bn_types"]

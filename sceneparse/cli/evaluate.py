@@ -88,11 +88,7 @@ def _predictor_options(args, defaults: dict) -> dict:
 
 
 def run(args) -> int:
-    from sceneparse.data import build_dataset
-    from sceneparse.engine.checkpoint import load_model
-    from sceneparse.engine.distributed import resolve_device
-    from sceneparse.engine.evaluate import check_num_classes, evaluate, format_table, write_report
-    from sceneparse.engine.visualize import save_confusion_png
+    from sceneparse.engine import distributed as dist_utils
 
     for name in ("workers", "max_images", "max_size"):
         value = getattr(args, name)
@@ -102,14 +98,30 @@ def run(args) -> int:
         raise SceneparseError(f"--window must be at least 32 pixels, got {args.window}")
     settings, split, defaults, where = _data(args)
     options = _predictor_options(args, defaults)
-    device = resolve_device(args.device)
+    # Under torchrun every process evaluates its share of the images and the confusion matrices
+    # are summed: the report is the whole split's, written once by rank 0.
+    with dist_utils.process_group(args.device) as info:
+        return _evaluate(args, info, settings, split, options, where)
+
+
+def _evaluate(args, info, settings: dict, split: str, options: dict, where: str) -> int:
+    from sceneparse.data import build_dataset
+    from sceneparse.engine.checkpoint import load_model, resolve_model
+    from sceneparse.engine.distributed import broadcast_object, run_on_main
+    from sceneparse.engine.evaluate import check_num_classes, evaluate, format_table, write_report
+    from sceneparse.engine.visualize import save_confusion_png
+
     dataset = build_dataset(settings, split)
-    model = load_model(args.model, device=device)
+    # a zoo name is downloaded (and converted) by rank 0 alone; then every rank reads the file
+    path = broadcast_object(run_on_main(lambda: str(resolve_model(args.model)), info))
+    model = load_model(path, device=info.device)
     classes_file = getattr(dataset, "classes_file", None)
     check_num_classes(model, dataset, model_source=f"the model {args.model}",
                       data_source=where + (f" with classes file {classes_file}" if classes_file else ""))
-    report = evaluate(model, dataset, options, device, protocol=args.protocol, num_workers=args.workers,
-                      max_images=args.max_images, progress=True)
+    report = evaluate(model, dataset, options, info.device, protocol=args.protocol, num_workers=args.workers,
+                      max_images=args.max_images, progress=info.is_main)
+    if not info.is_main:
+        return 0
     report["model"] = str(args.model)
     report["dataset"] = {"kind": settings["kind"], "root": str(settings.get("root")), "split": split}
 

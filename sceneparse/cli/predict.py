@@ -99,15 +99,7 @@ def save_label_png(labels, num_classes: int, path: Path) -> None:
 
 
 def run(args) -> int:
-    import torch
-    from PIL import Image
-
-    from sceneparse.data.io import read_image
-    from sceneparse.data.meta import make_palette
-    from sceneparse.engine.checkpoint import load_model
-    from sceneparse.engine.distributed import resolve_device
-    from sceneparse.engine.infer import Predictor
-    from sceneparse.engine.visualize import colorize, overlay
+    from sceneparse.engine import distributed as dist_utils
 
     if not 0 <= args.alpha <= 1:
         raise SceneparseError(f"--alpha must be between 0 and 1, got {args.alpha}")
@@ -116,18 +108,35 @@ def run(args) -> int:
     speed = inference_speed_options(args)
     output = Path(args.output).expanduser()
     paths = expand_inputs(args.inputs, exclude=output)
-    device = resolve_device(args.device)
-    model = load_model(args.model, device=device)
+    # Under torchrun each process segments every world_size-th image (names from the whole list).
+    with dist_utils.process_group(args.device) as info:
+        return _predict(args, info, paths, output, speed)
+
+
+def _predict(args, info, paths: list[Path], output: Path, speed: dict) -> int:
+    import torch
+    from PIL import Image
+
+    from sceneparse.data.io import read_image
+    from sceneparse.data.meta import make_palette
+    from sceneparse.engine.checkpoint import load_model, resolve_model
+    from sceneparse.engine.distributed import barrier, broadcast_object, run_on_main
+    from sceneparse.engine.infer import Predictor
+    from sceneparse.engine.visualize import colorize, overlay
+
+    # a zoo name is downloaded (and converted) by rank 0 alone; then every rank reads the file
+    model = load_model(broadcast_object(run_on_main(lambda: str(resolve_model(args.model)), info)), device=info.device)
     num_classes = len(model.class_names)
     palette = getattr(model, "palette", None) or make_palette(num_classes)
     predictor = Predictor(model, scales=tuple(args.scales) if args.scales else (None,), flip=args.flip,
-                          max_size=args.max_size, device=device, window=args.window, **speed)
+                          max_size=args.max_size, device=info.device, window=args.window, **speed)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SceneparseError(f"cannot create the output folder {output}: {err.strerror or err}") from None
 
-    for path, stem in zip(paths, output_stems(paths)):
+    jobs = list(zip(paths, output_stems(paths)))[info.rank :: info.world_size]
+    for path, stem in jobs:
         image = read_image(path)
         try:
             labels = predictor.predict(image).cpu()
@@ -144,5 +153,7 @@ def run(args) -> int:
             raise SceneparseError(f"cannot write results for {path} to {output}: {err.strerror or err}") from None
         main = ", ".join(f"{name} {100 * frac:.1f}%" for name, frac in top_classes(labels, model.class_names, args.top))
         print(f"{path}: {main}")
-    print(f"wrote {3 * len(paths)} files for {len(paths)} image{'s' if len(paths) > 1 else ''} to {output}")
+    barrier()  # every rank's files are written before the summary
+    if info.is_main:
+        print(f"wrote {3 * len(paths)} files for {len(paths)} image{'s' if len(paths) > 1 else ''} to {output}")
     return 0

@@ -145,13 +145,20 @@ def model_from_checkpoint(ckpt: dict, path: str | Path = "<checkpoint>", device:
     return model.to(device).eval()
 
 
-def load_model(path_or_name: str | Path, device: str | torch.device = "cpu"):
-    """A Segmenter in eval mode from a checkpoint file, or from a zoo name when no such file exists."""
+def resolve_model(path_or_name: str | Path) -> Path:
+    """The checkpoint file behind a path or a zoo name (a bare name with no such file: the zoo's
+    cached copy, downloaded and converted first if needed)."""
     path = Path(path_or_name)
     if not path.exists() and not any(sep in str(path_or_name) for sep in ("/", os.sep)) and path.suffix == "":
         from sceneparse import zoo
 
         path = Path(zoo.resolve(str(path_or_name)))
+    return path
+
+
+def load_model(path_or_name: str | Path, device: str | torch.device = "cpu"):
+    """A Segmenter in eval mode from a checkpoint file, or from a zoo name when no such file exists."""
+    path = resolve_model(path_or_name)
     return model_from_checkpoint(load_checkpoint(path), path, device)
 
 

@@ -10,8 +10,10 @@ batch_size x world_size. Only rank 0 (`is_main()`) writes logs and checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -34,6 +36,8 @@ __all__ = [
     "broadcast_object",
     "all_gather_object",
     "broadcast_buffers",
+    "run_on_main",
+    "process_group",
     "cleanup",
     "is_initialized",
     "is_main",
@@ -255,6 +259,41 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
     if _active():
         for buffer in unwrap(model).buffers():
             dist.broadcast(buffer, src=src)
+
+
+def run_on_main(fn: Callable[[], object], info: DistInfo):
+    """Run `fn` on rank 0 alone and return its result there (None elsewhere); if it fails, every
+    rank raises (none is left waiting in its next collective).
+
+    A user error reaches every rank as the same SceneparseError; any other exception is re-raised
+    on rank 0 and reported on the others as a pointer to rank 0's traceback."""
+    problem, error, result = None, None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except SceneparseError as err:
+            problem = (err.message, err.hint)
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the others are told
+            problem, error = (f"rank 0 failed ({type(err).__name__}: {err}); see its traceback", None), err
+    problem = broadcast_object(problem)
+    if error is not None:
+        raise error
+    if problem is not None:
+        raise SceneparseError(*problem)
+    return result
+
+
+@contextlib.contextmanager
+def process_group(device: str | torch.device = "auto") -> Iterator[DistInfo]:
+    """`with process_group(device) as info:` a command's body, under torchrun or alone. The group
+    this starts is destroyed on the way out; one set up by the caller is left to the caller."""
+    owns_group = not is_initialized()
+    info = init_from_env(device)
+    try:
+        yield info
+    finally:
+        if owns_group:
+            cleanup()
 
 
 def cleanup() -> None:

@@ -208,26 +208,6 @@ class NonFiniteLoss(SceneparseError):
     pass
 
 
-def run_on_main(fn: Callable[[], object], info) -> None:
-    """Run `fn` on rank 0 alone; if it fails, every rank raises (none is left waiting for it).
-
-    A user error reaches every rank as the same SceneparseError; any other exception is re-raised
-    on rank 0 and reported on the others as a pointer to rank 0's traceback."""
-    problem, error = None, None
-    if info.is_main:
-        try:
-            fn()
-        except SceneparseError as err:
-            problem = (err.message, err.hint)
-        except Exception as err:  # noqa: BLE001 - re-raised below, after the others are told
-            problem, error = (f"rank 0 failed ({type(err).__name__}: {err}); see its traceback", None), err
-    problem = dist_utils.broadcast_object(problem)
-    if error is not None:
-        raise error
-    if problem is not None:
-        raise SceneparseError(*problem)
-
-
 def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     """Train as `cfg` says; `resume=True` continues from OUTPUT/last.pt, a path from that file.
 
@@ -236,13 +216,8 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     Returns {"output_dir", "last", "best", "curves", "iterations", "metrics" (last validation),
     "best_miou", "skipped", "rank"}.
     """
-    owns_group = not dist_utils.is_initialized()
-    info = dist_utils.init_from_env(cfg.train.device)
-    try:
+    with dist_utils.process_group(cfg.train.device) as info:
         return Trainer(cfg, resume, info).run()
-    finally:
-        if owns_group:
-            dist_utils.cleanup()
 
 
 class Trainer:
@@ -261,7 +236,7 @@ class Trainer:
         self.output_dir = output_dir = Path(cfg.output_dir)
         resume_path = (output_dir / "last.pt") if resume is True else (Path(resume) if resume else None)
         # Rank 0 checks/clears the folder while the others wait; then all of them fail alike or go on.
-        run_on_main(lambda: prepare_output(output_dir, cfg.overwrite, resume_path is not None), info)
+        dist_utils.run_on_main(lambda: prepare_output(output_dir, cfg.overwrite, resume_path is not None), info)
         ckpt = load_checkpoint(resume_path) if resume_path is not None else None
         if ckpt is not None and "train_state" not in ckpt:
             raise SceneparseError(
@@ -288,7 +263,7 @@ class Trainer:
         if cfg.model.encoder_weights and ckpt is None:
             # Rank 0 alone reads (and maybe downloads) the weights: DDP then copies its model to every
             # rank, and concurrent downloads into one cache file would clash. A bad file fails all ranks.
-            run_on_main(lambda: load_encoder_weights(model.encoder, cfg.model.encoder_weights), info)
+            dist_utils.run_on_main(lambda: load_encoder_weights(model.encoder, cfg.model.encoder_weights), info)
         self.optimizer, self.scheduler = build_optimizer(model, tc, fused=device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and device.type == "cuda")
         def raw_train_set():  # labels as stored: the training set itself when it has no transforms
