@@ -111,6 +111,17 @@ def prepare_output(output_dir: Path, overwrite: bool, resuming: bool) -> None:
         ) from None
 
 
+def _resumable_checkpoint(path: Path) -> dict:
+    """A `last.pt` to resume from; a weights-only file (best.pt, a zoo model) is refused."""
+    ckpt = load_checkpoint(path)
+    if "train_state" not in ckpt:
+        raise SceneparseError(
+            f"{path} holds weights only (no training state) and cannot be resumed",
+            "resume from the run's last.pt, or start a new run from these weights",
+        )
+    return ckpt
+
+
 def median_frequency_weights(dataset, num_classes: int, num_workers: int = 0) -> torch.Tensor:
     """Class weights median(freq) / freq_c (Eigen & Fergus), freq_c = pixels of c / pixels of the
     images where c occurs. Classes never seen get weight 1 (they never appear as targets anyway)."""
@@ -226,8 +237,6 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, resume, info):
         from sceneparse.data import build_dataset
-        from sceneparse.models import build_model
-        from sceneparse.models.pretrained import load_encoder_weights
 
         started = time.perf_counter()  # train.time_budget_s counts from here
         self.cfg, self.info = cfg, info
@@ -237,14 +246,8 @@ class Trainer:
         resume_path = (output_dir / "last.pt") if resume is True else (Path(resume) if resume else None)
         # Rank 0 checks/clears the folder while the others wait; then all of them fail alike or go on.
         dist_utils.run_on_main(lambda: prepare_output(output_dir, cfg.overwrite, resume_path is not None), info)
-        ckpt = load_checkpoint(resume_path) if resume_path is not None else None
-        if ckpt is not None and "train_state" not in ckpt:
-            raise SceneparseError(
-                f"{resume_path} holds weights only (no training state) and cannot be resumed",
-                "resume from the run's last.pt, or start a new run from these weights",
-            )
+        ckpt = _resumable_checkpoint(resume_path) if resume_path is not None else None
 
-        data_settings = dataset_settings(dc)
         self.train_set, self.val_set, self.num_classes = build_data(cfg, verbose=info.is_main)
         if ckpt is not None and len(ckpt["class_names"]) != self.num_classes:
             raise SceneparseError(
@@ -252,41 +255,23 @@ class Trainer:
                 f"this config/dataset has {self.num_classes}",
                 "resume with the config the checkpoint was trained with",
             )
-
-        _seed_everything(tc.seed)
-        # cuDNN's autotuner pays off for fixed-size crops; with CSAIL's per-batch sizes
-        # (data.crop_size unset) it would re-tune for every new shape.
-        torch.backends.cudnn.benchmark = device.type == "cuda" and dc.crop_size is not None
-        model = build_model(cfg.model.encoder, cfg.model.decoder, self.num_classes,
-                            encoder_options=OmegaConf.to_container(cfg.model.encoder_options),
-                            decoder_options=OmegaConf.to_container(cfg.model.decoder_options))
-        if cfg.model.encoder_weights and ckpt is None:
-            # Rank 0 alone reads (and maybe downloads) the weights: DDP then copies its model to every
-            # rank, and concurrent downloads into one cache file would clash. A bad file fails all ranks.
-            dist_utils.run_on_main(lambda: load_encoder_weights(model.encoder, cfg.model.encoder_weights), info)
+        model = self._build_model(ckpt, resume_path)
         self.optimizer, self.scheduler = build_optimizer(model, tc, fused=device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and device.type == "cuda")
+
         def raw_train_set():  # labels as stored: the training set itself when it has no transforms
             if self.train_set.transforms is None:  # (augment_on=device: maybe cached in memory already)
                 return self.train_set
-            return build_dataset({**data_settings, "cache_in_memory": False}, dc.train_split, None)
+            return build_dataset({**dataset_settings(dc), "cache_in_memory": False}, dc.train_split, None)
 
         self.criterion = build_criterion(cfg, raw_train_set, self.num_classes, device)
 
-        self.start_iter, self.position, self.best_miou, self.skipped = 0, (0, 0), float("-inf"), 0
-        if ckpt is not None:
-            if ckpt["model"]["config"] != dict(model.config):
-                raise SceneparseError(
-                    f"{resume_path} holds a different model ({ckpt['model']['config']}) than the config "
-                    f"({dict(model.config)})",
-                    "resume with the config the checkpoint was trained with",
-                )
-            model.load_state_dict(ckpt["model"]["state_dict"])
         self.model = wrap_model(model, cfg, info)
         if info.distributed:
             # DDP has copied rank 0's initial weights everywhere; from here on each rank draws its
             # own random numbers (dropout), else every rank would drop the same units.
             _seed_everything(dist_utils.rank_seed(tc.seed, info.rank))
+        self.start_iter, self.position, self.best_miou, self.skipped = 0, (0, 0), float("-inf"), 0
         if ckpt is not None:
             started -= self._restore(ckpt["train_state"])
         if info.is_main:
@@ -294,16 +279,8 @@ class Trainer:
 
         self.sampler = TrainBatches(epoch_batches_fn(self.train_set, dc, tc.seed, info), tc.seed, tc.iterations,
                                     self.start_iter, self.position, info.rank)
-        self.schedule = self.scheduler.lr_lambdas[0]  # the PolySchedule every parameter group shares
-        # A resumed scheduler's state_dict brought the old run's settings back: the config decides
-        # (`train.iterations=MORE --resume` extends a run).
-        self.schedule.horizon, self.schedule.power = tc.iterations, tc.poly_power
-        self.schedule.warmup_iters = tc.warmup_iters
         self.started = started
-        self.budget = TimeBudget(tc.time_budget_s, started) if tc.time_budget_s else None
-        if self.budget is not None and ckpt is not None:  # no steps at all if the time is already spent
-            spent = ckpt["train_state"].get("elapsed_s", 0.0)  # the same number on every rank
-            self.schedule.horizon = self.budget.horizon(self.start_iter, tc.iterations, spent, 0.0)
+        self._set_schedule(ckpt)
         self.batches = training_feed(self.train_set, self.sampler, dc, device, self.num_classes)
         self.class_names = list(self.train_set.class_names)
         self.palette = [list(c) for c in self.train_set.palette]
@@ -317,6 +294,51 @@ class Trainer:
         self.window_time = time.perf_counter()
         self.step_lrs = self.scheduler.get_last_lr()  # the learning rates the latest step used
         self.bar = None
+
+    def _build_model(self, ckpt: dict | None, resume_path: Path | None) -> nn.Module:
+        """The Segmenter of `cfg.model`: seeded initialisation, then the encoder weights of a new run
+        or the weights of the resumed one (which must be the same model)."""
+        from sceneparse.models import build_model
+        from sceneparse.models.pretrained import load_encoder_weights
+
+        cfg, tc = self.cfg, self.cfg.train
+        _seed_everything(tc.seed)
+        # cuDNN's autotuner pays off for fixed-size crops; with CSAIL's per-batch sizes
+        # (data.crop_size unset) it would re-tune for every new shape.
+        torch.backends.cudnn.benchmark = self.info.device.type == "cuda" and cfg.data.crop_size is not None
+        model = build_model(cfg.model.encoder, cfg.model.decoder, self.num_classes,
+                            encoder_options=OmegaConf.to_container(cfg.model.encoder_options),
+                            decoder_options=OmegaConf.to_container(cfg.model.decoder_options))
+        if ckpt is None:
+            if cfg.model.encoder_weights:
+                # Rank 0 alone reads (and maybe downloads) the weights: DDP then copies its model to
+                # every rank, and concurrent downloads into one cache file would clash. A bad file
+                # fails all ranks.
+                dist_utils.run_on_main(lambda: load_encoder_weights(model.encoder, cfg.model.encoder_weights),
+                                       self.info)
+            return model
+        if ckpt["model"]["config"] != dict(model.config):
+            raise SceneparseError(
+                f"{resume_path} holds a different model ({ckpt['model']['config']}) than the config "
+                f"({dict(model.config)})",
+                "resume with the config the checkpoint was trained with",
+            )
+        model.load_state_dict(ckpt["model"]["state_dict"])
+        return model
+
+    def _set_schedule(self, ckpt: dict | None) -> None:
+        """The poly schedule as the config says, and the time budget's clock (a resumed run's
+        spent time counted: no steps at all if it is already used up)."""
+        tc = self.cfg.train
+        self.schedule = self.scheduler.lr_lambdas[0]  # the PolySchedule every parameter group shares
+        # A resumed scheduler's state_dict brought the old run's settings back: the config decides
+        # (`train.iterations=MORE --resume` extends a run).
+        self.schedule.horizon, self.schedule.power = tc.iterations, tc.poly_power
+        self.schedule.warmup_iters = tc.warmup_iters
+        self.budget = TimeBudget(tc.time_budget_s, self.started) if tc.time_budget_s else None
+        if self.budget is not None and ckpt is not None:
+            spent = ckpt["train_state"].get("elapsed_s", 0.0)  # the same number on every rank
+            self.schedule.horizon = self.budget.horizon(self.start_iter, tc.iterations, spent, 0.0)
 
     def _restore(self, state: dict) -> float:
         """Optimizer, scheduler, scaler, position, RNGs from a `last.pt`; returns the time it had spent."""
