@@ -264,6 +264,24 @@ def test_inference_speed_flags_become_predictor_options(tiny_checkpoint, tmp_pat
     assert "--cuda-graphs works through torch.compile" in capsys.readouterr().err
 
 
+def test_a_failing_torch_compile_is_one_clear_message(tiny_checkpoint, real_dataset, tmp_path, monkeypatch, capsys):
+    import functools
+
+    def no_compiler(graph_module, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=no_compiler))
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
+    for command in (["predict", "--model", str(tiny_checkpoint), str(image), "--output", str(tmp_path / "o")],
+                    ["eval", "--model", str(tiny_checkpoint), "--data-root", str(real_dataset), "--dataset",
+                     "folder", "--workers", "0", "--output", str(tmp_path / "e")]):
+        assert main(command + ["--device", "cpu", "--compile"]) == 2
+        err = capsys.readouterr().err
+        assert "torch.compile failed:" in err and "no C++ compiler found" in err
+        assert "run without --compile" in err and "Traceback" not in err
+
+
 def test_cli_predict_nothing_matched(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["predict", "--model", str(tiny_checkpoint), str(tmp_path / "empty"), "--output",

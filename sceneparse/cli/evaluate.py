@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sceneparse.cli.options import add_inference_speed_args, inference_speed_options
+from sceneparse.cli.options import add_inference_speed_args, compile_errors_explained, inference_speed_options
 from sceneparse.errors import SceneparseError
 
 
@@ -118,8 +118,9 @@ def _evaluate(args, info, settings: dict, split: str, options: dict, where: str)
     classes_file = getattr(dataset, "classes_file", None)
     check_num_classes(model, dataset, model_source=f"the model {args.model}",
                       data_source=where + (f" with classes file {classes_file}" if classes_file else ""))
-    report = evaluate(model, dataset, options, info.device, protocol=args.protocol, num_workers=args.workers,
-                      max_images=args.max_images, progress=info.is_main)
+    with compile_errors_explained(options["compile"]):
+        report = evaluate(model, dataset, options, info.device, protocol=args.protocol, num_workers=args.workers,
+                          max_images=args.max_images, progress=info.is_main)
     if not info.is_main:
         return 0
     report["model"] = str(args.model)

@@ -1,6 +1,8 @@
 """Command-line options that several sub-commands share, defined once."""
 from __future__ import annotations
 
+import contextlib
+
 from sceneparse.errors import SceneparseError
 
 AMP_CHOICES = ("none", "bf16", "fp16")
@@ -28,3 +30,23 @@ def inference_speed_options(args) -> dict:
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     compile = "reduce-overhead" if args.cuda_graphs else args.compile
     return {"amp_dtype": dtype, "channels_last": args.channels_last, "compile": compile}
+
+
+@contextlib.contextmanager
+def compile_errors_explained(compiling):
+    """A torch.compile failure (no C++ compiler for inductor on a CPU, an unsupported op) becomes
+    one message with the way out, instead of a compiler's traceback."""
+    try:
+        yield
+    except Exception as err:
+        import torch._dynamo.exc
+
+        if not compiling or not isinstance(err, torch._dynamo.exc.TorchDynamoException):
+            raise
+        cause = getattr(err, "inner_exception", None) or err  # the backend's own error, when it raised one
+        first = next((line for line in str(cause).splitlines() if line.strip()), "")
+        raise SceneparseError(
+            f"torch.compile failed: {type(cause).__name__}: {first}",
+            "run without --compile/--cuda-graphs (the model runs as it is); on a CPU, inductor also "
+            "needs a C++ compiler (g++)",
+        ) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from sceneparse.cli.options import add_inference_speed_args, inference_speed_options
+from sceneparse.cli.options import add_inference_speed_args, compile_errors_explained, inference_speed_options
 from sceneparse.errors import SceneparseError
 
 
@@ -139,7 +139,8 @@ def _predict(args, info, paths: list[Path], output: Path, speed: dict) -> int:
     for path, stem in jobs:
         image = read_image(path)
         try:
-            labels = predictor.predict(image).cpu()
+            with compile_errors_explained(speed["compile"]):
+                labels = predictor.predict(image).cpu()
         except torch.OutOfMemoryError:
             raise SceneparseError(
                 f"out of memory segmenting {path} ({image.shape[-2]}x{image.shape[-1]} pixels)",
