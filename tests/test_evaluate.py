@@ -280,6 +280,13 @@ def test_a_failing_torch_compile_is_one_clear_message(tiny_checkpoint, real_data
         err = capsys.readouterr().err
         assert "torch.compile failed:" in err and "no C++ compiler found" in err
         assert "run without --compile" in err and "Traceback" not in err
+    from sceneparse.engine.config import save_config
+    from test_train import tiny_config
+
+    save_config(tiny_config(tmp_path, "train.compile=true"), tmp_path / "train.yaml")
+    assert main(["train", str(tmp_path / "train.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "torch.compile failed:" in err and "train.compile=false" in err and "Traceback" not in err
 
 
 def test_cli_predict_nothing_matched(tiny_checkpoint, tmp_path, capsys):

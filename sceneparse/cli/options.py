@@ -33,9 +33,10 @@ def inference_speed_options(args) -> dict:
 
 
 @contextlib.contextmanager
-def compile_errors_explained(compiling):
+def compile_errors_explained(compiling, switch_off: str = "--compile/--cuda-graphs"):
     """A torch.compile failure (no C++ compiler for inductor on a CPU, an unsupported op) becomes
-    one message with the way out, instead of a compiler's traceback."""
+    one message with the way out (`switch_off`: how this command turns compile off), instead of a
+    compiler's traceback."""
     try:
         yield
     except Exception as err:
@@ -47,6 +48,6 @@ def compile_errors_explained(compiling):
         first = next((line for line in str(cause).splitlines() if line.strip()), "")
         raise SceneparseError(
             f"torch.compile failed: {type(cause).__name__}: {first}",
-            "run without --compile/--cuda-graphs (the model runs as it is); on a CPU, inductor also "
-            "needs a C++ compiler (g++)",
+            f"run without {switch_off} (the model runs as it is); on a CPU, inductor also needs a "
+            "C++ compiler (g++)",
         ) from None

@@ -22,6 +22,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from sceneparse.cli.options import compile_errors_explained
     from sceneparse.engine.config import load_config
     from sceneparse.engine.train import train
 
@@ -32,7 +33,9 @@ def run(args) -> int:
         overrides.append(resume)
         resume = True
     cfg = load_config(args.config, overrides)
-    result = train(cfg, resume=resume)
+    # The first step compiles: a failure there has saved nothing yet; a later one keeps last.pt.
+    with compile_errors_explained(cfg.train.compile, "train.compile=false (add --resume if last.pt exists)"):
+        result = train(cfg, resume=resume)
     if result["rank"] != 0:  # under torchrun, rank 0 reports for all
         return 0
     if result.get("metrics"):
