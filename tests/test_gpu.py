@@ -1,8 +1,8 @@
 """The CUDA-only code paths, briefly, on one GPU: autocast (bf16, fp16 + GradScaler), fused SGD,
-channels-last, torch.compile, CUDA-graph inference (bench's capture and the Predictor's compiled
-graphs), DDP + SyncBatchNorm over NCCL (one process:
-one GPU cannot host two NCCL ranks), pinned memory and non-blocking copies (no host sync per
-training step), bench's synchronised timing and peak memory, Predictor and checkpoints on CUDA.
+channels-last, torch.compile, CUDA-graph inference (bench's own capture, and the Predictor's through
+compile), DDP + SyncBatchNorm over NCCL (one process: one GPU cannot host two NCCL ranks), pinned
+memory and non-blocking copies (no host sync per training step), bench's synchronised timing and
+peak memory, Predictor and checkpoints on CUDA.
 
 Run on a GPU machine by `benchmarks/gpu/smoke.sh`. Without CUDA every test here skips, saying
 why, except the CPU check of the SyncBatchNorm conversion (it decides what DDP runs on GPUs).
