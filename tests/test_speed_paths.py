@@ -102,6 +102,37 @@ def test_compiled_predictor_matches_eager(trained):
         Predictor(copy.deepcopy(model), compile="fastest")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_compiler(), reason="torch.compile (inductor, CPU) needs a C++ compiler: none found")
+def test_compile_with_dynamic_shapes_trains_and_predicts(trained):
+    """Sizes that change (CSAIL's per-batch scales, eval images): dynamic=True gives symbolic sizes
+    from the first call, as torch's automatic dynamic shapes do from the second size on. The
+    Segmenter's padding arithmetic must lower (a `%` of a size did not, in torch 2.11 to 2.14)."""
+    from sceneparse.engine.train import segmentation_loss
+
+    eager, model = copy.deepcopy(trained[0]).train(), copy.deepcopy(trained[0]).train()
+    compiled = torch.compile(model, dynamic=True)
+    criterion = torch.nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(3)
+    for size in ((30, 28), (26, 36)):  # padded to the stride inside (one graph), and cropped back
+        x, y = torch.randn(2, 3, *size, generator=gen), torch.randint(0, NUM_CLASSES, (2, *size), generator=gen)
+        outputs = []
+        for net in (eager, compiled):
+            out = net(x)
+            segmentation_loss(out, y, criterion, 0.4).backward()
+            outputs.append(out)
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+        assert outputs[0].shape == (2, NUM_CLASSES, *size)
+    grads = {name: p.grad for name, p in eager.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-3, atol=1e-4, msg=name)
+    eager.eval(), model.eval()
+    with torch.no_grad():
+        for size in ((31, 29), (27, 21)):
+            x = torch.randn(1, 3, *size, generator=gen)
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; none here")
 def test_cuda_graph_replay_matches_eager(trained):
     from sceneparse.engine.bench import cuda_graph_replay

@@ -41,7 +41,10 @@ class Segmenter(nn.Module):
     def forward(self, images: Tensor) -> Tensor | SegmenterOutput:
         height, width = images.shape[-2:]
         multiple = self.encoder.pad_multiple
-        pad_h, pad_w = -height % multiple, -width % multiple
+        # Rounded up by floor division, not `-height % multiple`: under torch.compile with dynamic
+        # shapes a modulo of a size reaches the interpolation's scale and inductor cannot lower it.
+        pad_h = (height + multiple - 1) // multiple * multiple - height
+        pad_w = (width + multiple - 1) // multiple * multiple - width
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
         padded_size = images.shape[-2:]
