@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from sceneparse.data import IGNORE_INDEX
@@ -62,16 +63,24 @@ def test_doubling_matches_torch_interpolate(sample):
     assert torch.equal(label, F.interpolate(mask[:, None].float(), scale_factor=2, mode="nearest")[:, 0].long())
 
 
-def test_halving_places_the_image_inside_a_padded_crop(sample):
+def test_halving_places_the_image_inside_a_padded_crop_antialiased(sample):
     image, mask = sample
     out, label = DeviceAugment((12, 16), (0.5, 0.5), flip=False, **RAW)(image, mask, [(12, 16)], [3])
     inside = label[0] != IGNORE_INDEX
     rows, cols = inside.nonzero()[:, 0], inside.nonzero()[:, 1]
     top, left = int(rows.min()), int(cols.min())
     assert inside.sum() == 6 * 8 and int(rows.max()) == top + 5 and int(cols.max()) == left + 7
-    # bilinear at exactly half size averages each 2x2 block
+    # Antialiased like the worker pipeline's resize: at half size each output pixel reads 4 x 4
+    # source pixels with weights (1, 3, 3, 1) / 8 per axis (edge rows renormalised), not a 2 x 2 mean.
     block = out[0, :, top : top + 6, left : left + 8]
-    assert torch.allclose(block, F.avg_pool2d(image / 255.0, 2)[0], atol=1e-6)
+    weights = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 8
+    y, x = 2, 3  # an interior output pixel: source rows 3..6, columns 5..8
+    by_hand = (weights[:, None] * weights[None, :] * image[0, :, 3:7, 5:9] / 255.0).sum(dim=(1, 2))
+    assert torch.allclose(block[:, y, x], by_hand, atol=1e-6)
+    expected = F.interpolate(image / 255.0, size=(6, 8), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(block, expected[0], atol=1e-6)
+    assert not torch.allclose(block, F.avg_pool2d(image / 255.0, 2)[0], atol=1e-3)  # not aliased
+    assert torch.equal(label[0, top : top + 6, left : left + 8], mask[0, ::2, ::2].long())  # floor(2i)
     assert out[0][:, ~inside].abs().max() == 0  # black padding
 
 
@@ -95,17 +104,64 @@ def test_each_sample_keeps_to_its_own_size_in_a_padded_batch(sample):
     assert torch.equal(alone[0][0], out[0]) and torch.equal(alone[1][0], label[0])
 
 
-def test_colour_jitter_matches_torchvision(sample):
+ADJUST = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+
+
+def test_colour_jitter_matches_torchvision_in_a_random_order(sample):
     image, mask = sample
     augment = DeviceAugment((12, 16), (1.0, 1.0), flip=False, jitter=0.4, **RAW)
-    for seed in range(5):
+    orders = set()
+    for seed in range(40):
         out, _ = augment(image, mask, [(12, 16)], [seed])
-        brightness, contrast, saturation = augment.draw(seed)[4:]
-        assert all(0.6 <= f <= 1.4 for f in (brightness, contrast, saturation))
-        expected = TF.adjust_brightness(image[0] / 255.0, brightness)
-        expected = TF.adjust_contrast(expected, contrast)
-        expected = TF.adjust_saturation(expected, saturation)
+        params = augment.draw(seed)
+        factors, order = params[4:7], [int(i) for i in params[7:]]
+        assert all(0.6 <= f <= 1.4 for f in factors) and sorted(order) == [0, 1, 2]
+        expected = image[0] / 255.0
+        for step in order:
+            expected = ADJUST[step](expected, factors[step])
         assert torch.allclose(out[0], expected, atol=1e-5)
+        orders.add(tuple(order))
+    assert len(orders) == 6  # every order occurs, as in torchvision's ColorJitter
+
+
+def test_a_batch_equals_torchvision_resize_pad_crop_flip_and_jitter():
+    """The device path against the worker pipeline's own torchvision functions, sample by sample,
+    given the same draws: rescales from 0.5 to 2 (shrinking antialiased), crops inside and padded
+    around the image, flips, jitter in each sample's order. The reference runs on floats (the
+    worker path's uint8 rounding aside, the arithmetic is the same): images agree to float
+    precision, masks exactly."""
+    g = torch.Generator().manual_seed(1)
+    sizes = [(30, 40), (23, 37), (40, 27), (17, 19)]
+    images = torch.zeros(4, 3, 40, 40, dtype=torch.uint8)
+    masks = torch.full((4, 40, 40), 7, dtype=torch.uint8)  # batch padding holds a class id: must not leak
+    for i, (h, w) in enumerate(sizes):
+        images[i, :, :h, :w] = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        masks[i, :h, :w] = torch.randint(0, 6, (h, w), dtype=torch.uint8, generator=g)
+    augment = DeviceAugment((24, 32), (0.5, 2.0), flip=True, jitter=0.3, **RAW)
+    checked_scales, flips = [], set()
+    for seeds in ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]):
+        out, label = augment(images, masks, sizes, seeds)
+        layout = augment.layout(torch.tensor([augment.draw(s) for s in seeds], dtype=torch.float64),
+                                torch.tensor(sizes, dtype=torch.float64))
+        for i, ((h, w), seed) in enumerate(zip(sizes, seeds)):
+            params = augment.draw(seed)
+            scaled_h, scaled_w, top, left = (int(v) for v in layout[i])
+            image = TF.resize(images[i, :, :h, :w] / 255.0, [scaled_h, scaled_w], antialias=True)
+            mask = TF.resize(tv_tensors.Mask(masks[i, :h, :w]), [scaled_h, scaled_w])
+            # RandomCrop(pad_if_needed): the crop window at (top, left) of the rescaled image,
+            # with black / IGNORE_INDEX where it reaches beyond it.
+            pad = [max(0, -left), max(0, -top), max(0, left + 32 - scaled_w), max(0, top + 24 - scaled_h)]
+            image = TF.crop(TF.pad(image, pad, fill=0), top + pad[1], left + pad[0], 24, 32)
+            mask = TF.crop(TF.pad(mask, pad, fill=IGNORE_INDEX), top + pad[1], left + pad[0], 24, 32)
+            if params[3]:
+                image, mask = TF.horizontal_flip(image), TF.horizontal_flip(mask)
+            for step in (int(k) for k in params[7:]):
+                image = ADJUST[step](image, params[4 + step])
+            assert torch.equal(label[i], mask.long()), (seed, params[0])
+            assert torch.allclose(out[i], image, atol=1e-5), (seed, params[0])
+            checked_scales.append(params[0])
+            flips.add(params[3])
+    assert min(checked_scales) < 0.8 and max(checked_scales) > 1.5 and flips == {0.0, 1.0}
 
 
 def test_normalisation_and_seeds(sample):

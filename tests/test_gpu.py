@@ -161,6 +161,23 @@ def test_bench_train_step_does_not_sync_with_the_host(amp):
     assert all(p.isfinite().all() for p in model.parameters())
 
 
+@needs_cuda
+def test_device_augment_on_cuda_equals_the_cpu():
+    """On CUDA the resampling products run in float16: within one grey level of the CPU's float32
+    (the rounding bound is about a third of one, before the jitter's factors), masks identical."""
+    from sceneparse.data.device_augment import DeviceAugment
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 90, 120), dtype=torch.uint8, generator=g)
+    masks = torch.randint(0, 11, (4, 90, 120), dtype=torch.uint8, generator=g)
+    sizes, seeds = [(90, 120), (80, 100), (90, 64), (45, 60)], [3, 4, 5, 6]
+    augment = DeviceAugment((72, 96), (0.5, 2.0), flip=True, jitter=0.2, mean=(0, 0, 0), std=(1, 1, 1))
+    cpu_out, cpu_label = augment(images, masks, sizes, seeds)
+    out, label = augment(images.cuda(), masks.cuda(), sizes, seeds)
+    assert torch.equal(label.cpu(), cpu_label)
+    assert (out.cpu() - cpu_out).abs().max() < 1 / 255
+
+
 # --------------------------------------------------------------------- DDP, SyncBN, NCCL
 
 @needs_cuda
