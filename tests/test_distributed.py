@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,8 +177,26 @@ def train_runs(info: D.DistInfo, out_dir: Path) -> dict:
     out["group_kept"] = D.is_initialized()  # train() leaves a group it did not start
     out["skip"] = run("skip", "train.on_nonfinite=skip", "train.log_every=1", hooks={2: "nan"})
     out["nan"] = run("nan", "train.val_every=0", "train.checkpoint_every=2", hooks={3: "nan"})
-    # SIGTERM on rank 1 during step 1: both ranks stop together at the next log step (2).
+    # SIGTERM on rank 1 during step 1: both ranks stop together at the next log step (2). Rank 0
+    # writes last.pt slowly here: no rank may leave a save before the file is written (one that
+    # went on to stop would exit, and torchrun would kill rank 0 in the middle of the write).
+    real_save, real_save_last = train_mod.save_model, train_mod.Trainer._save_last
+    out["save_times"] = times = {"written": [], "left": []}
+
+    def slow_save(path, *args, **kwargs):
+        last = Path(path).name == "last.pt"
+        time.sleep(0.5 if last else 0)
+        real_save(path, *args, **kwargs)
+        if last:
+            times["written"].append(time.time())
+
+    def timed_save_last(self, *args):
+        real_save_last(self, *args)
+        times["left"].append(time.time())
+
+    train_mod.save_model, train_mod.Trainer._save_last = slow_save, timed_save_last
     out["stop"] = run("stop", hooks={1: "sigterm"})
+    train_mod.save_model, train_mod.Trainer._save_last = real_save, real_save_last
     # Augmented on the device (whole set there) and fitted to a 3-second budget: the ranks must
     # agree on the clock, else one would wait for the other in a collective until the timeout.
     out["budget"] = run("budget", "data.augment_on=device", "data.cache_in_memory=true", "data.crop_size=48",
@@ -390,6 +409,9 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_step_and_resume_continues(r
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert len(state["rng_per_rank"]) == 2
     assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])
+    # rank 1 left each save only once rank 0 had written the file (rank 0's write took 0.5 s)
+    written, left = ranks[0]["save_times"]["written"], ranks[1]["save_times"]["left"]
+    assert len(written) == len(left) >= 1 and all(w <= l for w, l in zip(written, left))
 
 
 def test_two_machines_train_like_one_machine_with_two_processes(ranks, tmp_path):

@@ -200,10 +200,18 @@ def test_dataset_vanishing_mid_run_names_the_file(tmp_path, monkeypatch, workers
             shutil.rmtree(root / "images")
 
     monkeypatch.setattr(RunLogger, "log", log_then_delete)
+    # The way out: a resume when the run has saved a checkpoint (here with workers, at iteration
+    # 2), else a fresh start.
+    every = 2 if workers else 100
     cfg = config(tmp_path / "run", "data.kind=folder", f"data.root={root}", f"data.num_workers={workers}",
-                 "train.iterations=30", "train.checkpoint_every=100")
-    with pytest.raises(SceneparseError, match=r"reading training data failed at iteration \d+: .*images/train_\d+\.png"):
+                 "train.iterations=30", f"train.checkpoint_every={every}")
+    with pytest.raises(SceneparseError, match=r"reading training data failed at iteration \d+: .*images/train_\d+\.png") as info:
         train(cfg)
+    if workers:
+        assert info.value.hint.endswith(f"then resume: sceneparse train {tmp_path / 'run' / 'config.yaml'} "
+                                        f"--resume {tmp_path / 'run' / 'last.pt'}")
+    else:
+        assert "start the run again (no checkpoint was saved yet; add --overwrite)" in info.value.hint
 
 
 def test_resume_from_a_checkpoint_that_does_not_fit_is_refused(tmp_path, uninterrupted):

@@ -259,6 +259,15 @@ def test_time_budget_horizon_by_hand():
     budget.measured(40, now=125.0)
     assert budget.steps_per_s == 1.5  # (20 + 10) / (10 + 10)
 
+    resumed = TimeBudget(100.0, start=0.0)  # a resumed run starts from the speed it had measured
+    resumed.restore(budget.state())
+    assert resumed.steps_per_s == 1.5
+    resumed.measured(40, now=200.0)
+    resumed.measured(41, now=260.0)  # its own warm-up window is left out again
+    assert resumed.steps_per_s == 1.5
+    resumed.measured(61, now=270.0)
+    assert resumed.steps_per_s == 50 / 30  # (20 + 10 + 20) / (10 + 10 + 10)
+
 
 def test_time_budget_fits_the_schedule_to_the_clock_and_resumes_with_the_time_spent(tmp_path):
     import time
@@ -292,3 +301,128 @@ def test_resume_with_more_iterations_extends_the_run_and_its_schedule(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "loss" in r][-1]
     assert last["iter"] == 16 and last["lr"] == pytest.approx(0.05 * (1 - 15 / 16) ** 0.9)
+
+
+def test_resume_takes_the_optimizer_settings_from_the_config(tmp_path):
+    """The checkpoint brings the momentum buffers and the schedule's position back; learning
+    rates, momentum and weight decay are the config's, from the first resumed step on."""
+    train(tiny_config(tmp_path, "train.log_every=1"))  # 12 iterations at lr 0.05, momentum 0.9
+    changed = ["train.iterations=16", "train.lr_encoder=0.01", "train.lr_decoder=0.5", "train.momentum=0.5",
+               "train.weight_decay=0.001", "train.log_every=1"]
+    train(tiny_config(tmp_path, *changed), resume=True)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["iter"]: r for r in records if "loss" in r}
+    assert steps[12]["lr"] == pytest.approx(0.05 * (1 - 11 / 12) ** 0.9)  # the first run's
+    for it in (13, 16):  # step `it` runs at schedule position it - 1
+        assert steps[it]["lr"] == pytest.approx(0.5 * (1 - (it - 1) / 16) ** 0.9)
+        assert steps[it]["lr_encoder"] == pytest.approx(0.01 * (1 - (it - 1) / 16) ** 0.9)
+    groups = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train_state"]["optimizer"]["param_groups"]
+    assert {g["momentum"] for g in groups} == {0.5}
+    assert {g["name"]: g["weight_decay"] for g in groups} == {
+        "encoder": 0.001, "encoder_no_decay": 0.0, "decoder": 0.001, "decoder_no_decay": 0.0}
+
+
+def test_a_run_saved_without_fp16_resumes_with_fp16(tmp_path, monkeypatch):
+    """Without fp16 the grad scaler saves an empty state; a resumed fp16 run starts a fresh scale."""
+    train(tiny_config(tmp_path))
+    real = torch.amp.GradScaler
+    # fp16 scaling is CUDA-only in the trainer; the CPU scaler takes the same code path
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: real("cpu", enabled=True))
+    assert train(tiny_config(tmp_path, "train.iterations=14"), resume=True)["iterations"] == 14
+    assert "scale" in torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train_state"]["scaler"]
+
+
+class FakeClock:
+    """`time.perf_counter` for the trainer: one second per training step, `validation_s` per
+    validation, nothing else, so a time-budget run is the same every time."""
+
+    def __init__(self, monkeypatch, validation_s: float = 0.0):
+        import types
+
+        from sceneparse.engine import train as train_mod
+
+        self.now, self.lrs = 0.0, {}
+        monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+        step, validate = train_mod.Trainer._step, train_mod.Trainer._validate
+
+        def timed_step(trainer, it, *args):
+            self.now += 1.0
+            self.lrs[it] = trainer.optimizer.param_groups[-1]["lr"]
+            step(trainer, it, *args)
+
+        def timed_validate(trainer, it):
+            self.now += validation_s
+            validate(trainer, it)
+
+        monkeypatch.setattr(train_mod.Trainer, "_step", timed_step)
+        monkeypatch.setattr(train_mod.Trainer, "_validate", timed_validate)
+
+
+BUDGET = ["train.iterations=1000", "train.time_budget_s=60", "train.log_every=5", "train.val_every=0",
+          "train.checkpoint_every=10", "train.warmup_iters=0"]
+
+
+def test_a_time_budget_run_resumes_on_its_schedule(tmp_path, monkeypatch):
+    """Stopped after its checkpoint at 20 and resumed: the same learning rate at every step as
+    the uninterrupted run (the measured speed is saved, not measured anew from nothing)."""
+    clock = FakeClock(monkeypatch)
+    straight = train(tiny_config(tmp_path / "straight", *BUDGET))
+    expected = dict(clock.lrs)
+
+    clock.now, clock.lrs = 0.0, {}
+    from sceneparse.engine.logger import RunLogger
+
+    log = RunLogger.log
+
+    def crash_at_23(self, record):
+        log(self, record)
+        if record.get("iter") == 23:
+            raise KeyboardInterrupt  # killed: last.pt is the one of iteration 20
+
+    monkeypatch.setattr(RunLogger, "log", crash_at_23)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "split", *BUDGET, "train.log_every=1"))
+    monkeypatch.setattr(RunLogger, "log", log)
+    clock.now = 20.0  # the clock when last.pt was written (the fake clock counts steps)
+    resumed = train(tiny_config(tmp_path / "split", *BUDGET), resume=True)
+    assert resumed["iterations"] == straight["iterations"] == 60  # 60 s at 1 s a step
+    assert all(clock.lrs[it] == pytest.approx(expected[it]) for it in range(21, straight["iterations"] + 1))
+
+
+def test_a_time_budget_run_validates_and_saves_once_at_its_end(tmp_path, monkeypatch):
+    """The schedule's end may fall between log steps; the sync there must not move it again (the
+    run would validate and save as if done, then train on at a zero learning rate)."""
+    clock = FakeClock(monkeypatch, validation_s=4.0)
+    result = train(tiny_config(tmp_path, *BUDGET[:1], "train.time_budget_s=50", "train.log_every=8",
+                               "train.val_every=10", "train.checkpoint_every=1000"))
+    end = result["iterations"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validated = [r["iter"] for r in records if "val_miou" in r]
+    assert end % 8 and end % 10  # the end fell on neither a log nor a validation step
+    assert validated == [*range(10, end, 10), end]
+    assert min(clock.lrs.values()) > 0 and max(clock.lrs) == end
+
+
+def test_a_training_set_smaller_than_one_batch_is_refused_at_set_up(tmp_path):
+    with pytest.raises(SceneparseError, match="smaller than one batch") as info:
+        train(tiny_config(tmp_path, "data.batch_size=16"))  # 8 training images
+    assert "lower data.batch_size" in info.value.hint and "resume" not in info.value.hint
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_resumed_log_keeps_the_checkpoints_own_points_in_json_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sceneparse.engine.logger import RunLogger
+
+    log = RunLogger(tmp_path)
+    for it in (2, 4, 6, 8):  # last.pt saved at 6; killed after logging 8
+        log.log({"iter": it, "loss": float(it)})
+    log.close()
+    log = RunLogger(tmp_path, resume_from=6)
+    log.log({"iter": 8, "loss": 80.0})  # redone after the resume
+    log.close()
+    assert [(r["iter"], r["loss"]) for r in log.records()] == [(2, 2.0), (4, 4.0), (6, 6.0), (8, 80.0)]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(2, 2.0), (4, 4.0), (6, 6.0), (8, 80.0)]

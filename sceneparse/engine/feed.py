@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import random
 import sys
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -62,14 +63,22 @@ class TrainBatches(torch.utils.data.Sampler):
         self.epoch_batches = epoch_batches
         self.seed, self.rank = seed, rank
         self.iterations, self.start_iter, self.start = iterations, start_iter, tuple(start)
+        if start_iter < iterations:  # refused at set-up, not in a DataLoader at the first step
+            self._check(epoch_batches(self.start[0]))
+
+    @staticmethod
+    def _check(batches: list) -> None:
+        if not batches:
+            raise SceneparseError(
+                "the training set is smaller than one batch (data.batch_size images; under torchrun, "
+                "one batch for each process)", "lower data.batch_size, or add images")
 
     def walk(self):
         epoch, offset = self.start
         it = self.start_iter
         while it < self.iterations:
             batches = self.epoch_batches(epoch)
-            if not batches:
-                raise SceneparseError("the training set is smaller than one batch", "lower data.batch_size")
+            self._check(batches)
             while offset < len(batches) and it < self.iterations:
                 yield it, epoch, offset, batches[offset]
                 offset += 1
@@ -257,16 +266,19 @@ def free_memory(device: torch.device) -> int:
         return 1 << 62  # unknown (not Linux): do not refuse
 
 
-def next_batch(batches, iteration: int, resume_command: str):
-    """The next batch; a dataset file that vanished or broke mid-run becomes a clear error."""
+def next_batch(batches, iteration: int, checkpoint: Path, resume_command: str):
+    """The next batch; a dataset file that vanished or broke mid-run becomes a clear error, whose
+    way out is a resume from `checkpoint` if the run has saved one yet."""
     try:
         return next(batches)
     except (OSError, SceneparseError, RuntimeError) as err:
         if isinstance(err, RuntimeError) and "Original Traceback" not in str(err):
             raise  # a bug, not a data problem (worker errors are re-raised with "Original Traceback")
+        way_out = (f"resume: {resume_command}" if checkpoint.exists()
+                   else "start the run again (no checkpoint was saved yet; add --overwrite)")
         raise SceneparseError(
             f"reading training data failed at iteration {iteration}: {_data_error_message(err)}",
-            f"restore the dataset files, then resume: {resume_command}",
+            f"fix or restore the dataset files, then {way_out}",
         ) from None
 
 

@@ -33,7 +33,9 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=resume_from)
+            # purge_step drops events at or after it: the checkpoint's own iteration stays.
+            purge = None if resume_from is None else resume_from + 1
+            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=purge)
 
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:

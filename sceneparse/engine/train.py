@@ -53,7 +53,9 @@ class TimeBudget:
     iteration: the run validates, saves and ends there. The speed counts whole log windows,
     validations and checkpoints included (they recur, and take their share of the time), and
     leaves out the first window, whose warm-up (cudnn.benchmark, compilation) would make the
-    horizon start low; it is used only until a second window is measured.
+    horizon start low; it is used only until a second window is measured. A resumed run starts
+    from the speed it had measured (`state()` goes into last.pt), and again leaves its own first
+    window out.
     """
 
     def __init__(self, budget_s: float, start: float):
@@ -69,12 +71,20 @@ class TimeBudget:
         if self._mark is not None:
             steps, seconds = iteration - self._mark[0], now - self._mark[1]
             self._windows += 1
-            if self._windows == 1:
-                self.steps_per_s = steps / max(seconds, 1e-9)
+            if self._windows == 1:  # the warm-up window: a stand-in until a real measurement exists
+                if not self._steps:
+                    self.steps_per_s = steps / max(seconds, 1e-9)
             else:
                 self._steps, self._seconds = self._steps + steps, self._seconds + seconds
                 self.steps_per_s = self._steps / max(self._seconds, 1e-9)
         self._mark = (iteration, now)
+
+    def state(self) -> dict:
+        return {"steps": self._steps, "seconds": self._seconds, "steps_per_s": self.steps_per_s}
+
+    def restore(self, state: dict | None) -> None:
+        if state:  # (an older last.pt has none: the speed is measured anew)
+            self._steps, self._seconds, self.steps_per_s = state["steps"], state["seconds"], state["steps_per_s"]
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -292,7 +302,7 @@ class Trainer:
         self.window: list[torch.Tensor] = []
         self.window_steps: list[tuple[int, list[str]]] = []
         self.window_time = time.perf_counter()
-        self.step_lrs = self.scheduler.get_last_lr()  # the learning rates the latest step used
+        self.step_lrs = self._rates()  # the learning rates the latest step used
         self.bar = None
 
     def _build_model(self, ckpt: dict | None, resume_path: Path | None) -> nn.Module:
@@ -337,14 +347,32 @@ class Trainer:
         self.schedule.warmup_iters = tc.warmup_iters
         self.budget = TimeBudget(tc.time_budget_s, self.started) if tc.time_budget_s else None
         if self.budget is not None and ckpt is not None:
-            spent = ckpt["train_state"].get("elapsed_s", 0.0)  # the same number on every rank
-            self.schedule.horizon = self.budget.horizon(self.start_iter, tc.iterations, spent, 0.0)
+            # The same numbers on every rank (rank 0's), so the same horizon everywhere.
+            self.budget.restore(ckpt["train_state"].get("time_budget"))
+            spent = ckpt["train_state"].get("elapsed_s", 0.0)
+            self.schedule.horizon = self.budget.horizon(self.start_iter, tc.iterations, spent,
+                                                        self.budget.steps_per_s)
+        # The rates of the next step under the schedule as now set: a resumed run's changed
+        # settings apply from its first step (LambdaLR's own formula, so unchanged ones are exact).
+        factor = self.schedule(self.scheduler.last_epoch)
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * factor
 
     def _restore(self, state: dict) -> float:
-        """Optimizer, scheduler, scaler, position, RNGs from a `last.pt`; returns the time it had spent."""
+        """Optimizer, scheduler, scaler, position, RNGs from a `last.pt`; returns the time it had spent.
+
+        The optimizer's state (momentum buffers) and the schedule's position come from the file;
+        its settings (learning rates, momentum, weight decay) from the config, as for every other
+        setting: `train.lr_decoder=0.005 --resume` takes effect.
+        """
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        if state["scaler"]:  # empty when saved without fp16 (then a resumed fp16 run starts a fresh scale)
+            self.scaler.load_state_dict(state["scaler"])
         self.start_iter, self.position = state["iteration"], tuple(state["data_position"])
         self.best_miou, self.skipped = state["best_miou"], state["skipped"]
         # Each rank's own RNG streams (dropout draws differ per rank); rank 0's when the process
@@ -352,6 +380,9 @@ class Trainer:
         per_rank = state.get("rng_per_rank") or []
         set_rng_state(per_rank[self.info.rank] if len(per_rank) == self.info.world_size else state["rng"])
         return state.get("elapsed_s", 0.0)
+
+    def _rates(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
 
     @property
     def resume_command(self) -> str:
@@ -372,7 +403,8 @@ class Trainer:
         with _StopSignal() as stop:
             try:
                 while it < self.schedule.horizon:
-                    images, masks, paths = next_batch(self.batches, it + 1, self.resume_command)
+                    images, masks, paths = next_batch(self.batches, it + 1, self.output_dir / "last.pt",
+                                                       self.resume_command)
                     _, epoch, offset, _ = next(positions)
                     it, next_position = it + 1, (epoch, offset + 1)
                     self._step(it, images, masks, paths)
@@ -386,7 +418,7 @@ class Trainer:
                     stopping = False
                     if it % tc.log_every == 0 or checkpoint_now or (stop.received and not info.distributed):
                         # also the non-finite check: nothing is saved after a bad step
-                        stopping = self._sync(it, stop.received is not None)
+                        stopping = self._sync(it, stop.received is not None, final=done)
                         if it >= self.schedule.horizon and not done:  # the time budget ran out here
                             done = True
                             validate_now, checkpoint_now = tc.val_every > 0, True
@@ -411,7 +443,7 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(tc.amp, self.info.device):
             loss = segmentation_loss(self.model(images), masks, self.criterion, tc.deepsup_weight)
-        self.step_lrs = self.scheduler.get_last_lr()
+        self.step_lrs = self._rates()
         self.optimizer.zero_grad(set_to_none=True)
         if tc.on_nonfinite == "skip" and _skip_step(loss):  # a sync per step, by request
             self.skipped += 1
@@ -428,13 +460,14 @@ class Trainer:
         self.window.append(loss.detach())
         self.window_steps.append((it, list(paths)))
 
-    def _sync(self, iteration: int, stop_requested: bool) -> bool:
+    def _sync(self, iteration: int, stop_requested: bool, final: bool = False) -> bool:
         """Where the ranks agree, once per log window: one all-reduce and one host sync.
 
         Sums every rank's losses, counts the ranks whose loss was not finite at each step, the
         ranks asked to stop, and (time budget) the clock. A non-finite loss anywhere raises on
         every rank; the logged loss is the mean over steps and ranks. Returns whether all ranks
-        now stop.
+        now stop. `final`: the loop is at the schedule's end, which then stays where it is (the
+        run validates and saves there once).
         """
         device, world, budget = self.info.device, self.info.world_size, self.budget
         losses = torch.stack(self.window).float() if self.window else torch.zeros(0, device=device)
@@ -448,7 +481,7 @@ class Trainer:
         if bad_ranks.any():
             raise self._nonfinite_error(int(bad_ranks.nonzero()[0]), losses.cpu())
         elapsed = time.perf_counter() - self.window_time  # the GPU has caught up (.cpu() above)
-        if budget is not None:
+        if budget is not None and not final:
             # Every rank computes the horizon from the same (rank-averaged) numbers.
             mean_elapsed, mean_speed = (packed[2 * k + 1 :] / world).tolist()
             self.schedule.horizon = budget.horizon(iteration, self.cfg.train.iterations, mean_elapsed, mean_speed)
@@ -509,16 +542,20 @@ class Trainer:
                            self.normalization)
 
     def _save_last(self, iteration: int, next_position) -> None:
-        """`last.pt` with the training state; every rank calls this (its RNG state is gathered)."""
+        """`last.pt` with the training state; every rank calls this (its RNG state is gathered) and
+        returns once rank 0 has written the file. A rank that went on (to stop, say) could exit
+        first, and torchrun would then kill rank 0 in the middle of the write."""
         rng_states = dist_utils.all_gather_object(rng_state())
-        if not self.info.is_main:
-            return
+        dist_utils.run_on_main(lambda: self._write_last(iteration, next_position, rng_states), self.info)
+
+    def _write_last(self, iteration: int, next_position, rng_states: list) -> None:
         state = {
             "iteration": iteration, "data_position": list(next_position),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "best_miou": self.best_miou, "skipped": self.skipped,
             "rng": rng_states[0], "rng_per_rank": rng_states, "config": OmegaConf.to_container(self.cfg),
             "elapsed_s": time.perf_counter() - self.started,
+            "time_budget": self.budget.state() if self.budget is not None else None,
         }
         save_model(self.output_dir / "last.pt", self.model, self.class_names, self.palette,
                    self.normalization, state)
