@@ -122,13 +122,15 @@ def test_clean_dataset_passes_with_only_the_unused_class_warning(tmp_path):
     assert "road" in report.format_text()
 
 
-def test_quick_check_sees_listing_headers_and_sizes_only(tmp_path):
+def test_quick_check_sees_listing_headers_sizes_and_exif_only(tmp_path):
     ds = Folder(broken_dataset(tmp_path), None, strict=False)
     found = _codes(quick_check(ds))
     # garbage.jpg has no readable header (cut.jpg, whose header is cut too on such a tiny file, may join it)
     assert "garbage.jpg" in {Path(p.files[0]).name for p in found["unreadable_image"]}
     assert [Path(p.files[0]).name for p in found["image_without_label"]] == ["lonely.png"]
     assert [Path(p.files[0]).name for p in found["size_mismatch"]] == ["wide.png"]
+    # the 180-degree EXIF rotation keeps the size: the header's orientation tag tells, as in the full check
+    assert [[Path(f).name for f in p.files] for p in found["exif_rotated"]] == [["rotated.jpg", "rotated.png"]]
     assert "bad_label_values" not in found and "color_label" not in found  # need a full decode
     assert quick_check(Folder(clean_dataset(tmp_path / "ok"), None)) == []
 

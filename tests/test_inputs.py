@@ -213,6 +213,17 @@ def test_folder_label_colors(tmp_path):
         Folder(root, split=None)[0]
 
 
+def test_folder_label_colors_in_a_palette_png_go_by_colour(tmp_path):
+    """With label_colors, a palette PNG's colours decide the class, whatever its index order."""
+    palette = [[0, 0, 0], [255, 0, 0], [0, 0, 255]]
+    classes = f"classes: [bg, red, blue]\npalette: {palette}\nlabel_colors: true\n"
+    root = _folder(tmp_path, {"x.png": _rgb_array(1, 4)}, {"x.png": np.zeros((1, 4, 3), np.uint8)}, classes)
+    label = Image.fromarray(np.array([[0, 1, 1, 2]], np.uint8), mode="P")
+    label.putpalette([0, 0, 255, 255, 0, 0, 0, 0, 0])  # index 0 blue, 1 red, 2 black
+    label.save(root / "labels" / "x.png")
+    assert Folder(root, split=None)[0]["mask"].tolist() == [[2, 1, 1, 0]]
+
+
 def test_folder_rgb_label_without_mapping_is_refused(tmp_path):
     colours = np.array([[[255, 0, 0], [0, 0, 255]]], np.uint8)
     root = _folder(tmp_path, {"x.png": _rgb_array(1, 2)}, {"x.png": colours})

@@ -1,7 +1,7 @@
 """Dataset checks: the cheap start-up check the trainer runs, and the full `sceneparse data check`.
 
-`quick_check(dataset)`: files exist and pair up, headers readable, image and label sizes agree
-(no pixel decoding). `check_datasets(...)`: reads every file once, in a thread pool, and reports
+`quick_check(dataset)`: files exist and pair up, headers readable, image and label sizes agree,
+no EXIF-rotated image (no pixel decoding). `check_datasets(...)`: reads every file once, in a thread pool, and reports
 every problem below plus the per-class pixel histogram.
 
 Problem codes (severity): missing_file, image_without_label, unreadable_image, unreadable_label,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sceneparse.data.io import ColorLabelError, decode_image_bytes, exif_orientation, image_size, label_size
+from sceneparse.data.io import ColorLabelError, decode_image_bytes, exif_orientation, image_header, label_size
 from sceneparse.data.meta import IGNORE_INDEX
 from sceneparse.errors import SceneparseError
 
@@ -61,16 +61,30 @@ def _quick_pair(pair: tuple[str, str]) -> list[Problem]:
     image, label = pair
     problems = []
     try:
-        image_hw = image_size(image)
+        image_hw, orientation = image_header(image)
     except SceneparseError as err:
         return [Problem("unreadable_image", ERROR, err.message, [image])]
+    if orientation != 1:
+        problems.append(_exif_problem(image, label, orientation))
     try:
         label_hw = label_size(label)
     except SceneparseError as err:
-        return [Problem("unreadable_label", ERROR, err.message, [label])]
+        return [*problems, Problem("unreadable_label", ERROR, err.message, [label])]
     if image_hw != label_hw:
         problems.append(_size_problem(image, image_hw, label, label_hw))
     return problems
+
+
+def _exif_problem(image, label, orientation: int) -> Problem:
+    # An EXIF orientation 3 (180 degrees) or 2/4 (mirrored) keeps the size, so no size check
+    # catches a label drawn on the stored pixels while the image is read rotated (or the reverse).
+    return Problem(
+        "exif_rotated", ERROR,
+        f"image {image} has EXIF orientation {orientation}: it is read rotated/mirrored, and nothing "
+        f"tells whether its label {label} was drawn on the stored pixels or on the rotated view "
+        "(save the image upright, e.g. with Pillow's ImageOps.exif_transpose, with its label to match)",
+        [image, label], {"orientation": orientation},
+    )
 
 
 def _size_problem(image, image_hw, label, label_hw) -> Problem:
@@ -123,12 +137,7 @@ def _full_pair(dataset, image: str, label: str) -> _PairResult:
         image_hw = None
     orientation = exif_orientation(data) if image_hw else 1
     if orientation != 1:
-        result.problems.append(Problem(
-            "exif_rotated", ERROR,
-            f"image {image} has EXIF orientation {orientation}: it is shown rotated, its label {label} "
-            "would be misaligned",
-            [image, label], {"orientation": orientation},
-        ))
+        result.problems.append(_exif_problem(image, label, orientation))
     try:
         raw = dataset.read_raw_label(label)
     except ColorLabelError:

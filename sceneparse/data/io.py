@@ -93,14 +93,17 @@ def _decode_image_pil(data: bytes, path: Path) -> torch.Tensor:
 def read_label(path: str | Path, colors: dict[tuple[int, int, int], int] | None = None) -> np.ndarray:
     """Raw label values as an HxW integer array (palette PNGs: palette indices).
 
-    `colors` maps RGB triples to raw values for colour-coded label files; without it an RGB label
-    raises `ColorLabelError` (an RGB file whose three channels are equal is read as ids).
+    `colors` maps RGB triples to raw values for colour-coded label files (palette PNGs included:
+    then their colours count, not their indices); without it an RGB label raises `ColorLabelError`
+    (an RGB file whose three channels are equal is read as ids).
     """
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
+            if colors is not None and mode in ("P", "PA"):
+                mode = "RGB"
             if mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
                 array = np.asarray(img.convert("RGB") if mode != "LA" else img)
             else:
@@ -152,6 +155,11 @@ def colors_to_ids(rgb: np.ndarray, colors: dict[tuple[int, int, int], int], path
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(H, W) as `read_image` will return it, read from the header only (EXIF rotation included)."""
+    return image_header(path)[0]
+
+
+def image_header(path: str | Path) -> tuple[tuple[int, int], int]:
+    """((H, W) as `read_image` will return it, EXIF orientation), from the header only."""
     path = Path(path)
     try:
         with Image.open(path) as img:
@@ -162,8 +170,8 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except _PIL_ERRORS as err:
         raise SceneparseError(f"cannot read the header of {path}: {err}") from None
     if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees: width and height swap
-        return width, height
-    return height, width
+        return (width, height), orientation
+    return (height, width), orientation
 
 
 def label_size(path: str | Path) -> tuple[int, int]:
