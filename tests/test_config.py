@@ -67,6 +67,29 @@ def test_wrong_types_are_refused_with_the_key():
         load_config(None, ["data.augment_on=gpu", "data.crop_size=64"])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.scales=[]"], r"eval.scales=\[\]: expected at least one"),
+    (["eval.scales=[300, 0]"], "eval.scales=.*expected"),
+    (["data.scales=[0]"], "data.scales=.*expected positive short sides"),
+    (["data.max_size=0"], "data.max_size=0 must be a positive number"),
+    (["data.scale_range=[2]", "data.crop_size=32"], "data.scale_range=.*low <= high"),
+    (["data.scale_range=[2, 1]"], "data.scale_range=.*low <= high"),
+    (["data.color_jitter=-1"], "data.color_jitter=-1.0: expected a strength >= 0"),
+    (["data.std=[1, 0, 1]"], "data.std=.*std positive"),
+    (["data.mean=[0.5, 0.5]"], "data.mean=.*three values each"),
+])
+def test_values_that_would_fail_later_are_refused_at_load(overrides, message):
+    with pytest.raises(SceneparseError, match=message):
+        load_config(None, overrides)
+
+
+def test_an_override_cut_by_the_shell_says_to_quote_it():
+    # `sceneparse train CFG model.decoder_options={pool_scales: [1, 2]}` unquoted: the shell splits it
+    with pytest.raises(SceneparseError, match="not valid YAML") as info:
+        load_config(None, ["model.decoder_options={pool_scales:", "[1,", "2]}"])
+    assert "quote the whole override" in info.value.hint
+
+
 def test_missing_file_and_yaml_syntax_error_name_the_file(tmp_path):
     with pytest.raises(SceneparseError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")

@@ -42,6 +42,13 @@ def test_unit_scale_crops_are_exact_slices_at_every_possible_offset(sample):
     assert offsets == {(y, x) for y in range(7) for x in range(9)}  # every crop position occurs
 
 
+def test_a_one_sided_crop_is_square(sample):
+    image, mask = sample
+    for crop in (6, [6]):
+        out, label = DeviceAugment(crop, (1.0, 1.0), flip=False, **RAW)(image, mask, [(12, 16)], [0])
+        assert out.shape == (1, 3, 6, 6) and label.shape == (1, 6, 6)
+
+
 def test_flip_mirrors_image_and_mask_together(sample):
     image, mask = sample
     augment = DeviceAugment((12, 16), (1.0, 1.0), flip=True, **RAW)

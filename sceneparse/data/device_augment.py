@@ -52,7 +52,8 @@ class DeviceAugment:
     def __init__(self, crop: int | Sequence[int], scale_range: Sequence[float] = (0.5, 2.0),
                  flip: bool = True, jitter: float | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.crop_h, self.crop_w = (int(crop), int(crop)) if isinstance(crop, (int, float)) else map(int, crop)
+        sides = [int(crop)] if isinstance(crop, (int, float)) else [int(c) for c in crop]
+        self.crop_h, self.crop_w = sides * 2 if len(sides) == 1 else sides  # an int or [s]: square
         self.scale_low, self.scale_high = (float(s) for s in scale_range)
         self.flip = bool(flip)
         self.jitter = float(jitter or 0.0)

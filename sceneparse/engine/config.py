@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -114,7 +115,8 @@ CHOICES = {
 }
 
 
-POSITIVE = ("train.iterations", "train.checkpoint_every", "train.log_every", "data.batch_size")
+POSITIVE = ("train.iterations", "train.checkpoint_every", "train.log_every", "data.batch_size", "data.max_size",
+            "eval.max_size")
 
 
 def default_config() -> DictConfig:
@@ -180,6 +182,28 @@ def _check_choices(cfg: DictConfig) -> None:
         raise SceneparseError(
             f"train.class_weights={weights!r}: expected null, 'auto' or a list of numbers"
         )
+    _check_sizes(cfg)
+
+
+def _check_sizes(cfg: DictConfig) -> None:
+    """Sizes, ranges and factors whose types alone let wrong values through (they would fail at
+    the first batch or validation, or train on 1-pixel images)."""
+    d = cfg.data
+    checks = [  # (keys shown, whether the values are fine, what is expected)
+        (["data.scales"], all(s >= 1 for s in d.scales), "positive short sides (or [] with data.crop_size)"),
+        (["eval.scales"], len(cfg.eval.scales) > 0 and all(s is None or s >= 1 for s in cfg.eval.scales),
+         "at least one positive short side (null: each image's own size)"),
+        (["data.scale_range"], len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1],
+         "[low, high] with 0 < low <= high"),
+        (["data.color_jitter"], d.color_jitter >= 0, "a strength >= 0 (0: off)"),
+        (["data.mean", "data.std"], len(d.mean) == len(d.std) == 3 and all(v > 0 for v in d.std),
+         "three values each (RGB), std positive"),
+    ]
+    for keys, fine, expected in checks:
+        if not fine:
+            values = [OmegaConf.select(cfg, k) for k in keys]
+            shown = [OmegaConf.to_container(v) if OmegaConf.is_list(v) else v for v in values]
+            raise SceneparseError(", ".join(f"{k}={v!r}" for k, v in zip(keys, shown)) + f": expected {expected}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -211,6 +235,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             cfg = OmegaConf.merge(cfg, dotlist)
         except OmegaConfBaseException as err:
             raise _friendly(err, default_config(), f"override {item!r}") from None
+        except yaml.YAMLError as err:  # the value is parsed as YAML: a list or mapping cut short
+            raise SceneparseError(
+                f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err})",
+                f"a shell splits unquoted spaces: quote the whole override, e.g. '{key}={{a: [1, 2]}}'",
+            ) from None
     _check_choices(cfg)
     return cfg
 
