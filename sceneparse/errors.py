@@ -14,3 +14,20 @@ class SceneparseError(Exception):
         self.message = message
         self.hint = hint
         super().__init__(message if hint is None else f"{message}\n  fix: {hint}")
+
+
+def user_message(err: BaseException) -> str:
+    """The text to show for `err`, also when a DataLoader worker raised it: torch re-raises a
+    worker's exception in the main process with the worker's whole traceback as its message.
+    Then only the original error's own lines are kept (a SceneparseError's without its type)."""
+    text = str(err)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if "Original Traceback" in text:
+        # The re-raised text ends with "<Type>: <message>" (and maybe a "fix:" line): keep those.
+        for i in range(len(lines) - 1, -1, -1):
+            if not lines[i].startswith(" ") and ": " in lines[i]:
+                kind, first = lines[i].split(": ", 1)
+                if kind.rsplit(".", 1)[-1] == SceneparseError.__name__:
+                    return "\n".join([first, *lines[i + 1 :]])
+                return "\n".join(lines[i:])
+    return "\n".join(lines) or type(err).__name__

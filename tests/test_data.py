@@ -391,3 +391,25 @@ def test_dataset_with_sampler_and_collate(tmp_path):
         assert min(batch["sizes"][0]) == short or max(batch["sizes"][0]) == 1000
         assert min(min(s) for s in batch["sizes"]) == short
         assert set(batch["mask"].unique().tolist()) <= {1, IGNORE_INDEX}
+
+
+class _BadLabels(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise SceneparseError(f"label file x{index}.png has values outside the 3 classes: 7", "fix the label file")
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_shown_as_the_user_error():
+    """torch re-raises a worker's exception with the worker's traceback as its message; the CLI
+    shows the original message and its fix only (errors.user_message)."""
+    from sceneparse.errors import user_message
+
+    loader = torch.utils.data.DataLoader(_BadLabels(), batch_size=None, num_workers=1)
+    with pytest.raises(SceneparseError) as info:
+        next(iter(loader))
+    assert "Original Traceback" in str(info.value)  # what torch makes of it
+    assert user_message(info.value) == ("label file x0.png has values outside the 3 classes: 7\n"
+                                        "  fix: fix the label file")
+    assert user_message(SceneparseError("plain", "hint")) == "plain\n  fix: hint"

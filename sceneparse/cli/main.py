@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sceneparse.errors import SceneparseError
+from sceneparse.errors import SceneparseError, user_message
 
 # Order here is the order in `sceneparse --help`.
 COMMAND_MODULES = [
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)
     except SceneparseError as err:
-        print(f"sceneparse {args.command}: error: {err}", file=sys.stderr)
+        print(f"sceneparse {args.command}: error: {user_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sceneparse {args.command}: interrupted", file=sys.stderr)

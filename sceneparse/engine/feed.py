@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from sceneparse.engine import distributed as dist_utils
-from sceneparse.errors import SceneparseError
+from sceneparse.errors import SceneparseError, user_message
 
 
 class SeededDataset(torch.utils.data.Dataset):
@@ -277,17 +277,6 @@ def next_batch(batches, iteration: int, checkpoint: Path, resume_command: str):
         way_out = (f"resume: {resume_command}" if checkpoint.exists()
                    else "start the run again (no checkpoint was saved yet; add --overwrite)")
         raise SceneparseError(
-            f"reading training data failed at iteration {iteration}: {_data_error_message(err)}",
+            f"reading training data failed at iteration {iteration}: {user_message(err)}",
             f"fix or restore the dataset files, then {way_out}",
         ) from None
-
-
-def _data_error_message(err: BaseException) -> str:
-    """The useful line of a (possibly DataLoader-worker re-raised) exception: the original error."""
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    if "Original Traceback" in str(err):
-        # The re-raised text ends with "<Type>: <message>" (and maybe a "fix:" line): keep those.
-        for i in range(len(lines) - 1, -1, -1):
-            if not lines[i].startswith(" ") and ": " in lines[i]:
-                return "\n".join(lines[i:])
-    return "\n".join(lines) or type(err).__name__
