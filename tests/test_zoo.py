@@ -1,6 +1,7 @@
 """The published-model registry, download_model/resolve and `sceneparse zoo` (local server only)."""
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import types
@@ -10,7 +11,7 @@ from test_download import FileServer
 
 from sceneparse.cli.main import main
 from sceneparse.errors import SceneparseError
-from sceneparse.zoo import ZOO, cache_state, download_model, get_entry, missing_model_message, resolve
+from sceneparse.zoo import ZOO, cache_state, download_model, fetch, get_entry, missing_model_message, resolve
 
 NAMES = [
     "mobilenetv2dilated-c1_deepsup", "resnet18dilated-ppm_deepsup", "resnet50dilated-ppm_deepsup",
@@ -99,6 +100,31 @@ def test_download_model_fetches_converts_and_caches(zoo_server, fake_converter, 
     assert download_model(entry.name, cache_dir=tmp_path, progress=False) == path
     assert resolve(entry.name, cache_dir=tmp_path) == path
     assert len(srv.log) == 2 and len(fake_converter) == 1
+
+
+def test_cached_files_that_do_not_convert_leave_the_cache_and_download_again(zoo_server, tmp_path, monkeypatch):
+    """A truncated file whose hash was recorded (no Content-Length to tell) would be trusted by every
+    later `zoo download`: a failed conversion removes it and its record, so the next one fetches it."""
+    srv, entry = zoo_server
+    folder = tmp_path / entry.folder
+    folder.mkdir()
+    (folder / entry.filenames[0]).write_bytes(b"ENC")  # a cut-short encoder file, hashed as is
+    fetch(entry.urls()[0], cache_dir=tmp_path, progress=False, filename=f"{entry.folder}/{entry.filenames[0]}")
+    assert f"{entry.folder}/{entry.filenames[0]}" in json.loads((tmp_path / "checksums.json").read_text())
+
+    def convert_csail_files(encoder, decoder, arch, output):
+        if encoder.read_bytes() != b"ENC" * 100:
+            raise SceneparseError(f"cannot read CSAIL encoder {encoder}: truncated")
+        output.write_bytes(b"converted")
+
+    monkeypatch.setitem(sys.modules, "sceneparse.zoo.csail",
+                        types.SimpleNamespace(convert_csail_files=convert_csail_files))
+    with pytest.raises(SceneparseError, match="truncated(.|\n)*removed from the cache") as info:
+        download_model(entry.name, cache_dir=tmp_path, progress=False)
+    assert info.value.hint == f"download them again: sceneparse zoo download {entry.name}"
+    assert not any(folder.iterdir())
+    assert json.loads((tmp_path / "checksums.json").read_text()) == {}
+    assert download_model(entry.name, cache_dir=tmp_path, progress=False).read_bytes() == b"converted"
 
 
 def test_resolve_converts_hand_fetched_files_offline(fake_converter, tmp_path, monkeypatch):

@@ -95,6 +95,10 @@ def _record_hash(root: Path, key: str, digest: str, path: Path) -> None:
     stat = path.stat()
     manifest = _read_manifest(root)
     manifest[key] = {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    _write_manifest(root, manifest)
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
     with _writing_to(root):
         # atomic replace so a crash never leaves half a manifest
         fd, tmp = tempfile.mkstemp(dir=root, prefix=".checksums.", suffix=".tmp")
@@ -261,11 +265,33 @@ def missing_model_message(name: str, cache_dir=None) -> str:
     )
 
 
-def _convert(entry: ZooEntry, encoder: Path, decoder: Path, output: Path) -> None:
+def _convert(entry: ZooEntry, cache_dir, output: Path) -> None:
+    """CSAIL's two cached files of `entry` -> `output`. Files that do not convert (truncated by a
+    server that sent no length, or put there by hand) leave the cache, hash record included:
+    otherwise `zoo download` would keep trusting them."""
     # Imported here: conversion needs torch and the model code, the rest of the zoo does not.
     from sceneparse.zoo.csail import convert_csail_files
 
-    convert_csail_files(encoder, decoder, entry.name, output)
+    encoder, decoder = raw_paths(entry, cache_dir)
+    try:
+        convert_csail_files(encoder, decoder, entry.name, output)
+    except SceneparseError as err:
+        root = _root(cache_dir)
+        for path in (encoder, decoder):
+            _forget(root, path.relative_to(root).as_posix())
+        raise SceneparseError(
+            f"{err.message}\n(CSAIL's files of {entry.name!r} were removed from the cache {root})",
+            f"download them again: sceneparse zoo download {entry.name}",
+        ) from None
+
+
+def _forget(root: Path, key: str) -> None:
+    """Delete a cached file and its hash record."""
+    with _writing_to(root):
+        (root / key).unlink(missing_ok=True)
+    manifest = _read_manifest(root)
+    if manifest.pop(key, None) is not None:
+        _write_manifest(root, manifest)
 
 
 def download_model(name: str, cache_dir=None, progress: bool = True) -> Path:
@@ -275,15 +301,13 @@ def download_model(name: str, cache_dir=None, progress: bool = True) -> Path:
     output = checkpoint_path(entry, cache_dir)
     if output.exists():
         return output
-    raw = []
     for url, path in zip(entry.urls(), raw_paths(entry, cache_dir)):
         try:
-            raw.append(fetch(url, cache_dir=cache_dir, progress=progress,
-                             filename=f"{entry.folder}/{path.name}"))
+            fetch(url, cache_dir=cache_dir, progress=progress, filename=f"{entry.folder}/{path.name}")
         except OfflineError as err:
             raise SceneparseError(f"cannot reach the model server ({err.message}).\n"
                                   + missing_model_message(name, cache_dir)) from err
-    _convert(entry, raw[0], raw[1], output)
+    _convert(entry, cache_dir, output)
     return output
 
 
@@ -297,7 +321,7 @@ def resolve(name: str, cache_dir=None, missing_ok: bool = False) -> Path | None:
         return output
     encoder, decoder = raw_paths(entry, cache_dir)
     if encoder.exists() and decoder.exists():
-        _convert(entry, encoder, decoder, output)
+        _convert(entry, cache_dir, output)
         return output
     if missing_ok:
         return None
