@@ -207,3 +207,10 @@ def test_unknown_layout_asks_for_kind_and_synthetic_needs_no_check(tmp_path, cap
     from sceneparse.data import Synthetic
 
     assert quick_check(Synthetic("val", num_images=2, image_size=16)) == []
+
+
+def test_a_synthetic_config_is_checked_with_its_own_options(tmp_path, capsys):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("data:\n  kind: synthetic\n  synthetic: {num_images: {train: 8, val: 4}, image_size: 32}\n")
+    assert main(["data", "check", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"] == {"train": 8, "val": 4}

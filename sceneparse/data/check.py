@@ -310,6 +310,7 @@ def datasets_to_check(target, kind: str | None = None, split: str | None = None,
         data = cfg.get("data") if isinstance(cfg, dict) else None
         if not isinstance(data, dict) or "kind" not in data:
             raise SceneparseError(f"config {target} has no `data:` section with a `kind`")
+        data.update(data.pop("synthetic", None) or {})  # kind=synthetic's options, as training reads them
         if kind:
             data["kind"] = kind
         if classes_file:
