@@ -364,6 +364,9 @@ def test_sampler_shards_disjointly_with_equal_counts():
     assert all(not set(a) & set(b) for a, b in itertools.combinations(flat, 2))
     padded = [AspectRatioBatchSampler(sizes, 2, drop_last=False, num_replicas=3, rank=r).batches(0) for r in range(3)]
     assert [len(s) for s in padded] == [5, 5, 5]  # 8 + 5 batches (partial ones kept), padded to 15
+    # fewer batches than processes: each still gets as many as len() says (repeated ones)
+    few = [AspectRatioBatchSampler([(4, 6)], 2, drop_last=False, num_replicas=4, rank=r) for r in range(4)]
+    assert [b.batches(0) for b in few] == [[[0]]] * 4 and [len(b) for b in few] == [1] * 4
 
 
 def test_sampler_epochs_and_per_batch_scales():

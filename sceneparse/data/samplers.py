@@ -75,9 +75,9 @@ class AspectRatioBatchSampler(Sampler):
             return all_batches
         if self.drop_last or not all_batches:
             per_rank = len(all_batches) // replicas
-        else:  # every rank gets as many: repeat batches from the start to fill the last round
+        else:  # every rank gets as many: repeat batches from the start (cyclically) to fill the last round
             per_rank = -(-len(all_batches) // replicas)
-            all_batches = all_batches + all_batches[: per_rank * replicas - len(all_batches)]
+            all_batches = [all_batches[i % len(all_batches)] for i in range(per_rank * replicas)]
         return all_batches[self.rank: per_rank * replicas: replicas]
 
     def set_epoch(self, epoch: int) -> None:
