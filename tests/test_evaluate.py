@@ -194,8 +194,21 @@ def test_cli_eval_bad_options(tiny_checkpoint, real_dataset, capsys):
     base = ["eval", "--model", str(tiny_checkpoint), "--data-root", str(real_dataset), "--dataset", "folder"]
     assert main(base + ["--single-scale"]) == 2
     assert main(base + ["--protocol", "csail", "--scales", "300"]) == 2
+    assert main(base + ["--protocol", "csail", "--max-size", "500"]) == 2
+    assert "--max-size cannot be combined with --protocol csail" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_checkpoint)]) == 2
     assert "no dataset given" in capsys.readouterr().err
+
+
+def test_cli_eval_classes_file_flag_wins_over_the_config(tiny_checkpoint, real_dataset, tmp_path, capsys):
+    four = tmp_path / "four.yaml"
+    four.write_text("classes: [a, b, c, d]\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data:\n  kind: folder\n  root: '{real_dataset}'\neval:\n  scales: [null]\n")
+    code = main(["eval", "--model", str(tiny_checkpoint), "--config", str(cfg), "--classes-file", str(four),
+                 "--workers", "0", "--device", "cpu", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err  # the model has 3 classes: the flag's file (4) was used
+    assert code == 2 and "4 classes" in err and str(four) in err
 
 
 def test_cli_eval_window_below_predictor_minimum(tiny_checkpoint, real_dataset, capsys):

@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     data.add_argument("--config", help="training config YAML: its data section (and eval defaults)")
     data.add_argument("--data-root", help="dataset root folder")
     data.add_argument("--dataset", help="dataset kind of --data-root: ade20k, camvid, folder")
-    data.add_argument("--classes-file", help="classes file of a folder dataset (default: ROOT/classes.yaml)")
+    data.add_argument("--classes-file", help="classes file of a folder dataset (default: ROOT/classes.yaml, "
+                                             "or the config's data.classes_file)")
     data.add_argument("--split", default=None, help="split to evaluate (default: the config's val split, or val)")
     p.add_argument("--output", help="folder for report.json and confusion.png (default: outputs/eval/<model>)")
     p.add_argument("--protocol", choices=["default", "csail"], default="default",
@@ -53,6 +54,8 @@ def _data(args):
 
         cfg = load_config(args.config)
         settings = dataset_settings(cfg.data)
+        if args.classes_file:  # the flag wins over the config's data.classes_file
+            settings["classes_file"] = args.classes_file
         split = args.split or cfg.data.val_split
         defaults = {"scales": list(cfg.eval.scales), "flip": bool(cfg.eval.flip), "max_size": int(cfg.eval.max_size)}
         where = f"the {settings['kind']} dataset of {args.config} ({settings.get('root')}, split {split})"
@@ -70,9 +73,10 @@ def _data(args):
 def _predictor_options(args, defaults: dict) -> dict:
     options: dict = {}
     if args.protocol == "csail":
-        if args.scales:
-            raise SceneparseError("--scales cannot be combined with --protocol csail (it fixes the scales)",
-                                  "drop --scales, or use --protocol default")
+        for flag, given in (("--scales", args.scales), ("--max-size", args.max_size)):
+            if given:
+                raise SceneparseError(f"{flag} cannot be combined with --protocol csail (it fixes the scales "
+                                      "and the 1000-pixel cap)", f"drop {flag}, or use --protocol default")
         options["single_scale"] = args.single_scale
     else:
         if args.single_scale:

@@ -519,7 +519,8 @@ class Folder(SegmentationDataset):
         if classes_path is None:
             raise SceneparseError(
                 f"{root} has no classes file ({' / '.join(CLASSES_FILE_NAMES)})",
-                f"write {CLASSES_FILE_EXAMPLE}\nor set `data.classes_file`",
+                f"write {CLASSES_FILE_EXAMPLE}\nor point at one: `data.classes_file=PATH` in a training "
+                "config, `--classes-file PATH` for `sceneparse eval` and `sceneparse data check`",
             )
         spec = load_classes_file(classes_path)
         self.classes_file = classes_path
