@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import tv_tensors
@@ -276,6 +277,21 @@ def test_short_side_resize_sizes(size, short, max_size, expected):
     out_image, out_mask = RandomShortSideResize([short], max_size)(image, mask)
     assert tuple(out_image.shape[-2:]) == expected and tuple(out_mask.shape) == expected
     assert set(out_mask.unique().tolist()) <= {0, 1, 2}  # nearest: no invented class ids
+
+
+def test_masks_are_resized_at_the_pixel_centres():
+    """Output pixel i takes the class of the source pixel under its centre, (i + 0.5) * in / out:
+    7 -> 4 columns reads 0.875, 2.625, 4.375, 6.125 (torchvision's legacy mask resize reads
+    floor(i * 7 / 4) = 0, 1, 3, 5: boundaries shifted towards the top left)."""
+    from sceneparse.data.transforms import resize
+
+    mask = tv_tensors.Mask(torch.arange(7).repeat(2, 1))
+    out = resize(mask, (2, 4))
+    assert isinstance(out, tv_tensors.Mask) and out.tolist() == [[0, 2, 4, 6]] * 2
+    assert resize(mask, (2, 11)).tolist()[0] == [int((i + 0.5) * 7 / 11) for i in range(11)]
+    image = tv_tensors.Image(torch.arange(7, dtype=torch.float32).repeat(3, 2, 1))
+    assert resize(image, (2, 4)).tolist()[0][0] == pytest.approx(  # the image: antialiased bilinear
+        F.interpolate(image[None], size=(2, 4), mode="bilinear", antialias=True)[0, 0, 0].tolist())
 
 
 def test_per_batch_short_side_overrides_the_random_draw():

@@ -9,8 +9,8 @@ uint8 images at once, with the worker pipeline's arithmetic:
   rows of Wy and Wx are torch's antialiased bilinear weights (those of `F.resize(...,
   antialias=True)` in the worker pipeline: a triangle filter widened by the shrink factor), so a
   shrunk image is filtered, not aliased. Rows outside the rescaled image are zero (black padding).
-- Masks are gathered with torch's "nearest" indices (`floor(i * in / out)`, as `F.resize` of a
-  `tv_tensors.Mask`); padding is `IGNORE_INDEX`.
+- Masks are gathered with torch's "nearest-exact" indices (`floor((i + 0.5) * in / out)`: pixel
+  centres, as `transforms.resize` does for masks); padding is `IGNORE_INDEX`.
 - The jitter factors and their order are drawn as torchvision's `ColorJitter` draws them.
 
 So, given the same random draws, a sample equals the worker pipeline's to within its uint8
@@ -141,7 +141,8 @@ def _resampling(positions: torch.Tensor, size: torch.Tensor, scaled: torch.Tenso
     The weights are torch's antialiased bilinear ones (aten's upsample_bilinear2d_aa): output pixel
     i reads source pixel j with weight max(0, 1 - |j + 0.5 - c| / support), c = (i + 0.5) * size /
     scaled, support = max(size / scaled, 1), normalised over the source pixels. The indices are
-    torch's "nearest": floor(i * (size / scaled)), the ratio rounded to float32 first, as aten does.
+    torch's "nearest-exact": floor((i + 0.5) * (size / scaled)), the ratio rounded to float32
+    first, as aten does.
     """
     valid = (positions >= 0) & (positions < scaled[:, None])
     ratio = (size / scaled).float()[:, None]
@@ -151,7 +152,7 @@ def _resampling(positions: torch.Tensor, size: torch.Tensor, scaled: torch.Tenso
     weights = (1 - (source - centre[:, :, None]).abs() / ratio.clamp(min=1)[:, :, None]).clamp(min=0)
     weights = weights * (source < size[:, None, None]) * valid[:, :, None]
     weights = weights / weights.sum(dim=2, keepdim=True).clamp(min=1e-12)
-    nearest = torch.floor(positions.float() * ratio).long()
+    nearest = torch.floor((positions.float() + 0.5) * ratio).long()
     index = torch.minimum(nearest.clamp(min=0), size[:, None].long() - 1)
     return weights, index, valid
 

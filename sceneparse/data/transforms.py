@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
@@ -62,12 +63,12 @@ class RandomShortSideResize(v2.Transform):
         return {"size": short_side_size(height, width, short, self.max_size)}
 
     def transform(self, inpt, params):
-        return self._call_kernel(F.resize, inpt, size=list(params["size"]), antialias=True)
+        return resize(inpt, params["size"])
 
     def resize_to(self, image, mask, short_side: int):
         """Deterministic version: the short side given (chosen per batch by the sampler)."""
-        size = list(short_side_size(*image.shape[-2:], short_side, self.max_size))
-        return F.resize(image, size, antialias=True), F.resize(mask, size)
+        size = short_side_size(*image.shape[-2:], short_side, self.max_size)
+        return resize(image, size), resize(mask, size)
 
 
 class RandomScale(v2.Transform):
@@ -86,7 +87,20 @@ class RandomScale(v2.Transform):
         return {"size": short_side_size(height, width, short, None)}
 
     def transform(self, inpt, params):
-        return self._call_kernel(F.resize, inpt, size=list(params["size"]), antialias=True)
+        return resize(inpt, params["size"])
+
+
+def resize(inpt, size: Sequence[int]):
+    """Images: bilinear, antialiased. Masks: nearest neighbour at the pixel centres ("nearest-exact":
+    output pixel i reads source pixel floor((i + 0.5) * in / out)), so label boundaries stay where
+    the resized image has them; torchvision's default for masks, legacy "nearest" (floor(i * in /
+    out)), shifts them by up to half a source pixel towards the top left."""
+    if isinstance(inpt, tv_tensors.Mask):  # (F.resize_mask takes no interpolation before torchvision 0.29)
+        mask = inpt.as_subclass(torch.Tensor)
+        flat = mask.ndim == 2
+        out = F.resize_image(mask[None] if flat else mask, list(size), interpolation=InterpolationMode.NEAREST_EXACT)
+        return tv_tensors.wrap(out[0] if flat else out, like=inpt)
+    return F.resize(inpt, list(size), antialias=True)
 
 
 class PairTransform:
