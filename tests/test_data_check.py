@@ -149,6 +149,17 @@ def test_cli_exit_codes_json_and_histogram(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "0 errors, 1 warnings" in text and "car" in text
     assert Image.open(histogram).format == "PNG" and Image.open(tmp_path / "rep" / "histogram.png").size[0] > 100
+    # the bars are drawn (tab:blue), and no bars where there are no pixels
+    from dataclasses import replace
+
+    full = check_datasets(datasets_to_check(clean)[0], progress=False)
+    empty = replace(full, pixel_counts=[0] * len(full.pixel_counts))
+
+    def blue_pixels(report, name):
+        with Image.open(report.save_histogram(tmp_path / name)) as img:
+            return int((np.abs(np.asarray(img.convert("RGB")).astype(int) - [31, 119, 180]).sum(axis=2) < 20).sum())
+
+    assert blue_pixels(full, "full.png") > 1000 and blue_pixels(empty, "empty.png") == 0
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["ok"] is True
 
     assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
@@ -198,6 +209,8 @@ def test_camvid_layout_is_detected_and_void_is_not_an_error(tmp_path, capsys):
     assert [(p["code"], p["details"].get("values")) for p in problems if p["severity"] == "error"] == [
         ("bad_label_values", [12])
     ]
+    assert main(["data", "check", str(tmp_path), "--split", "train", "--json"]) == 0  # val is left out
+    assert json.loads(capsys.readouterr().out)["splits"] == {"train": 1}
 
 
 def test_unknown_layout_asks_for_kind_and_synthetic_needs_no_check(tmp_path, capsys):

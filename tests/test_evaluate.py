@@ -261,6 +261,41 @@ def test_cli_predict_speed_options_reach_the_predictor(tiny_checkpoint, tmp_path
     assert not torch.equal(fast.probabilities(image), plain.probabilities(image))
 
 
+def test_cli_predict_scales_flip_alpha_and_top_reach_their_places(tiny_checkpoint, tmp_path, capsys):
+    image_path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)).save(image_path)
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(tiny_checkpoint), str(image_path), "--output", str(out), "--device", "cpu",
+                 "--scales", "24", "48", "--max-size", "60", "--flip", "--alpha", "0", "--top", "2"]) == 0
+    image, model = read_image(image_path), load_model(tiny_checkpoint)
+    expected = Predictor(model, scales=(24, 48), max_size=60, flip=True).predict(image)
+    labels = np.asarray(Image.open(out / "a_labels.png"))
+    assert np.array_equal(labels, expected.numpy())
+    # those options change the result here, so the equality above would catch one left behind
+    assert not torch.equal(Predictor(model).predict(image), expected)
+    assert np.array_equal(np.asarray(Image.open(out / "a_overlay.png")), image.permute(1, 2, 0).numpy())  # alpha 0
+    counts = np.bincount(labels.reshape(-1), minlength=3)
+    top = np.argsort(-counts, kind="stable")[:2]
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line == f"{image_path}: " + ", ".join(
+        f"{model.class_names[i]} {100 * counts[i] / labels.size:.1f}%" for i in top if counts[i])
+
+
+def test_cli_eval_scales_and_flip_reach_the_evaluation(tiny_checkpoint, real_dataset, tmp_path):
+    from sceneparse.data import build_dataset
+    from sceneparse.engine.evaluate import evaluate
+
+    out = tmp_path / "flags"
+    assert main(["eval", "--model", str(tiny_checkpoint), "--data-root", str(real_dataset), "--dataset", "folder",
+                 "--scales", "24", "48", "--flip", "--output", str(out), "--workers", "0", "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    dataset = build_dataset({"kind": "folder", "root": str(real_dataset)}, "val")
+    model = load_model(tiny_checkpoint)
+    expected = evaluate(model, dataset, {"scales": (24, 48), "flip": True}, "cpu")
+    plain = evaluate(model, dataset, {"scales": (None,)}, "cpu")
+    assert report["confusion_matrix"] == expected["confusion_matrix"] != plain["confusion_matrix"]
+
+
 def test_inference_speed_flags_become_predictor_options(tiny_checkpoint, tmp_path, capsys):
     from sceneparse.cli.main import build_parser
     from sceneparse.cli.options import inference_speed_options
@@ -342,3 +377,24 @@ def test_confusion_and_curves_png(tmp_path):
     for name in ("c.png", "c60.png", "curves.png", "empty.png"):
         with Image.open(tmp_path / name) as img:
             assert img.format == "PNG" and min(img.size) > 50
+
+    def rgb(name):
+        with Image.open(tmp_path / name) as img:
+            return np.asarray(img.convert("RGB")).astype(int)
+
+    # What is drawn: a perfect 2-class matrix lights up half the cells with the colour map's top
+    # (viridis yellow), an all-wrong one the other half; both have the same colour bar.
+    save_confusion_png([[5, 0], [0, 5]], ["a", "b"], tmp_path / "right.png")
+    save_confusion_png([[0, 5], [5, 0]], ["a", "b"], tmp_path / "wrong.png")
+    right, wrong = rgb("right.png"), rgb("wrong.png")
+    yellow = [(np.abs(img - [253, 231, 37]).sum(axis=2) < 30) for img in (right, wrong)]
+    assert yellow[0].sum() > 1000 and abs(int(yellow[0].sum()) - int(yellow[1].sum())) < 50
+
+    def diagonal_tilt(y):  # > 0: yellow along the diagonal (x grows with y), < 0: the anti-diagonal
+        ys, xs = np.nonzero(y[:, : int(0.8 * y.shape[1])])  # the matrix: left of the colour bar
+        return ((xs - xs.mean()) * (ys - ys.mean())).mean()
+
+    assert diagonal_tilt(yellow[0]) > 0 > diagonal_tilt(yellow[1])
+    # the curves: the same records with and without their losses draw different pictures
+    save_curves_png([{**r, "loss": float("nan")} if "loss" in r else r for r in records], tmp_path / "noloss.png")
+    assert rgb("curves.png").shape == rgb("noloss.png").shape and not np.array_equal(rgb("curves.png"), rgb("noloss.png"))

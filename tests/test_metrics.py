@@ -138,7 +138,9 @@ def test_matches_csail_formulas_on_random_data():
     assert r["mean_iou"] == pytest.approx(iou.mean(), rel=1e-8)  # every class occurs here
 
 
-def test_all_reduce_single_process_group(tmp_path):
+def test_all_reduce_leaves_one_process_alone(tmp_path):
+    """Without a process group, or in a group of one, the matrix stays as it is (the sum over
+    several processes is tested in test_distributed.py, against one process)."""
     cm = ConfusionMatrix(3)
     pred, target = _example()
     cm.update(pred, target)

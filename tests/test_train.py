@@ -118,6 +118,40 @@ def test_deep_supervision_loss_adds_weighted_aux():
     assert segmentation_loss(logits, target, ce, 0.4).item() == pytest.approx(ce(logits, target).item())
 
 
+@pytest.mark.parametrize("weights", ["[0.5, 1, 2, 3, 4]", "auto"])
+def test_loss_settings_and_warmup_reach_the_training_step(tmp_path, monkeypatch, weights):
+    """train.class_weights (a list, or median frequency from the training labels), deepsup_weight
+    and warmup_iters, seen by the step itself."""
+    from sceneparse.data import build_dataset
+    from sceneparse.engine import train as train_mod
+    from sceneparse.engine.config import dataset_settings
+
+    seen = []
+    real = train_mod.segmentation_loss
+
+    def spy(output, masks, criterion, deepsup_weight):
+        seen.append((criterion.weight, deepsup_weight))
+        return real(output, masks, criterion, deepsup_weight)
+
+    monkeypatch.setattr(train_mod, "segmentation_loss", spy)
+    cfg = tiny_config(tmp_path, f"train.class_weights={weights}", "train.deepsup_weight=0.25",
+                      "train.warmup_iters=4", "train.log_every=1", "train.iterations=6", "train.val_every=0")
+    train(cfg)
+    if weights == "auto":
+        expected = median_frequency_weights(build_dataset(dataset_settings(cfg.data), "train"), 5)
+    else:
+        expected = torch.tensor([0.5, 1, 2, 3, 4])
+    assert len(seen) == 6 and all(torch.equal(w, expected) and d == 0.25 for w, d in seen)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # step i runs at schedule position i - 1: ramp (i / 4) times poly (1 - (i - 1) / 6)^0.9
+    assert lrs == pytest.approx([0.05 * min(1, i / 4) * (1 - (i - 1) / 6) ** 0.9 for i in range(1, 7)])
+
+
+def test_class_weights_of_the_wrong_length_are_refused(tmp_path):
+    with pytest.raises(SceneparseError, match="train.class_weights has 2 values but there are 5 classes"):
+        train(tiny_config(tmp_path, "train.class_weights=[1, 2]"))
+
+
 def test_previous_run_in_output_folder_is_refused_unless_overwrite_or_resume(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -134,6 +168,19 @@ def test_previous_run_in_output_folder_is_refused_unless_overwrite_or_resume(tmp
     blocker.write_text("")
     with pytest.raises(SceneparseError, match="cannot write to output folder"):
         prepare_output(blocker / "run", overwrite=False, resuming=False)
+
+
+def test_train_command_overwrites_a_previous_run_only_when_told(tmp_path, capsys):
+    from sceneparse.cli.main import main
+    from sceneparse.engine.config import save_config
+
+    save_config(tiny_config(tmp_path, "train.iterations=4", "train.val_every=0"), tmp_path / "cfg.yaml")
+    assert main(["train", str(tmp_path / "cfg.yaml")]) == 0
+    assert main(["train", str(tmp_path / "cfg.yaml"), "train.iterations=2"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "cfg.yaml"), "train.iterations=2", "--overwrite"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [2]  # the second run's alone (log_every 2)
 
 
 def test_class_count_mismatch_is_refused(tmp_path):

@@ -227,15 +227,13 @@ class CheckReport:
 
     def save_histogram(self, path: str | Path) -> Path:
         """Bar chart of pixels per class (log scale) as a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         n = len(self.class_names)
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * n + 2), 4.5))
+        fig = Figure(figsize=(max(6.0, 0.18 * n + 2), 4.5))
+        ax = fig.add_subplot()
         ax.bar(range(n), [max(c, 0) for c in self.pixel_counts], color="tab:blue")
         ax.set_yscale("symlog")
         ax.set_xticks(range(n))
@@ -244,7 +242,6 @@ class CheckReport:
         ax.set_title(f"{self.kind}: pixels per class ({', '.join(self.splits)}); ignored: {self.ignore_pixels:,}")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         return path
 
 
