@@ -30,14 +30,20 @@ def pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def render(records: list[dict], reports: list[tuple[str, dict]], wall_clock_s: float | None = None) -> str:
+def render(records: list[dict], reports: list[tuple[str, dict]], wall_clock_s: float | None = None,
+           checkpoint_iteration: int | None = None) -> str:
     steps = [r for r in records if "img_per_s" in r]
     validations = [r for r in records if "val_miou" in r]
     lines = []
     if steps:
-        speeds = [r["img_per_s"] for r in (steps[1:] or steps)]  # the first window holds the warm-up
         lines.append(f"- iterations: {steps[-1]['iter']} (last logged), final training loss "
                      f"{steps[-1]['loss']:.4f}")
+    if checkpoint_iteration is not None:
+        ended = steps and checkpoint_iteration == steps[-1]["iter"]
+        lines.append(f"- evaluated checkpoint: last.pt of iteration {checkpoint_iteration}"
+                     + ("" if ended else " (NOT the end of the run: it stopped before saving its last step)"))
+    if steps:
+        speeds = [r["img_per_s"] for r in (steps[1:] or steps)]  # the first window holds the warm-up
         lines.append(f"- training speed: median {statistics.median(speeds):.0f} img/s over "
                      f"{len(speeds)} log windows (min {min(speeds):.0f}, max {max(speeds):.0f})")
     if wall_clock_s is not None:
@@ -65,14 +71,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("eval_dirs", type=Path, nargs="*")
     parser.add_argument("--wall-clock", type=float, default=None, help="seconds the training command took")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="the evaluated last.pt: its iteration is reported (and whether it ends the run)")
     args = parser.parse_args(argv)
+    iteration = None
+    if args.checkpoint is not None and args.checkpoint.is_file():
+        import torch
+
+        iteration = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["train_state"]["iteration"]
     reports = []
     for folder in args.eval_dirs:
         path = folder / "report.json"
         if path.is_file():  # an evaluation that failed left none: report the others
             report = json.loads(path.read_text())
             reports.append((eval_label(report, folder), report))
-    print(render(load_records(args.run_dir), reports, args.wall_clock), end="")
+    print(render(load_records(args.run_dir), reports, args.wall_clock, iteration), end="")
 
 
 if __name__ == "__main__":

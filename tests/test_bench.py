@@ -200,3 +200,55 @@ def test_data_task_times_the_pipeline_alone_once(tmp_path):
     assert [(r["task"], r["variant"]) for r in rows] == [
         ("data", "fp32-eager"), ("train-data", "fp32-eager"), ("train-data", "fp32+channels-last")]
     assert all(r["note"] is None and r["images_per_s"] > 0 for r in rows)
+
+
+def test_pipeline_rows_drain_the_workers_queue_before_timing(monkeypatch):
+    """Workers keep batches ready while other rows run; a pipeline row must take those untimed, then
+    time at least twice as many, or it measures a full queue instead of the pipeline."""
+    from sceneparse.engine import bench
+    from sceneparse.models import build_model
+
+    served = []
+
+    class TrainSet:
+        num_classes = 3
+
+        def __len__(self):
+            return 100
+
+    def batches():
+        while True:
+            served.append(len(served))
+            yield torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long), []
+
+    monkeypatch.setattr(bench, "train_feed", lambda *args, **kwargs: (TrainSet(), batches(), 6))
+    timed = []
+    real_measure = bench.measure
+
+    def spy(fn, device, warmup, iters, repeats):
+        timed.append((len(served), warmup, iters, repeats))
+        return real_measure(fn, device, warmup, iters, repeats)
+
+    monkeypatch.setattr(bench, "measure", spy)
+    settings = bench.BenchSettings(size=(8, 8), batch=2, tasks=("data",), warmup=1, iters=1, repeats=2,
+                                   data={"kind": "camvid", "root": "x", "workers": 3})
+    report = bench.run_benchmark(build_model("timm:test_resnet", "c1", 3), 3, settings, torch.device("cpu"))
+    # the 6 ready batches taken before timing began; then 1 warm-up and 2 repeats of 6 (>= 2 x 6 timed)
+    assert timed == [(6, 1, 6, 2)] and len(served) == 6 + 1 + 12
+    assert report["meta"]["data"] == {"kind": "camvid", "root": "x", "workers": 3, "prefetched_batches": 6,
+                                      "timed_batches": 12}
+
+
+def test_the_feed_says_how_many_batches_its_workers_hold():
+    from omegaconf import OmegaConf
+
+    from sceneparse.engine.config import DataConfig
+    from sceneparse.engine.feed import PREFETCH_FACTOR, prefetched_batches
+
+    def data(**kw):
+        return OmegaConf.structured(DataConfig(**kw))
+
+    assert prefetched_batches(data(num_workers=14)) == 14 * PREFETCH_FACTOR
+    assert prefetched_batches(data(num_workers=14, augment_on="device", crop_size=64)) == 14 * PREFETCH_FACTOR
+    assert prefetched_batches(data(num_workers=14, augment_on="device", crop_size=64, cache_in_memory=True)) == 0
+    assert prefetched_batches(data(num_workers=0)) == 0

@@ -137,10 +137,11 @@ def test_shrunk_recipe_trains_on_real_camvid_and_the_loss_falls(tmp_path):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["mean_iou"] == pytest.approx(result["metrics"]["mean_iou"], abs=1e-9)  # same model, same image
     text = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "camvid_report.py"), str(tmp_path / "run"),
-                           str(tmp_path / "eval"), "--wall-clock", "75"],
+                           str(tmp_path / "eval"), "--wall-clock", "75", "--checkpoint", result["last"]],
                           capture_output=True, text=True, check=True).stdout
     speeds = [r["img_per_s"] for r in records if "img_per_s" in r][1:]  # the first window: warm-up
     assert f"- iterations: 40 (last logged), final training loss {losses[-1]:.4f}" in text
+    assert "- evaluated checkpoint: last.pt of iteration 40\n" in text  # the run's end
     assert f"median {statistics.median(speeds):.0f} img/s over 7 log windows" in text
     assert "1 min 15 s" in text
     assert f"`sceneparse eval`, eval (fp32): mIoU {100 * report['mean_iou']:.2f} %" in text
@@ -149,3 +150,14 @@ def test_shrunk_recipe_trains_on_real_camvid_and_the_loss_falls(tmp_path):
     for cls, row in zip(report["classes"], rows):
         expected = "-" if cls["iou"] is None else f"{100 * cls['iou']:.2f}"
         assert row == f"| {cls['name']} | {expected} |"
+
+
+def test_camvid_report_says_when_the_evaluated_checkpoint_is_not_the_runs_end():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("camvid_report", ROOT / "benchmarks" / "camvid_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    records = [{"iter": 3000, "loss": 0.5, "img_per_s": 900.0}, {"iter": 3100, "loss": 0.4, "img_per_s": 950.0}]
+    assert "last.pt of iteration 3100\n" in report.render(records, [], checkpoint_iteration=3100)
+    assert "last.pt of iteration 3000 (NOT the end of the run" in report.render(records, [], checkpoint_iteration=3000)

@@ -17,8 +17,10 @@
 # All at 512x512, 150 classes, random weights (speed does not depend on them), each variant next
 # to fp32 eager in the same process. Per part: JSON reports (rewritten after every row, so a part
 # cut short keeps what it measured) in /tmp/gpu-results/partN/, packed into
-# $OUT/bench-partN.tgz with the logs, and the markdown table in $OUT/table-partN.md (also
-# printed). Each `sceneparse bench` run is stopped before GPU_DEADLINE (see setup.sh).
+# $OUT/bench-partN.tgz with the logs after every run (so even a command the device stops keeps
+# what was measured before), and the markdown table in $OUT/table-partN.md (printed at the end
+# of the part). Each `sceneparse bench` run is stopped before GPU_DEADLINE (see setup.sh). Exit
+# status 1 if a bench run failed (one stopped at its time limit does not count).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . benchmarks/gpu/setup.sh
@@ -30,6 +32,7 @@ SIZE=(--num-classes 150 --size 512 512 --batch 16)
 INFER=(--tasks latency,throughput --warmup 5 --iters 20 --repeats 3)
 TRAIN=(--tasks train --warmup 5 --iters 10 --repeats 3)
 OTHERS=(hrnetv2:c1 resnet50:upernet mobilenetv2dilated:c1_deepsup)
+failed=0
 
 # bench PART NAME ENCODER:DECODER ARGS...: one `sceneparse bench` run, stopped in time.
 bench() {
@@ -47,8 +50,9 @@ bench() {
         "$@" --json "$dir/$name.json" > "$dir/$name.log" 2>&1
     local status=$?
     [ $status -eq 124 ] && echo "bench: $name stopped at its time limit; its JSON holds the rows measured"
-    [ $status -ne 0 ] && [ $status -ne 124 ] && tail -5 "$dir/$name.log"
+    if [ $status -ne 0 ] && [ $status -ne 124 ]; then tail -5 "$dir/$name.log"; failed=1; fi
     grep -E "^(latency|throughput|train|data|eval)" "$dir/$name.log" || true
+    pack "$part" quiet
 }
 
 part1() {
@@ -78,8 +82,13 @@ part2() {
     # End to end on ADE20K-sized JPEGs (real samples resized to sizes drawn from the real list):
     # the data pipeline alone, then feeding resnet50dilated-ppm_deepsup's training step; workers
     # augmenting, then workers decoding and the GPU augmenting.
-    if [ -d "$ADE_SAMPLES" ] && [ -f "$ADE_ODGT" ]; then
-        python3 benchmarks/make_ade_sized.py "$ADE_SAMPLES" "$ADE_ODGT" /tmp/ade-sized --count 1024
+    local limit
+    limit=$(gpu_time_left 90)  # making the images, then at least one bench run after it
+    mkdir -p "$RESULTS/part2"
+    if [ "$limit" -lt 30 ]; then
+        echo "bench: no time left for the ADE20K-sized runs" | tee -a "$RESULTS/part2/skipped.txt"
+    elif [ -d "$ADE_SAMPLES" ] && [ -f "$ADE_ODGT" ]; then
+        timeout -k 5 "$limit" python3 benchmarks/make_ade_sized.py "$ADE_SAMPLES" "$ADE_ODGT" /tmp/ade-sized --count 1024
         for where in workers device; do
             bench 2 "train-data-ade-$where-resnet50dilated-ppm_deepsup" resnet50dilated:ppm_deepsup \
                 "${SIZE[@]}" --tasks data,train,train-data --warmup 5 --iters 10 --repeats 3 \
@@ -87,7 +96,6 @@ part2() {
                 --augment-on "$where"
         done
     else
-        mkdir -p "$RESULTS/part2"
         echo "bench: no $ADE_SAMPLES or $ADE_ODGT (carry .data): no ADE20K-sized end-to-end figure" \
             | tee -a "$RESULTS/part2/skipped.txt"
     fi
@@ -107,10 +115,14 @@ part4() {
     done
 }
 
+# pack PART [quiet]: the part's table and tarball into $OUT (quiet: without printing the table).
 pack() {
     local part=$1 dir=$RESULTS/part$1
     [ -d "$dir" ] || return 0
-    ls "$dir"/*.json >/dev/null 2>&1 && python3 benchmarks/make_table.py "$dir"/*.json | tee "$OUT/table-part$part.md"
+    if ls "$dir"/*.json >/dev/null 2>&1; then
+        python3 benchmarks/make_table.py "$dir"/*.json > "$OUT/table-part$part.md"
+        [ "${2:-}" = quiet ] || cat "$OUT/table-part$part.md"
+    fi
     tar czf "$OUT/bench-part$part.tgz" -C "$RESULTS" "part$part"
 }
 
@@ -121,3 +133,4 @@ for part in "$@"; do
         *) echo "bench: unknown part $part" >&2; exit 2 ;;
     esac
 done
+exit $failed

@@ -22,8 +22,10 @@ budget=$(gpu_time_left 65)  # interpreter start-up, the final validation and sav
 [ "$budget" -gt "${TIME_BUDGET_S:-540}" ] && budget=${TIME_BUDGET_S:-540}
 echo "camvid: $CONFIG on $CAMVID, train.time_budget_s=$budget"
 start=$(date +%s)
-# SIGTERM (should the budget overrun) makes the trainer finish its step and save last.pt.
-timeout -s TERM -k 30 $((budget + 40)) python3 -m sceneparse train "$CONFIG" "data.root=$CAMVID" \
+# SIGTERM (should the budget overrun) makes the trainer finish its step (or validation) and save
+# last.pt. --foreground: the signal goes to the trainer alone, not to its DataLoader workers too
+# (killed mid-validation, they would take the final validation and save down with them).
+timeout --foreground -s TERM -k 30 $((budget + 40)) python3 -m sceneparse train "$CONFIG" "data.root=$CAMVID" \
     "output_dir=$RUN" "train.time_budget_s=$budget" "$@" --overwrite > "$OUT/camvid-train.log" 2>&1
 status=$?
 train_s=$(( $(date +%s) - start ))
@@ -35,8 +37,11 @@ if [ -f "$RUN/last.pt" ]; then
         extra=()
         [ "$mode" = bf16 ] && extra=(--amp bf16 --channels-last)
         out=$OUT/eval; [ "$mode" = bf16 ] && out=$OUT/eval-bf16
-        timeout -k 10 90 python3 -m sceneparse eval --model "$RUN/last.pt" --dataset camvid --data-root "$CAMVID" \
-            --split val --workers 8 --output "$out" "${extra[@]}" 2>&1 | grep -E "mean IoU|images in"
+        left=$(gpu_time_left 5)  # each evaluation gets what the deadline leaves, the report 5 s
+        if [ "$left" -lt 20 ]; then echo "camvid: $left s left, $mode evaluation skipped" >&2; continue; fi
+        timeout -k 5 $(( left < 90 ? left : 90 )) python3 -m sceneparse eval --model "$RUN/last.pt" \
+            --dataset camvid --data-root "$CAMVID" --split val --workers 8 --output "$out" "${extra[@]}" 2>&1 \
+            | grep -E "mean IoU|images in"
     done
     rm -f "$OUT/eval-bf16/confusion.png"  # the device returns at most 8 files: keep the fp32 one
 else
@@ -45,5 +50,5 @@ else
 fi
 # The block for docs/camvid.md: iterations, speed, validations, per-class IoU (fp32 and bf16).
 python3 benchmarks/camvid_report.py "$RUN" "$OUT/eval" "$OUT/eval-bf16" --wall-clock "$train_s" \
-    | tee "$OUT/camvid.md"
+    --checkpoint "$RUN/last.pt" | tee "$OUT/camvid.md"
 exit $status

@@ -194,15 +194,29 @@ def training_feed(train_set, sampler: TrainBatches, data_cfg, device: torch.devi
     return _loader_feed(train_set, sampler, dc, device, mask_dtype, augment)
 
 
+PREFETCH_FACTOR = 2  # batches each DataLoader worker keeps ready (torch's default)
+
+
+def prefetched_batches(data_cfg) -> int:
+    """How many batches the feed holds ready beyond the one being trained on: the workers'
+    queue (none when the whole set lives on the device). A benchmark must drain them first, or
+    it times a queue filled while it was not looking instead of the pipeline."""
+    if data_cfg.augment_on == "device" and data_cfg.cache_in_memory:
+        return 0
+    return data_cfg.num_workers * PREFETCH_FACTOR
+
+
 def _loader_feed(train_set, sampler, dc, device, mask_dtype, augment):
     """DataLoader workers decode (and augment, unless `augment` is given: then the device does)."""
     from sceneparse.data.transforms import collate_pad, normalize
 
+    workers = dc.num_workers
     loader = torch.utils.data.DataLoader(
         SeededDataset(train_set), batch_sampler=sampler,
         collate_fn=functools.partial(collate_pad, mask_dtype=mask_dtype),
-        num_workers=dc.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=dc.num_workers > 0 and len(sampler) > 0,
+        num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0 and len(sampler) > 0,
+        prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
         generator=torch.Generator(),  # keeps the DataLoader from drawing on the global RNG
     )
     # On the device once: a list would be copied from pageable memory every step (a host sync).
