@@ -555,3 +555,30 @@ def test_worker_seeds_differ_per_worker_and_rank_and_repeat():
 
 if __name__ == "__main__":  # run by torchrun from the `ranks` fixture
     worker(Path(sys.argv[1]))
+
+
+def test_parameters_that_never_reach_the_output_are_found_and_frozen_for_ddp(tmp_path, capsys):
+    """timm's EfficientNet features keep every block; with out_indices stopping early the last ones
+    compute nothing the loss sees, and DDP, waiting for their gradients, fails at the second step."""
+    import torch.distributed as dist
+
+    from sceneparse.models import build_model
+
+    model = build_model("timm:test_efficientnet", "c1_deepsup", 5, encoder_options={"out_indices": [0, 1, 2]})
+    unreached = D.parameters_without_gradient(model)
+    assert unreached and all(n.startswith(("encoder.body.blocks.3.", "encoder.body.blocks.4.")) for n in unreached)
+    out = model.train()(torch.randn(2, 3, 64, 64))  # the same answer as a real backward pass
+    (out.logits.sum() + out.aux.sum()).backward()
+    assert sorted(unreached) == sorted(n for n, p in model.named_parameters() if p.grad is None)
+    assert D.parameters_without_gradient(build_model("timm:test_resnet", "ppm_deepsup", 5)) == []
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = D.wrap_model(model, D.init_from_env("cpu"))
+        for _ in range(3):  # without the freezing, the second step raises
+            out = ddp(torch.randn(2, 3, 64, 64))
+            (out.logits.sum() + out.aux.sum()).backward()
+    finally:
+        dist.destroy_process_group()
+    assert "parameters never reach the model's output" in capsys.readouterr().err
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n in unreached)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -157,6 +158,15 @@ def wrap_model(
     model = model.to(info.device)
     if not (info.distributed or _active()):
         return model
+    unreached = parameters_without_gradient(model)
+    if unreached:
+        # DDP waits for every trainable parameter's gradient: these would stop the second step.
+        for name in unreached:
+            model.get_parameter(name).requires_grad_(False)
+        if is_main():
+            print(f"sceneparse: {len(unreached)} parameters never reach the model's output (e.g. "
+                  f"{', '.join(unreached[:2])}; an encoder stage that encoder_options.out_indices leaves "
+                  "out?): frozen, as DDP would wait for their gradients", file=sys.stderr)
     if sync_bn and info.device.type == "cuda":
         model = sync_batchnorm(model)
     device_ids = None
@@ -168,6 +178,28 @@ def wrap_model(
         output_device=device_ids[0] if device_ids else None,
         find_unused_parameters=find_unused_parameters,
     )
+
+
+def parameters_without_gradient(model: nn.Module, size: tuple[int, int] = (128, 128)) -> list[str]:
+    """Names of the trainable parameters that a training-mode forward pass never reaches, found by
+    one forward and backward on the meta device (shapes only: no memory, no compute, the model's
+    own tensors untouched). [] when the meta device cannot run the model."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    tensors = {name: torch.empty_like(t, device="meta") for name, t in named}
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    for name in trainable:
+        tensors[name].requires_grad_(True)
+    was_training = model.training
+    try:
+        model.train()
+        out = torch.func.functional_call(model, tensors, (torch.empty(2, 3, *size, device="meta"),))
+        outputs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        grads = torch.autograd.grad(sum(o.sum() for o in outputs), [tensors[n] for n in trainable], allow_unused=True)
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: leave the model to DDP as it is
+        return []
+    finally:
+        model.train(was_training)
+    return [name for name, grad in zip(trainable, grads) if grad is None]
 
 
 def sync_batchnorm(model: nn.Module) -> nn.Module:
