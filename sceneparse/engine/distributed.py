@@ -323,9 +323,15 @@ def process_group(device: str | torch.device = "auto") -> Iterator[DistInfo]:
     info = init_from_env(device)
     try:
         yield info
-    finally:
+    except BaseException:
         if owns_group:
-            cleanup()
+            cleanup()  # no barrier: the other ranks may never reach one (torchrun stops them)
+        raise
+    if owns_group:
+        # Every rank done before any tears the group down: a rank that finished early (nothing
+        # to write) would otherwise close its gloo/NCCL connections while rank 0 still holds them.
+        barrier()
+        cleanup()
 
 
 def cleanup() -> None:
