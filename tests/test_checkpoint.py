@@ -53,9 +53,12 @@ def test_round_trip_restores_weights_metadata_and_eval_mode(tmp_path):
         assert torch.equal(model(x), loaded(x))
 
 
-def test_default_normalization_is_imagenet(tmp_path):
+def test_default_normalization_is_imagenet_and_a_loaded_models_own_is_kept(tmp_path):
     path = save_model(tmp_path / "m.pt", tiny_model(), NAMES, PALETTE)
     assert load_model(path).normalization == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    norm = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    loaded = load_model(save_model(tmp_path / "own.pt", tiny_model(), NAMES, PALETTE, norm))
+    assert load_model(save_model(tmp_path / "again.pt", loaded, NAMES, PALETTE)).normalization == norm
 
 
 def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -139,8 +142,14 @@ def test_class_count_that_does_not_fit_is_refused(tmp_path):
     ckpt["palette"] = PALETTE + [[1, 2, 3]]
     ckpt["model"]["config"]["num_classes"] = 4  # config and names agree, the weights do not
     torch.save(ckpt, tmp_path / "weights.pt")
-    with pytest.raises(SceneparseError, match="weights.pt: weights do not fit"):
+    with pytest.raises(SceneparseError, match=r"weights.pt: the weights of .*4 classes does not match the model: "
+                       r"2 shape mismatches: decoder\.conv_last\.weight file \[3, 16, 1, 1\] vs model \[4, 16, 1, 1\]"):
         load_model(tmp_path / "weights.pt")
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["model"]["state_dict"]["decoder.conv_last.bias"]
+    torch.save(ckpt, tmp_path / "missing.pt")
+    with pytest.raises(SceneparseError, match=r"missing keys.*decoder\.conv_last\.bias"):
+        load_model(tmp_path / "missing.pt")
 
     with pytest.raises(SceneparseError, match="2 class names"):
         save_model(tmp_path / "bad.pt", tiny_model(), NAMES[:2], PALETTE[:2])

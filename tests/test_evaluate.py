@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from sceneparse.cli.main import main
+from sceneparse.errors import SceneparseError
 from sceneparse.data import build_dataset
 from sceneparse.data.io import read_image
 from sceneparse.engine.checkpoint import load_model, save_model
@@ -196,8 +197,25 @@ def test_cli_eval_bad_options(tiny_checkpoint, real_dataset, capsys):
     assert main(base + ["--protocol", "csail", "--scales", "300"]) == 2
     assert main(base + ["--protocol", "csail", "--max-size", "500"]) == 2
     assert "--max-size cannot be combined with --protocol csail" in capsys.readouterr().err
+    assert main(base + ["--scales", "0"]) == 2
+    assert "--scales must be positive" in capsys.readouterr().err
+    image = real_dataset / "images" / "img0.png"
+    for bad in (["--scales", "0"], ["--scales", "450", "--max-size", "0"]):
+        assert main(["predict", "--model", str(tiny_checkpoint), str(image), *bad]) == 2
+        assert "--scales and --max-size must be positive" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_checkpoint)]) == 2
     assert "no dataset given" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_options_of_the_other_protocol(tiny_checkpoint, real_dataset):
+    from sceneparse.data import build_dataset
+    from sceneparse.engine.evaluate import evaluate
+
+    dataset, model = build_dataset({"kind": "folder", "root": str(real_dataset)}, "val"), load_model(tiny_checkpoint)
+    with pytest.raises(SceneparseError, match="scales do not apply to protocol 'csail'"):
+        evaluate(model, dataset, {"scales": (450,)}, "cpu", protocol="csail")
+    with pytest.raises(SceneparseError, match="single_scale do not apply to protocol 'default'"):
+        evaluate(model, dataset, {"single_scale": True}, "cpu")
 
 
 def test_cli_eval_classes_file_flag_wins_over_the_config(tiny_checkpoint, real_dataset, tmp_path, capsys):

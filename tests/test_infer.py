@@ -131,6 +131,17 @@ def test_given_normalization_is_applied_on_every_path():
     torch.testing.assert_close(pred.probabilities(image), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_models_own_normalisation_is_used_by_every_protocol_and_sizes_must_be_positive():
+    model = nn.Identity()
+    model.normalization = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}  # as load_model sets it
+    for predictor in (Predictor(model), Predictor.csail(model, pad_multiple=8)):
+        assert predictor.mean == [0.5] * 3 and predictor.std == [0.25] * 3
+    assert Predictor.csail(nn.Identity(), pad_multiple=8).mean == [0.485, 0.456, 0.406]  # CSAIL's models
+    for bad in ({"scales": (0,)}, {"scales": (450, -1)}, {"scales": 450, "max_size": 0}):
+        with pytest.raises(ValueError, match="must be positive"):
+            Predictor(model, **bad)
+
+
 def test_multi_scale_and_flip_average_probabilities():
     model = ConvNet(kernel=3)  # a 3x3 random kernel is not mirror-symmetric: flipping matters
     image = _random_image(40, 60)

@@ -473,3 +473,16 @@ def test_a_resumed_log_keeps_the_checkpoints_own_points_in_json_and_tensorboard(
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(2, 2.0), (4, 4.0), (6, 6.0), (8, 80.0)]
+
+
+def test_a_batch_of_one_with_a_pooled_decoder_is_refused_before_training(tmp_path):
+    cfg = tiny_config(tmp_path, "model.decoder=ppm_deepsup", "data.batch_size=1")
+    with pytest.raises(SceneparseError, match="data.batch_size=1 cannot train the ppm_deepsup decoder"):
+        train(cfg)
+    assert not (tmp_path / "run" / "last.pt").exists()
+    # what it spares the user: torch's own error at the first step
+    model = build_model("timm:test_efficientnet", "ppm_deepsup", 5).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(torch.randn(1, 3, 64, 64))
+    assert train(tiny_config(tmp_path / "c1", "model.decoder=c1_deepsup", "data.batch_size=1",
+                             "train.iterations=2", "train.val_every=0"))["iterations"] == 2

@@ -98,6 +98,8 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "workers" else 1):
             raise SceneparseError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.scales and min(args.scales) < 1:
+        raise SceneparseError(f"--scales must be positive short sides, got {' '.join(map(str, args.scales))}")
     if args.window is not None and args.window < 32:  # the Predictor's minimum, as in `sceneparse predict`
         raise SceneparseError(f"--window must be at least 32 pixels, got {args.window}")
     settings, split, defaults, where = _data(args)

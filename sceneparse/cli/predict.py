@@ -105,6 +105,8 @@ def run(args) -> int:
         raise SceneparseError(f"--alpha must be between 0 and 1, got {args.alpha}")
     if args.window is not None and args.window < 32:
         raise SceneparseError(f"--window must be at least 32 pixels, got {args.window}")
+    if (args.scales and min(args.scales) < 1) or args.max_size < 1:
+        raise SceneparseError("--scales and --max-size must be positive sizes in pixels")
     speed = inference_speed_options(args)
     output = Path(args.output).expanduser()
     paths = expand_inputs(args.inputs, exclude=output)

@@ -26,6 +26,7 @@ import torch
 from sceneparse.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sceneparse.engine.distributed import unwrap as _unwrap  # the Segmenter inside DDP/compile
 from sceneparse.errors import SceneparseError
+from sceneparse.models.pretrained import load_state_dict_strict
 
 FORMAT = "sceneparse-checkpoint/1"
 DEFAULT_NORMALIZATION = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
@@ -92,7 +93,9 @@ def save_model(
         "model": {"config": config, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
         "class_names": [str(n) for n in class_names],
         "palette": [[int(c) for c in rgb] for rgb in palette],
-        "normalization": {k: [float(x) for x in v] for k, v in (normalization or DEFAULT_NORMALIZATION).items()},
+        # a loaded model carries its own (load_model sets it): saved again, it keeps it
+        "normalization": {k: [float(x) for x in v] for k, v in
+                          (normalization or getattr(model, "normalization", None) or DEFAULT_NORMALIZATION).items()},
     }
     if train_state is not None:
         ckpt["train_state"] = train_state
@@ -132,13 +135,9 @@ def model_from_checkpoint(ckpt: dict, path: str | Path = "<checkpoint>", device:
             f"but the checkpoint lists {len(class_names)} class names"
         )
     model = build_model(**config)
-    try:
-        model.load_state_dict(ckpt["model"]["state_dict"])
-    except RuntimeError as err:
-        raise SceneparseError(
-            f"{path}: weights do not fit the model {config.get('encoder')}+{config.get('decoder')} "
-            f"with {config.get('num_classes')} classes: {str(err).splitlines()[0]}"
-        ) from None
+    load_state_dict_strict(model, ckpt["model"]["state_dict"],
+                           f"{path}: the weights of {config.get('encoder')}+{config.get('decoder')} "
+                           f"with {config.get('num_classes')} classes")
     model.class_names = class_names
     model.palette = [list(rgb) for rgb in ckpt["palette"]]
     model.normalization = dict(ckpt.get("normalization") or DEFAULT_NORMALIZATION)

@@ -91,6 +91,12 @@ def evaluate(
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized()
 
+    fixed = {"csail": ("scales", "max_size", "resize"), "default": ("single_scale",)}[protocol]
+    clash = sorted(set(fixed) & set(options))
+    if clash:
+        raise SceneparseError(f"option(s) {', '.join(clash)} do not apply to protocol {protocol!r}",
+                              "the csail protocol fixes scales, max_size and resizing (single_scale picks "
+                              "450 alone); the default protocol takes scales and max_size")
     was_training = model.training
     predictor = PROTOCOLS[protocol](model, device=device, **options)
     device = predictor.device

@@ -112,6 +112,8 @@ class Predictor:
         self.scales = tuple(None if s is None else int(s) for s in scales)
         if not self.scales:
             raise ValueError("scales must not be empty")
+        if any(s is not None and s < 1 for s in self.scales) or max_size < 1:
+            raise ValueError(f"scales and max_size must be positive, got {self.scales} and {max_size}")
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         if window is not None and window < 32:
@@ -149,8 +151,8 @@ class Predictor:
     def csail(cls, model: nn.Module, single_scale: bool = False, flip: bool = False,
               pad_multiple: int | None = None, **options) -> "Predictor":
         """CSAIL's ADE20K test protocol: short sides 300..600 (450 alone for single scale), long side
-        at most 1000, sizes rounded up to the model's pad multiple by Pillow bilinear resizing,
-        ImageNet normalisation unless `normalization` is given."""
+        at most 1000, sizes rounded up to the model's pad multiple by Pillow bilinear resizing.
+        Normalisation as for any Predictor: the model's own (ImageNet's for CSAIL's models)."""
         return cls(
             model,
             scales=CSAIL_SINGLE_SCALE if single_scale else CSAIL_SCALES,
@@ -158,7 +160,7 @@ class Predictor:
             max_size=CSAIL_MAX_SIZE,
             pad_multiple=pad_multiple or model_pad_multiple(model),
             resize="pil",
-            **{"normalization": IMAGENET_NORMALIZATION, **options},
+            **options,
         )
 
     # ------------------------------------------------------------------ sizes and inputs

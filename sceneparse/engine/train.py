@@ -266,6 +266,7 @@ class Trainer:
                 "resume with the config the checkpoint was trained with",
             )
         model = self._build_model(ckpt, resume_path)
+        _check_batch_of_one(cfg, info)
         self.optimizer, self.scheduler = build_optimizer(model, tc, fused=device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and device.type == "cuda")
 
@@ -584,6 +585,21 @@ class Trainer:
             print(f"training done: {it} iterations; outputs in {out}"
                   + (f" (best mIoU {self.best_miou:.4f})" if validated else ""), file=sys.stderr)
         return result
+
+
+def _check_batch_of_one(cfg: DictConfig, info) -> None:
+    """BatchNorm needs more than one value per channel in training: the pool-to-1x1 branch of PPM
+    and UPerNet gets one per image, so one image per process fails at the first step (unless
+    SyncBatchNorm pools the GPUs' statistics)."""
+    pooled = cfg.model.decoder in ("ppm", "ppm_deepsup", "upernet")
+    scales = cfg.model.decoder_options.get("pool_scales", (1, 2, 3, 6))
+    synced = info.device.type == "cuda" and info.world_size > 1
+    if cfg.data.batch_size == 1 and pooled and 1 in scales and not synced:
+        raise SceneparseError(
+            f"data.batch_size=1 cannot train the {cfg.model.decoder} decoder: its 1x1 pooling branch "
+            "leaves BatchNorm one value per channel",
+            "use data.batch_size=2 or more (per process), or a decoder without pooling (c1, c1_deepsup)",
+        )
 
 
 def _seed_everything(seed: int) -> None:

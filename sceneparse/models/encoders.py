@@ -247,7 +247,11 @@ class TimmEncoder(Encoder):
             )
         self.model_name = model_name
         self.options = options
-        self.body = timm.create_model(model_name, pretrained=False, features_only=True, **options)
+        try:
+            self.body = timm.create_model(model_name, pretrained=False, features_only=True, **options)
+        except TypeError as err:  # an option the model's constructor does not take
+            raise SceneparseError(f"bad options for encoder timm:{model_name}: {err}",
+                                  hint="check model.encoder_options against the timm model's arguments") from None
         self.channels = list(self.body.feature_info.channels())
         self.reductions = list(self.body.feature_info.reduction())
         self.pad_multiple = max(32, max(self.reductions))
