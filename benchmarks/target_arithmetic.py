@@ -5,7 +5,9 @@ by torch.utils.flop_counter.FlopCounterMode, the largest single convolution's sh
 the sustained TFLOP/s that each img/s target (and CSAIL's fp32 eager figure) stands for. Training:
 forward + backward (deep supervision included) of resnet50dilated-ppm_deepsup.
 
-    python benchmarks/target_arithmetic.py      # prints a markdown table
+    python benchmarks/target_arithmetic.py            # prints a markdown table
+    python benchmarks/target_arithmetic.py --camvid   # the CamVid recipe's candidates instead:
+        parameters and training GFLOP per 360x480 image (forward + backward, 11 classes)
 """
 from __future__ import annotations
 
@@ -39,13 +41,37 @@ def forward_flops(encoder: str, decoder: str) -> tuple[float, str, float]:
     return counter.get_total_flops(), biggest, per_conv[biggest]
 
 
-def training_flops() -> float:
-    model = build_model("resnet50dilated", "ppm_deepsup", CLASSES).train()
-    images = torch.randn(2, 3, SIZE, SIZE)  # 2: training BatchNorm needs more than one sample
-    masks = torch.randint(0, CLASSES, (2, SIZE, SIZE))
+def training_flops(encoder: str = "resnet50dilated", decoder: str = "ppm_deepsup", size=(SIZE, SIZE),
+                   classes: int = CLASSES, **decoder_options) -> float:
+    """FLOPs of one image's training step: forward and backward, deep supervision included."""
+    model = build_model(encoder, decoder, classes, decoder_options=decoder_options).train()
+    images = torch.randn(2, 3, *size)  # 2: training BatchNorm needs more than one sample
+    masks = torch.randint(0, classes, (2, *size))
     with FlopCounterMode(display=False) as counter:
         segmentation_loss(model(images), masks, torch.nn.CrossEntropyLoss(), 0.4).backward()
     return counter.get_total_flops() / 2
+
+
+# The CamVid recipe's candidates (docs/camvid.md): encoder, decoder, decoder options.
+CAMVID_MODELS = [
+    ("resnet18", "upernet", {"fpn_dim": 128}), ("hrnetv2_w18", "c1", {}), ("resnet18dilated", "c1_deepsup", {}),
+    ("resnet50", "upernet", {"fpn_dim": 256}), ("resnet18dilated", "ppm_deepsup", {}),
+    ("resnet50dilated", "ppm_deepsup", {}),
+]
+
+
+def camvid_table() -> None:
+    print("| encoder + decoder | parameters | training GFLOP / 360x480 image | output stride |")
+    print("| --- | --- | --- | --- |")
+    for encoder, decoder, options in CAMVID_MODELS:
+        model = build_model(encoder, decoder, 11, decoder_options=options)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        g = training_flops(encoder, decoder, (360, 480), 11, **options) / 1e9
+        extra = f" ({', '.join(f'{k} {v}' for k, v in options.items())})" if options else ""
+        model.eval()
+        with torch.no_grad():  # the decoder's own output, before the Segmenter upsamples it
+            stride = 64 // model.decoder(model.encoder(torch.zeros(1, 3, 64, 64))).shape[-1]
+        print(f"| {encoder} + {decoder}{extra} | {params:.1f} M | {g:.0f} | {stride} |")
 
 
 def tflops(gflop: float, img_s: float | None) -> str:
@@ -68,4 +94,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    camvid_table() if "--camvid" in sys.argv[1:] else main()

@@ -118,7 +118,7 @@ def _evaluate(args, info, settings: dict, split: str, options: dict, where: str)
     from sceneparse.engine.visualize import save_confusion_png
 
     dataset = build_dataset(settings, split)
-    # a zoo name is downloaded (and converted) by rank 0 alone; then every rank reads the file
+    # a zoo name's cached files are converted by rank 0 alone; then every rank reads the checkpoint
     path = broadcast_object(run_on_main(lambda: str(resolve_model(args.model)), info))
     model = load_model(path, device=info.device)
     classes_file = getattr(dataset, "classes_file", None)

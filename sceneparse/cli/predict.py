@@ -126,7 +126,7 @@ def _predict(args, info, paths: list[Path], output: Path, speed: dict) -> int:
     from sceneparse.engine.infer import Predictor
     from sceneparse.engine.visualize import colorize, overlay
 
-    # a zoo name is downloaded (and converted) by rank 0 alone; then every rank reads the file
+    # a zoo name's cached files are converted by rank 0 alone; then every rank reads the checkpoint
     model = load_model(broadcast_object(run_on_main(lambda: str(resolve_model(args.model)), info)), device=info.device)
     num_classes = len(model.class_names)
     palette = getattr(model, "palette", None) or make_palette(num_classes)

@@ -146,7 +146,8 @@ def model_from_checkpoint(ckpt: dict, path: str | Path = "<checkpoint>", device:
 
 def resolve_model(path_or_name: str | Path) -> Path:
     """The checkpoint file behind a path or a zoo name (a bare name with no such file: the zoo's
-    cached copy, downloaded and converted first if needed)."""
+    cached copy, converted first from CSAIL's cached files if needed; nothing is downloaded here:
+    `sceneparse zoo download` does that, and a model not in the cache is an error saying so)."""
     path = Path(path_or_name)
     if not path.exists() and not any(sep in str(path_or_name) for sep in ("/", os.sep)) and path.suffix == "":
         from sceneparse import zoo
