@@ -16,6 +16,11 @@ class SceneparseError(Exception):
         super().__init__(message if hint is None else f"{message}\n  fix: {hint}")
 
 
+class UnreadableFileError(SceneparseError):
+    """A weights file that cannot be read at all (truncated, corrupt, not a state_dict): the zoo
+    deletes such a cached download, unlike a file that reads but does not fit."""
+
+
 def user_message(err: BaseException) -> str:
     """The text to show for `err`, also when a DataLoader worker raised it: torch re-raises a
     worker's exception in the main process with the worker's whole traceback as its message.

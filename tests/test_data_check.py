@@ -227,3 +227,21 @@ def test_a_synthetic_config_is_checked_with_its_own_options(tmp_path, capsys):
     config.write_text("data:\n  kind: synthetic\n  synthetic: {num_images: {train: 8, val: 4}, image_size: 32}\n")
     assert main(["data", "check", str(config), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["splits"] == {"train": 8, "val": 4}
+
+
+def test_a_turned_photo_whose_label_has_the_turned_size_is_accepted(tmp_path):
+    """Orientation 6 (90 degrees) of a non-square image: a label with the rotated size can only
+    match the view the image is read as, so both checks accept it; with the stored size it is an
+    error (sizes and EXIF), and so is every 180-degree turn (the size tells nothing)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    root = clean_dataset(tmp_path / "d")
+    _image(root / "images" / "turned.jpg", size=(H, W), exif=exif)  # stored 6x8, read as 8x6
+    _label(root / "labels" / "turned.png", np.zeros((W, H), np.uint8))
+    assert quick_check(Folder(root, None)) == []
+    datasets, _ = datasets_to_check(root)
+    assert check_datasets(datasets, progress=False).ok
+    _label(root / "labels" / "turned.png", np.zeros((H, W), np.uint8))  # drawn on the stored pixels
+    assert {p.code for p in quick_check(Folder(root, None, strict=False))} == {"exif_rotated", "size_mismatch"}
+    found = check_datasets(datasets_to_check(root)[0], progress=False).problems
+    assert {p.code for p in found if p.severity == "error"} == {"exif_rotated", "size_mismatch"}

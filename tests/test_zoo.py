@@ -10,7 +10,7 @@ import pytest
 from test_download import FileServer
 
 from sceneparse.cli.main import main
-from sceneparse.errors import SceneparseError
+from sceneparse.errors import SceneparseError, UnreadableFileError
 from sceneparse.zoo import ZOO, cache_state, download_model, fetch, get_entry, missing_model_message, resolve
 
 NAMES = [
@@ -114,7 +114,7 @@ def test_cached_files_that_do_not_convert_leave_the_cache_and_download_again(zoo
 
     def convert_csail_files(encoder, decoder, arch, output):
         if encoder.read_bytes() != b"ENC" * 100:
-            raise SceneparseError(f"cannot read CSAIL encoder {encoder}: truncated")
+            raise UnreadableFileError(f"cannot read CSAIL encoder {encoder}: truncated")
         output.write_bytes(b"converted")
 
     monkeypatch.setitem(sys.modules, "sceneparse.zoo.csail",
@@ -125,6 +125,19 @@ def test_cached_files_that_do_not_convert_leave_the_cache_and_download_again(zoo
     assert not any(folder.iterdir())
     assert json.loads((tmp_path / "checksums.json").read_text()) == {}
     assert download_model(entry.name, cache_dir=tmp_path, progress=False).read_bytes() == b"converted"
+
+
+def test_good_downloads_stay_when_writing_the_converted_model_fails(zoo_server, tmp_path, monkeypatch):
+    srv, entry = zoo_server
+
+    def disk_full(encoder, decoder, arch, output):
+        raise SceneparseError(f"could not write checkpoint {output}: No space left on device")
+
+    monkeypatch.setitem(sys.modules, "sceneparse.zoo.csail", types.SimpleNamespace(convert_csail_files=disk_full))
+    with pytest.raises(SceneparseError, match="No space left on device") as info:
+        download_model(entry.name, cache_dir=tmp_path, progress=False)
+    assert "removed from the cache" not in str(info.value)
+    assert sorted(p.name for p in (tmp_path / entry.folder).iterdir()) == sorted(entry.filenames)
 
 
 def test_resolve_converts_hand_fetched_files_offline(fake_converter, tmp_path, monkeypatch):

@@ -64,27 +64,32 @@ def _quick_pair(pair: tuple[str, str]) -> list[Problem]:
         image_hw, orientation = image_header(image)
     except SceneparseError as err:
         return [Problem("unreadable_image", ERROR, err.message, [image])]
-    if orientation != 1:
-        problems.append(_exif_problem(image, label, orientation))
     try:
         label_hw = label_size(label)
     except SceneparseError as err:
-        return [*problems, Problem("unreadable_label", ERROR, err.message, [label])]
+        return [Problem("unreadable_label", ERROR, err.message, [label])]
+    problems += _exif_problems(image, label, orientation, image_hw, label_hw)
     if image_hw != label_hw:
         problems.append(_size_problem(image, image_hw, label, label_hw))
     return problems
 
 
-def _exif_problem(image, label, orientation: int) -> Problem:
-    # An EXIF orientation 3 (180 degrees) or 2/4 (mirrored) keeps the size, so no size check
-    # catches a label drawn on the stored pixels while the image is read rotated (or the reverse).
-    return Problem(
+def _exif_problems(image, label, orientation: int, image_hw, label_hw) -> list[Problem]:
+    """An EXIF-oriented image whose label may have been drawn on the other view. Images are read
+    with their orientation applied (as photo viewers and labelling tools show them). A label with
+    the rotated size of a non-square image (orientations 5-8) can only fit that view; otherwise
+    nothing tells: a 180-degree turn (3) or a mirror (2, 4) keeps the size, so a label drawn on the
+    stored pixels passes every size check and is silently misaligned."""
+    turned = orientation in (5, 6, 7, 8) and image_hw[0] != image_hw[1]
+    if orientation == 1 or (turned and tuple(image_hw) == tuple(label_hw)):
+        return []
+    return [Problem(
         "exif_rotated", ERROR,
         f"image {image} has EXIF orientation {orientation}: it is read rotated/mirrored, and nothing "
         f"tells whether its label {label} was drawn on the stored pixels or on the rotated view "
         "(save the image upright, e.g. with Pillow's ImageOps.exif_transpose, with its label to match)",
         [image, label], {"orientation": orientation},
-    )
+    )]
 
 
 def _size_problem(image, image_hw, label, label_hw) -> Problem:
@@ -136,8 +141,6 @@ def _full_pair(dataset, image: str, label: str) -> _PairResult:
         result.problems.append(Problem("unreadable_image", ERROR, message, [image]))
         image_hw = None
     orientation = exif_orientation(data) if image_hw else 1
-    if orientation != 1:
-        result.problems.append(_exif_problem(image, label, orientation))
     try:
         raw = dataset.read_raw_label(label)
     except ColorLabelError:
@@ -150,8 +153,10 @@ def _full_pair(dataset, image: str, label: str) -> _PairResult:
     except SceneparseError as err:
         result.problems.append(Problem("unreadable_label", ERROR, err.message, [label]))
         return result
-    if image_hw is not None and image_hw != raw.shape:
-        result.problems.append(_size_problem(image, image_hw, label, raw.shape))
+    if image_hw is not None:
+        result.problems += _exif_problems(image, label, orientation, image_hw, raw.shape)
+        if image_hw != raw.shape:
+            result.problems.append(_size_problem(image, image_hw, label, raw.shape))
     mapped, bad = dataset.mapper.map_values(raw)
     if bad:
         result.problems.append(Problem(

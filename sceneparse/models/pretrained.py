@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sceneparse.errors import SceneparseError
+from sceneparse.errors import SceneparseError, UnreadableFileError
 
 # torch counts BN batches only for momentum=None; files from other code never carry it.
 _OPTIONAL_SUFFIX = "num_batches_tracked"
@@ -33,14 +33,14 @@ def read_state_dict(source: str | os.PathLike, what: str = "weights file") -> di
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or foreign files
-        raise SceneparseError(
+        raise UnreadableFileError(
             f"cannot read {what} {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
             hint="the file is truncated, corrupt or not a PyTorch weights file; download it again",
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise SceneparseError(f"{what} {path} does not hold a state_dict (a dict of tensors)")
+        raise UnreadableFileError(f"{what} {path} does not hold a state_dict (a dict of tensors)")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj

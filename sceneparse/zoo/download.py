@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sceneparse.errors import SceneparseError
+from sceneparse.errors import SceneparseError, UnreadableFileError
 from sceneparse.zoo.registry import ZooEntry, get_entry
 
 CACHE_ENV = "SCENEPARSE_CACHE"
@@ -266,16 +266,17 @@ def missing_model_message(name: str, cache_dir=None) -> str:
 
 
 def _convert(entry: ZooEntry, cache_dir, output: Path) -> None:
-    """CSAIL's two cached files of `entry` -> `output`. Files that do not convert (truncated by a
-    server that sent no length, or put there by hand) leave the cache, hash record included:
-    otherwise `zoo download` would keep trusting them."""
+    """CSAIL's two cached files of `entry` -> `output`. Files that cannot be read at all (truncated
+    by a server that sent no length, or put there by hand) leave the cache, hash record included:
+    otherwise `zoo download` would keep trusting them. Any other failure (a full disk while
+    writing `output`, a file that reads but does not fit) leaves them where they are."""
     # Imported here: conversion needs torch and the model code, the rest of the zoo does not.
     from sceneparse.zoo.csail import convert_csail_files
 
     encoder, decoder = raw_paths(entry, cache_dir)
     try:
         convert_csail_files(encoder, decoder, entry.name, output)
-    except SceneparseError as err:
+    except UnreadableFileError as err:
         root = _root(cache_dir)
         for path in (encoder, decoder):
             _forget(root, path.relative_to(root).as_posix())
