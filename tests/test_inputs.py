@@ -222,6 +222,11 @@ def test_folder_label_colors_in_a_palette_png_go_by_colour(tmp_path):
     label.putpalette([0, 0, 255, 255, 0, 0, 0, 0, 0])  # index 0 blue, 1 red, 2 black
     label.save(root / "labels" / "x.png")
     assert Folder(root, split=None)[0]["mask"].tolist() == [[2, 1, 1, 0]]
+    label.putpalette([0, 0, 255, 255, 0, 0, 224, 224, 192])  # a colour no class has (VOC's boundary)
+    label.save(root / "labels" / "x.png")
+    with pytest.raises(SceneparseError, match=r"\(224, 224, 192\)") as info:
+        Folder(root, split=None)[0]
+    assert "drop `label_colors`" in info.value.hint
 
 
 def test_folder_rgb_label_without_mapping_is_refused(tmp_path):

@@ -438,8 +438,9 @@ def load_classes_file(path: str | Path) -> ClassesSpec:
 
     Keys: `classes` (list of names, id = position), `palette` (optional, one [r, g, b] per class;
     generated when absent), `ignore_index` (label value of unlabelled pixels, default 255, null for
-    none), `label_colors` (optional: the label files are colour-coded; `true` to use the palette,
-    or one [r, g, b] per class) with `ignore_colors` (colours meaning unlabelled).
+    none), `label_colors` (optional: the label files are colour-coded, RGB or palette PNGs read by
+    their colours; `true` to use the palette, or one [r, g, b] per class) with `ignore_colors`
+    (colours meaning unlabelled). Without it, palette PNGs are read by index (VOC's layout).
     """
     import yaml
 

@@ -98,12 +98,13 @@ def read_label(path: str | Path, colors: dict[tuple[int, int, int], int] | None 
     (an RGB file whose three channels are equal is read as ids).
     """
     path = Path(path)
+    palette_file = False
     try:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
             if colors is not None and mode in ("P", "PA"):
-                mode = "RGB"
+                mode, palette_file = "RGB", True
             if mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
                 array = np.asarray(img.convert("RGB") if mode != "LA" else img)
             else:
@@ -118,6 +119,12 @@ def read_label(path: str | Path, colors: dict[tuple[int, int, int], int] | None 
     if mode == "LA":
         return array[..., 0]
     if array.ndim == 3:
+        if colors is not None and palette_file:
+            try:
+                return colors_to_ids(array, colors, path)
+            except SceneparseError as err:  # e.g. VOC's: indices are the ids, colours only for show
+                raise SceneparseError(err.message, f"{err.hint}; or, if this palette PNG's indices are the "
+                                      "class ids, drop `label_colors` (palette PNGs are then read by index)") from None
         if colors is not None:
             return colors_to_ids(array, colors, path)
         if (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all():
