@@ -252,3 +252,11 @@ def test_the_feed_says_how_many_batches_its_workers_hold():
     assert prefetched_batches(data(num_workers=14, augment_on="device", crop_size=64)) == 14 * PREFETCH_FACTOR
     assert prefetched_batches(data(num_workers=14, augment_on="device", crop_size=64, cache_in_memory=True)) == 0
     assert prefetched_batches(data(num_workers=0)) == 0
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason=f"../shared not found: {CAMVID} (real CamVid data)")
+def test_bench_data_smaller_than_its_batch_names_the_bench_flag(capsys):
+    assert main(["bench", *TINY[:7], "--batch", "400", *TINY[9:], "--num-classes", "11", "--tasks", "train-data",
+                 "--data", str(CAMVID), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "367 training images, fewer than one batch of 400" in err and "lower --batch" in err

@@ -49,8 +49,13 @@ bench() {
     timeout -s INT -k 15 "$limit" python3 -m sceneparse bench --encoder "${model%%:*}" --decoder "${model##*:}" \
         "$@" --json "$dir/$name.json" > "$dir/$name.log" 2>&1
     local status=$?
-    [ $status -eq 124 ] && echo "bench: $name stopped at its time limit; its JSON holds the rows measured"
-    if [ $status -ne 0 ] && [ $status -ne 124 ]; then tail -5 "$dir/$name.log"; failed=1; fi
+    # 124: stopped by SIGINT at the limit; 137: killed 15 s later (a compile that ignored it)
+    if [ $status -eq 124 ] || [ $status -eq 137 ]; then
+        echo "bench: $name stopped at its time limit; its JSON holds the rows measured"
+    elif [ $status -ne 0 ]; then
+        tail -5 "$dir/$name.log"
+        failed=1
+    fi
     grep -E "^(latency|throughput|train|data|eval)" "$dir/$name.log" || true
     pack "$part" quiet
 }

@@ -332,6 +332,9 @@ def train_feed(data: dict, batch: int, size: tuple[int, int], device: torch.devi
         mean=list(mean), std=list(std),
     ))
     train_set = build_train_set(dc)
+    if len(train_set) < batch:
+        raise SceneparseError(f"the dataset at {data['root']} has {len(train_set)} training images, "
+                              f"fewer than one batch of {batch}", "lower --batch")
     sampler = TrainBatches(epoch_batches_fn(train_set, dc, seed, DistInfo(device=device)), seed, iterations=2**40)
     return train_set, training_feed(train_set, sampler, dc, device, train_set.num_classes), prefetched_batches(dc)
 
@@ -387,8 +390,6 @@ def run_benchmark(model: nn.Module, num_classes: int, settings: BenchSettings,
     feed, queue = None, 0
     if "train-data" in settings.tasks or "data" in settings.tasks:
         train_set, feed, queue = train_feed(settings.data, settings.batch, settings.size, device, normalization)
-        if len(train_set) < settings.batch:
-            raise SceneparseError("the dataset has fewer images than one batch", "lower --batch")
         data_classes = train_set.num_classes
         if data_classes != num_classes:
             raise SceneparseError(

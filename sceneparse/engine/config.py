@@ -66,9 +66,10 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 100_000
-    # Wall-clock seconds for the whole `sceneparse train` run (start-up included; a resumed run
-    # counts the time already spent). Set: the poly schedule is fitted to the clock (its end moves
-    # with the measured speed) and training ends when the time is up; `iterations` is then a cap.
+    # Wall-clock seconds from the start of training's set-up (a resumed run counts the time already
+    # spent; interpreter start-up, the final validation and the curves come on top). Set: the poly
+    # schedule is fitted to the clock (its end moves with the measured speed) and training ends
+    # when the time is up; `iterations` is then a cap.
     time_budget_s: Optional[float] = None
     lr_encoder: float = 0.02
     lr_decoder: float = 0.02
@@ -238,7 +239,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as err:  # the value is parsed as YAML: a list or mapping cut short
             raise SceneparseError(
                 f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err})",
-                f"a shell splits unquoted spaces: quote the whole override, e.g. '{key}={{a: [1, 2]}}'",
+                "a shell splits an unquoted override at its spaces: quote the whole override, e.g. "
+                "'model.decoder_options={pool_scales: [1, 2, 3, 6]}' or 'data.scales=[300, 450]'",
             ) from None
     _check_choices(cfg)
     return cfg

@@ -256,6 +256,7 @@ class Trainer:
         resume_path = (output_dir / "last.pt") if resume is True else (Path(resume) if resume else None)
         # Rank 0 checks/clears the folder while the others wait; then all of them fail alike or go on.
         dist_utils.run_on_main(lambda: prepare_output(output_dir, cfg.overwrite, resume_path is not None), info)
+        _check_batch_of_one(cfg, info)  # a config mistake: before the data check and any download
         ckpt = _resumable_checkpoint(resume_path) if resume_path is not None else None
 
         self.train_set, self.val_set, self.num_classes = build_data(cfg, verbose=info.is_main)
@@ -266,7 +267,6 @@ class Trainer:
                 "resume with the config the checkpoint was trained with",
             )
         model = self._build_model(ckpt, resume_path)
-        _check_batch_of_one(cfg, info)
         self.optimizer, self.scheduler = build_optimizer(model, tc, fused=device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and device.type == "cuda")
 
