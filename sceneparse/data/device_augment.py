@@ -160,14 +160,17 @@ def _resampling(positions: torch.Tensor, size: torch.Tensor, scaled: torch.Tenso
 
 def _jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """torchvision's adjust_brightness / adjust_contrast / adjust_saturation on [0, 1] floats,
-    batched, one factor per sample each, each sample in its own order (`order[i]`: step indices)."""
-    b, c, s = (factors[:, i].view(-1, 1, 1, 1) for i in range(3))
+    batched, one factor per sample each, each sample in its own order (`order[i]`: step indices).
+
+    Each step is torchvision's blend, `clamp(factor * image + (1 - factor) * reference, 0, 1)`,
+    whose reference is black (brightness), the image's mean grey level (contrast) or its grey
+    image (saturation): one blend per round serves every sample, whatever step it is at."""
     for step in order.T:  # the first steps of all samples, then the second ones, then the third
+        factor = factors.gather(1, step[:, None]).view(-1, 1, 1, 1)
         step = step.view(-1, 1, 1, 1)
-        brightness = (images * b).clamp(0, 1)
-        contrast = (c * images + (1 - c) * _grayscale(images).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
-        saturation = (s * images + (1 - s) * _grayscale(images)).clamp(0, 1)
-        images = torch.where(step == 0, brightness, torch.where(step == 1, contrast, saturation))
+        gray = _grayscale(images)
+        reference = torch.where(step == 2, gray, torch.where(step == 1, gray.mean(dim=(1, 2, 3), keepdim=True), 0.0))
+        images = (factor * images + (1 - factor) * reference).clamp(0, 1)
     return images
 
 
