@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from itertools import permutations
 
 import torch
+from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from sceneparse.data.meta import IGNORE_INDEX
 from sceneparse.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -168,13 +169,7 @@ def _jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
     for step in order.T:  # the first steps of all samples, then the second ones, then the third
         factor = factors.gather(1, step[:, None]).view(-1, 1, 1, 1)
         step = step.view(-1, 1, 1, 1)
-        gray = _grayscale(images)
+        gray = rgb_to_grayscale(images)  # torchvision's own, as its adjust_* functions use
         reference = torch.where(step == 2, gray, torch.where(step == 1, gray.mean(dim=(1, 2, 3), keepdim=True), 0.0))
         images = (factor * images + (1 - factor) * reference).clamp(0, 1)
     return images
-
-
-def _grayscale(images: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601-2 luma, as torchvision's rgb_to_grayscale: N x 1 x H x W."""
-    r, g, b = images.unbind(dim=1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
