@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     iteration = None
     if args.checkpoint is not None and args.checkpoint.is_file():
-        import torch
+        from sceneparse.engine.checkpoint import load_checkpoint
 
-        iteration = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["train_state"]["iteration"]
+        iteration = load_checkpoint(args.checkpoint)["train_state"]["iteration"]
     reports = []
     for folder in args.eval_dirs:
         path = folder / "report.json"
