@@ -1,4 +1,5 @@
-"""`sceneparse convert csail`: CSAIL's encoder/decoder files -> one sceneparse checkpoint."""
+"""`sceneparse convert csail`: CSAIL's encoder/decoder files -> one sceneparse checkpoint.
+`sceneparse convert sbd`: SBD's extra VOC labels -> the `voc` dataset's `train_aug` split."""
 from __future__ import annotations
 
 
@@ -26,6 +27,18 @@ def register(subparsers) -> None:
     csail.add_argument("--output", required=True, metavar="model.pt", help="checkpoint to write")
     csail.set_defaults(func=_convert_csail)
 
+    sbd = sources.add_parser(
+        "sbd",
+        help="SBD's extra Pascal VOC labels -> VOC's train_aug split",
+        description="Convert SBD's cls/*.mat labels (Hariharan et al.) into VOC2012/SegmentationClassAug/*.png "
+        "and write ImageSets/Segmentation/train_aug.txt: (VOC train + SBD train + SBD val) - VOC val, "
+        "VOC's own label where it has one. Then train with data.kind=voc data.train_split=train_aug. "
+        "Needs scipy (pip install 'sceneparse[sbd]').",
+    )
+    sbd.add_argument("--sbd-root", required=True, metavar="DIR", help="SBD download (holding benchmark_RELEASE/)")
+    sbd.add_argument("--voc-root", required=True, metavar="DIR", help="VOC download (holding VOCdevkit/VOC2012/)")
+    sbd.set_defaults(func=_convert_sbd)
+
 
 def _convert_csail(args) -> int:
     # Imported here so that `sceneparse --help` does not load torch.
@@ -33,4 +46,12 @@ def _convert_csail(args) -> int:
 
     path = convert_csail_files(args.encoder, args.decoder, args.arch, args.output)
     print(f"wrote {path} ({args.arch}, 150 ADE20K classes)")
+    return 0
+
+
+def _convert_sbd(args) -> int:
+    from sceneparse.data.sbd import convert_sbd
+
+    list_file, count, from_voc = convert_sbd(args.sbd_root, args.voc_root)
+    print(f"wrote {list_file}: {count} images ({from_voc} labels from VOC, {count - from_voc} from SBD)")
     return 0

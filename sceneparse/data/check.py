@@ -292,7 +292,10 @@ def check_datasets(datasets: dict, root: str = "", workers: int | None = None, p
 
 # --------------------------------------------------------------------------- what to check
 
-CHECK_SPLITS = {"ade20k": ["train", "val"], "camvid": ["train", "val", "test"]}
+CHECK_SPLITS = {
+    "ade20k": ["train", "val"], "camvid": ["train", "val", "test"],
+    "voc": ["train", "val", "train_aug"], "cityscapes": ["train", "val", "test"],
+}
 
 
 def datasets_to_check(target, kind: str | None = None, split: str | None = None, classes_file=None) -> tuple[dict, str]:
@@ -322,7 +325,8 @@ def datasets_to_check(target, kind: str | None = None, split: str | None = None,
         if data["kind"] is None:
             raise SceneparseError(
                 f"cannot tell the dataset layout of {target}",
-                "pass --kind (ade20k, camvid, folder) or point at a YAML config; a folder dataset is "
+                f"pass --kind ({', '.join(k for k in DATASETS if k != 'synthetic')}) or point at a "
+                "YAML config; a folder dataset is "
                 "ROOT/images + ROOT/labels + ROOT/classes.yaml",
             )
     else:
@@ -348,6 +352,15 @@ def _splits(data: dict) -> list:
         return ["train", "val"]
     if kind == "camvid":
         found = [s for s in CHECK_SPLITS["camvid"] if (root / s / "images").is_dir()]
+        return found or ["train"]
+    if kind == "voc":  # the lists present (trainval is train + val: not checked twice)
+        from sceneparse.data.datasets import voc_base
+
+        lists = voc_base(root) / "ImageSets" / "Segmentation"
+        found = [s for s in CHECK_SPLITS["voc"] if (lists / f"{s}.txt").is_file()]
+        return found or ["train"]
+    if kind == "cityscapes":
+        found = [s for s in CHECK_SPLITS["cityscapes"] if (root / "leftImg8bit" / s).is_dir()]
         return found or ["train"]
     # folder: split subfolders, then list files, else everything as one split
     images = root / "images"

@@ -1,4 +1,5 @@
-"""File-backed segmentation datasets: ADE20K, CamVid and a folder of the user's own data.
+"""File-backed segmentation datasets: ADE20K, CamVid, Pascal VOC (+ SBD), Cityscapes and a folder
+of the user's own data.
 
 Every dataset returns `{"image": Image uint8 3xHxW, "mask": Mask int64 HxW, "path": str}` with
 class ids `0..C-1` and `IGNORE_INDEX` for unlabelled pixels (each dataset translates its own
@@ -50,11 +51,18 @@ class Listing:
 class LabelMapper:
     """Raw label values -> sceneparse ids through a lookup table.
 
-    Raw values `offset .. offset+C-1` become `0..C-1`, the dataset's ignore values become
-    `IGNORE_INDEX`; any other value is an error naming the file and the values.
+    Raw values `offset .. offset+C-1` become `0..C-1` (or, with `raw_ids`, raw value `raw_ids[k]`
+    becomes class k: Cityscapes' label ids), the dataset's ignore values become `IGNORE_INDEX`;
+    any other value is an error naming the file and the values.
     """
 
-    def __init__(self, num_classes: int, offset: int = 0, ignore_values: tuple[int, ...] = (IGNORE_INDEX,)):
+    def __init__(
+        self,
+        num_classes: int,
+        offset: int = 0,
+        ignore_values: tuple[int, ...] = (IGNORE_INDEX,),
+        raw_ids: tuple[int, ...] | None = None,
+    ):
         if not 1 <= num_classes <= IGNORE_INDEX:
             raise SceneparseError(
                 f"{num_classes} classes: sceneparse supports 1..{IGNORE_INDEX} classes "
@@ -63,20 +71,28 @@ class LabelMapper:
         self.num_classes = num_classes
         self.offset = offset
         self.ignore_values = tuple(int(v) for v in ignore_values)
+        self.raw_ids = tuple(int(v) for v in raw_ids) if raw_ids is not None else None
+        if self.raw_ids is not None and len(self.raw_ids) != num_classes:
+            raise ValueError(f"{len(self.raw_ids)} raw ids for {num_classes} classes")
         self._lut = self._build(256)
 
     def _build(self, size: int) -> np.ndarray:
         lut = np.full(size, -1, dtype=np.int64)
-        hi = min(size, self.offset + self.num_classes)
-        lut[self.offset:hi] = np.arange(hi - self.offset)
+        raw_ids = self.raw_ids or range(self.offset, self.offset + self.num_classes)
+        for class_id, value in enumerate(raw_ids):
+            if value < size:
+                lut[value] = class_id
         for value in self.ignore_values:
             if 0 <= value < size:
                 lut[value] = IGNORE_INDEX
         return lut
 
     def describe(self) -> str:
-        ids = f"{self.offset}..{self.offset + self.num_classes - 1}"
-        ignore = ", ".join(map(str, self.ignore_values)) or "none"
+        if self.raw_ids is not None:
+            ids = ", ".join(map(str, self.raw_ids))
+        else:
+            ids = f"{self.offset}..{self.offset + self.num_classes - 1}"
+        ignore = _ranges(self.ignore_values) or "none"
         return f"expected class values {ids}, ignore value {ignore}"
 
     def map_values(self, raw: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -256,6 +272,17 @@ def _some(paths, n: int = 5) -> str:
     return shown + (f" (and {len(paths) - n} more)" if len(paths) > n else "")
 
 
+def _ranges(values) -> str:
+    """"0-6, 9-10, 14" for (0, 1, 2, 3, 4, 5, 6, 9, 10, 14): Cityscapes ignores 15 label ids."""
+    parts, values = [], sorted(set(values))
+    for v in values:
+        if parts and v == parts[-1][1] + 1:
+            parts[-1][1] = v
+        else:
+            parts.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+
+
 def _existing_root(root, layout: str) -> Path:
     if root is None or str(root) == "":
         raise SceneparseError("the dataset root is not set (`data.root`)", f"expected layout: {layout}")
@@ -413,6 +440,122 @@ class CamVid(SegmentationDataset):
         super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
 
 
+# --------------------------------------------------------------------------- Pascal VOC
+
+
+class VOC(SegmentationDataset):
+    """Pascal VOC 2012 segmentation: 21 classes (0 = background), raw 255 (object outlines and
+    difficult regions) -> IGNORE_INDEX. Labels are palette PNGs, read by index.
+
+    Splits are the official lists `ImageSets/Segmentation/<split>.txt` (train 1,464 images, val
+    1,449, trainval). `train_aug` is the SBD-augmented training set (10,582 images, none of val):
+    labels in `SegmentationClassAug/` listed by `ImageSets/Segmentation/train_aug.txt`, as
+    `sceneparse convert sbd` writes them, or as DeepLab's widely shared copy has them (its lines
+    `/JPEGImages/x.jpg /SegmentationClassAug/x.png` are read too).
+    """
+
+    kind = "voc"
+    layout = (
+        "ROOT/VOCdevkit/VOC2012/ (or ROOT/VOC2012/, or ROOT itself) holding JPEGImages/*.jpg, "
+        "SegmentationClass/*.png and ImageSets/Segmentation/{train,val,trainval}.txt; for train_aug, "
+        "SegmentationClassAug/*.png and ImageSets/Segmentation/train_aug.txt (`sceneparse convert sbd`)"
+    )
+    SPLITS = {
+        "train": "train", "training": "train", "val": "val", "validation": "val",
+        "trainval": "trainval", "train_aug": "train_aug",
+    }
+
+    def __init__(self, root, split: str = "train", transforms=None, strict: bool = True):
+        base = voc_base(_existing_root(root, self.layout))
+        sub = _split(split, self.SPLITS, self.kind)
+        list_file = base / "ImageSets" / "Segmentation" / f"{sub}.txt"
+        if not list_file.is_file():
+            hint = (
+                "make it from SBD's extra labels with `sceneparse convert sbd`, or train on VOC's "
+                "own 1,464 images (data.train_split=train)" if sub == "train_aug"
+                else f"expected layout: {self.layout}"
+            )
+            raise SceneparseError(f"the VOC list {list_file} does not exist", hint)
+        labels = base / ("SegmentationClassAug" if sub == "train_aug" else "SegmentationClass")
+        listing = _listed_pairs(list_file, base / "JPEGImages", labels)
+        meta = builtin_meta("voc")
+        mapper = LabelMapper(21, offset=0, ignore_values=(IGNORE_INDEX,))
+        super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
+
+
+def voc_base(root: Path) -> Path:
+    """The VOC2012 folder under a dataset root (ROOT/VOCdevkit/VOC2012, ROOT/VOC2012 or ROOT)."""
+    for base in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
+        if (base / "JPEGImages").is_dir():
+            return base
+    raise SceneparseError(f"{root} has no VOC2012 JPEGImages folder", f"expected layout: {VOC.layout}")
+
+
+def _listed_pairs(list_file: Path, image_dir: Path, label_dir: Path) -> Listing:
+    """Pairs for the image ids of a VOC-style list (one id, or an `image label` path pair, a line);
+    images may have any image extension, labels are `<id>.png`."""
+    images = {p.stem: p for p in _files(image_dir, IMAGE_EXTENSIONS)} if image_dir.is_dir() else {}
+    pairs, missing, unlabelled = [], [], []
+    for line in list_file.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        stem = Path(line.split()[0]).stem
+        image, label = images.get(stem), label_dir / f"{stem}.png"
+        if image is None:
+            missing.append(image_dir / f"{stem}.jpg")
+        elif not label.is_file():
+            unlabelled.append(image)
+        else:
+            pairs.append((image, label))
+    return Listing(pairs, unlabelled, [], missing, where=str(list_file))
+
+
+# --------------------------------------------------------------------------- Cityscapes
+
+
+class Cityscapes(SegmentationDataset):
+    """Cityscapes, fine annotations: the 19 evaluated classes. The `*_gtFine_labelIds.png` files
+    hold Cityscapes' 34 label ids; the 19 classes' ids become 0..18 (Cityscapes' trainIds) and the
+    other 15 (unlabelled, ego vehicle, ground, parking, rail track, guard rail, ...) are ignored,
+    as the official evaluation does. The coarse annotations (gtCoarse) are not read."""
+
+    kind = "cityscapes"
+    layout = (
+        "ROOT/leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png and "
+        "ROOT/gtFine/{train,val,test}/<city>/*_gtFine_labelIds.png"
+    )
+    SPLITS = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test"}
+    NUM_LABEL_IDS = 34  # Cityscapes' label ids 0..33 (the licence plate's -1 is never drawn)
+
+    def __init__(self, root, split: str = "train", transforms=None, strict: bool = True):
+        root = _existing_root(root, self.layout)
+        sub = _split(split, self.SPLITS, self.kind)
+        image_dir, label_dir = root / "leftImg8bit" / sub, root / "gtFine" / sub
+        if not image_dir.is_dir():
+            raise SceneparseError(f"{image_dir} does not exist", f"expected layout: {self.layout}")
+        meta = builtin_meta("cityscapes")
+        ignored = tuple(v for v in range(self.NUM_LABEL_IDS) if v not in meta["label_ids"])
+        mapper = LabelMapper(19, ignore_values=ignored, raw_ids=tuple(meta["label_ids"]))
+        listing = _cityscapes_pairs(image_dir, label_dir)
+        super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
+
+
+def _cityscapes_pairs(image_dir: Path, label_dir: Path) -> Listing:
+    image_tail, label_tail = "_leftImg8bit.png", "_gtFine_labelIds.png"
+    images = sorted(image_dir.glob(f"*/*{image_tail}"))
+    labels = sorted(label_dir.glob(f"*/*{label_tail}")) if label_dir.is_dir() else []
+    frames = {p.parent.name + "/" + p.name[: -len(image_tail)] for p in images}
+    pairs, unlabelled = [], []
+    for image in images:
+        label = label_dir / image.parent.name / (image.name[: -len(image_tail)] + label_tail)
+        if label.is_file():
+            pairs.append((image, label))
+        else:
+            unlabelled.append(image)
+    orphans = [p for p in labels if p.parent.name + "/" + p.name[: -len(label_tail)] not in frames]
+    return Listing(pairs, unlabelled, orphans, where=f"{image_dir} + {label_dir}")
+
+
 # --------------------------------------------------------------------------- Folder
 
 CLASSES_FILE_NAMES = ("classes.yaml", "classes.yml", "classes.json")
@@ -557,8 +700,12 @@ class Folder(SegmentationDataset):
 
 
 def detect_kind(root: Path) -> str | None:
-    """Guess a folder's dataset layout: ade20k, camvid or folder (None when unknown)."""
+    """Guess a folder's dataset layout: ade20k, camvid, voc, cityscapes or folder (None when unknown)."""
     root = Path(root)
+    if any((base / "JPEGImages").is_dir() for base in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root)):
+        return "voc"
+    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
+        return "cityscapes"
     if (root / "ADEChallengeData2016").is_dir() or ((root / "images").is_dir() and (root / "annotations").is_dir()):
         return "ade20k"
     if any((root / s / "images").is_dir() and (root / s / "labels").is_dir() for s in ("train", "val", "test")):

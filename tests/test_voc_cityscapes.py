@@ -1,0 +1,286 @@
+"""Pascal VOC (+ SBD's train_aug) and Cityscapes: layouts, label mappings, errors, data check."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sceneparse.cli.main import main
+from sceneparse.data import IGNORE_INDEX, VOC, Cityscapes, build_dataset, builtin_meta
+from sceneparse.data.datasets import detect_kind
+from sceneparse.errors import SceneparseError
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def need_shared(*parts: str) -> Path:
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"../shared not found: {path} is needed for this test")
+    return path
+
+
+def write_voc(root: Path, splits: dict[str, list[str]], labels: dict[str, np.ndarray], folder="SegmentationClass"):
+    """ROOT/VOCdevkit/VOC2012 with a JPEG per id, the given labels and split lists."""
+    base = root / "VOCdevkit" / "VOC2012"
+    (base / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (base / folder).mkdir(parents=True, exist_ok=True)
+    (base / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    for ids in splits.values():
+        for i in ids:
+            h, w = labels[i].shape if i in labels else (5, 7)
+            Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(base / "JPEGImages" / f"{i}.jpg")
+    palette = [c for colour in builtin_meta("voc")["palette"] for c in colour]
+    for i, label in labels.items():
+        png = Image.fromarray(label.astype(np.uint8), mode="P")
+        png.putpalette(palette)  # as VOC's files have (Pillow renumbers a P image saved without one)
+        png.save(base / folder / f"{i}.png")
+    for split, ids in splits.items():
+        (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return base
+
+
+# --------------------------------------------------------------------------- VOC
+
+
+def test_voc_official_layout_reads_the_real_samples(tmp_path):
+    samples = need_shared("voc_samples")
+    base = tmp_path / "VOCdevkit" / "VOC2012"
+    (base / "ImageSets" / "Segmentation").mkdir(parents=True)
+    os.symlink(samples / "JPEGImages", base / "JPEGImages")  # the samples' "JPEGImages" are PNGs
+    os.symlink(samples / "SegmentationClass", base / "SegmentationClass")
+    stems = sorted(p.stem for p in (samples / "JPEGImages").iterdir())
+    (base / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(stems[:10]) + "\n")
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(reversed(stems[10:])) + "\n")
+
+    for root in (tmp_path, tmp_path / "VOCdevkit", base):  # any level of the download
+        assert detect_kind(root) == "voc"
+        val = build_dataset({"kind": "voc", "root": str(root)}, "val")
+        assert [Path(f).stem for f, _ in val.files] == list(reversed(stems[10:]))  # the list's order
+    train = VOC(tmp_path, "train")
+    assert len(train) == 10 and train.num_classes == 21 and train.class_names[15] == "person"
+    for i in (0, 9):
+        raw = np.array(Image.open(train.files[i][1]))
+        assert (raw == 255).any()  # VOC's void outlines
+        np.testing.assert_array_equal(train[i]["mask"].numpy(), raw.astype(np.int64))
+    # The built-in palette is the one VOC's own label files carry.
+    png_palette = Image.open(train.files[0][1]).getpalette()[: 21 * 3]
+    assert [c for colour in builtin_meta("voc")["palette"] for c in colour] == png_palette
+
+
+def test_voc_listing_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(SceneparseError, match="no VOC2012 JPEGImages folder"):
+        VOC(tmp_path, "train")
+    label = np.zeros((5, 7), np.uint8)
+    base = write_voc(tmp_path, {"train": ["a", "b"]}, {"a": label})
+    with pytest.raises(SceneparseError, match=r"1 images have no label file: .*b\.jpg"):
+        VOC(tmp_path, "train")
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_text("a\nghost\n")
+    with pytest.raises(SceneparseError, match=r"do not exist, e\.g\. .*ghost"):
+        VOC(tmp_path, "val")
+    with pytest.raises(SceneparseError, match="trainval.txt does not exist") as err:
+        VOC(tmp_path, "trainval")
+    assert "expected layout" in err.value.hint
+    with pytest.raises(SceneparseError, match="train_aug.txt does not exist") as err:
+        VOC(tmp_path, "train_aug")
+    assert "sceneparse convert sbd" in err.value.hint
+    with pytest.raises(SceneparseError, match="unknown voc split 'test'"):
+        VOC(tmp_path, "test")
+    bad = label.copy()
+    bad[0, 0] = 21  # one past the last class
+    write_voc(tmp_path, {"val": ["c"]}, {"c": bad})
+    with pytest.raises(SceneparseError, match=r"c\.png has values outside the 21 classes: 21"):
+        VOC(tmp_path, "val")[0]
+
+
+def test_voc_reads_deeplab_style_train_aug_lists(tmp_path):
+    labels = {"x": np.eye(5, 7, dtype=np.uint8) * 3, "y": np.full((5, 7), 255, np.uint8)}
+    base = write_voc(tmp_path, {"train_aug": []}, labels, folder="SegmentationClassAug")
+    for i in labels:
+        Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(base / "JPEGImages" / f"{i}.jpg")
+    (base / "ImageSets" / "Segmentation" / "train_aug.txt").write_text(
+        "/JPEGImages/x.jpg /SegmentationClassAug/x.png\n/JPEGImages/y.jpg /SegmentationClassAug/y.png\n"
+    )
+    ds = VOC(tmp_path, "train_aug")
+    assert [Path(label).parent.name for _, label in ds.files] == ["SegmentationClassAug"] * 2
+    np.testing.assert_array_equal(ds[0]["mask"].numpy(), labels["x"])
+    assert (ds[1]["mask"] == IGNORE_INDEX).all()
+
+
+# --------------------------------------------------------------------------- SBD -> train_aug
+
+
+def _write_sbd(root: Path, splits: dict[str, list[str]], labels: dict[str, np.ndarray]) -> Path:
+    from scipy.io import savemat
+
+    base = root / "benchmark_RELEASE" / "dataset"
+    (base / "cls").mkdir(parents=True)
+    for i, label in labels.items():  # SBD's format: a struct GTcls with the class map in Segmentation
+        savemat(base / "cls" / f"{i}.mat", {"GTcls": {"Segmentation": label, "Boundaries": np.zeros(1)}})
+    for split, ids in splits.items():
+        (base / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return base
+
+
+def test_sbd_conversion_builds_train_aug_without_val_images(tmp_path):
+    pytest.importorskip("scipy", reason="scipy (the `sbd` extra) reads SBD's .mat files")
+    rng = np.random.default_rng(0)
+    voc_labels = {i: rng.integers(0, 21, (6, 8)).astype(np.uint8) for i in ("a", "b", "c")}
+    voc_labels["a"][0] = 255
+    base = write_voc(tmp_path / "voc", {"train": ["a", "b"], "val": ["c"]}, voc_labels)
+    sbd_labels = {i: rng.integers(0, 21, (6, 8)).astype(np.uint8) for i in ("b", "c", "d", "e")}
+    for i in ("d", "e"):
+        Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(base / "JPEGImages" / f"{i}.jpg")
+    _write_sbd(tmp_path / "sbd", {"train": ["b", "d", "c"], "val": ["e"]}, sbd_labels)
+
+    code = main(["convert", "sbd", "--sbd-root", str(tmp_path / "sbd"), "--voc-root", str(tmp_path / "voc")])
+    assert code == 0
+    # (VOC train + SBD train + SBD val) - VOC val; VOC's own label wins where it has one.
+    assert (base / "ImageSets" / "Segmentation" / "train_aug.txt").read_text() == "a\nb\nd\ne\n"
+    for i in ("a", "b"):
+        assert (base / "SegmentationClassAug" / f"{i}.png").read_bytes() == (base / "SegmentationClass" / f"{i}.png").read_bytes()
+    assert not (base / "SegmentationClassAug" / "c.png").exists()
+    ds = build_dataset({"kind": "voc", "root": str(tmp_path / "voc")}, "train_aug")
+    expected = {"a": voc_labels["a"], "b": voc_labels["b"], "d": sbd_labels["d"], "e": sbd_labels["e"]}
+    for k, (image, _) in enumerate(ds.files):
+        want = expected[Path(image).stem].astype(np.int64)
+        np.testing.assert_array_equal(ds[k]["mask"].numpy(), np.where(want == 255, IGNORE_INDEX, want))
+    assert Image.open(ds.files[2][1]).getpalette()[:6] == [0, 0, 0, 128, 0, 0]  # VOC's colours
+
+
+def test_sbd_conversion_errors(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("scipy", reason="scipy (the `sbd` extra) reads SBD's .mat files")
+    label = np.zeros((4, 4), np.uint8)
+    write_voc(tmp_path / "voc", {"train": ["a"], "val": []}, {"a": label})
+    sbd = _write_sbd(tmp_path / "sbd", {"train": ["d"], "val": []}, {})
+    args = ["convert", "sbd", "--sbd-root", str(tmp_path / "sbd"), "--voc-root", str(tmp_path / "voc")]
+    assert main(args) == 2
+    assert "1 train_aug images are not in" in capsys.readouterr().err  # d has no VOC photo
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "voc/VOCdevkit/VOC2012/JPEGImages/d.jpg")
+    (sbd / "cls" / "d.mat").write_bytes(b"not a mat file")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot read SBD label" in err and "d.mat" in err and "Traceback" not in err
+    assert not (tmp_path / "voc/VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt").exists()
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # scipy not installed
+    assert main(args) == 2
+    assert "pip install 'sceneparse[sbd]'" in capsys.readouterr().err
+    assert main(["convert", "sbd", "--sbd-root", str(tmp_path), "--voc-root", str(tmp_path / "voc")]) == 2
+    assert "has no SBD cls/ folder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- Cityscapes
+
+# Cityscapes' own table (cityscapesscripts' labels.py): label id -> trainId of the 19 evaluated classes.
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+                        25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+
+def write_cityscapes(root: Path, split: str, city: str, frame: str, label_ids: np.ndarray) -> None:
+    (root / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
+    (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
+    h, w = label_ids.shape
+    Image.fromarray(np.full((h, w, 3), 60, np.uint8)).save(root / "leftImg8bit" / split / city / f"{frame}_leftImg8bit.png")
+    Image.fromarray(label_ids.astype(np.uint8)).save(root / "gtFine" / split / city / f"{frame}_gtFine_labelIds.png")
+
+
+def test_cityscapes_label_ids_become_the_19_train_ids(tmp_path):
+    every_id = np.arange(34, dtype=np.uint8).reshape(2, 17)
+    write_cityscapes(tmp_path, "train", "aachen", "aachen_000000_000019", every_id)
+    write_cityscapes(tmp_path, "train", "bochum", "bochum_000000_000313", every_id[::-1])
+    assert detect_kind(tmp_path) == "cityscapes"
+    ds = build_dataset({"kind": "cityscapes", "root": str(tmp_path)}, "train")
+    assert len(ds) == 2 and ds.num_classes == 19 and ds.class_names[11] == "person"
+    expected = np.vectorize(lambda v: CITYSCAPES_TRAIN_IDS.get(int(v), IGNORE_INDEX))(every_id)
+    np.testing.assert_array_equal(ds[0]["mask"].numpy(), expected)
+    np.testing.assert_array_equal(ds[1]["mask"].numpy(), expected[::-1])
+
+
+def test_cityscapes_errors_name_the_files(tmp_path):
+    write_cityscapes(tmp_path, "val", "lindau", "lindau_000000_000019", np.full((2, 3), 34, np.uint8))
+    with pytest.raises(SceneparseError, match=r"lindau_000000_000019_gtFine_labelIds\.png has values outside the 19 classes: 34"):
+        Cityscapes(tmp_path, "val")[0]
+    with pytest.raises(SceneparseError, match=r"leftImg8bit/train does not exist"):
+        Cityscapes(tmp_path, "train")
+    (tmp_path / "gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds.png").rename(
+        tmp_path / "gtFine/val/lindau/lindau_000000_000020_gtFine_labelIds.png")
+    listing = Cityscapes(tmp_path, "val", strict=False).listing
+    assert [p.name for p in listing.images_without_labels] == ["lindau_000000_000019_leftImg8bit.png"]
+    assert [p.name for p in listing.labels_without_images] == ["lindau_000000_000020_gtFine_labelIds.png"]
+    with pytest.raises(SceneparseError, match="1 images have no label file"):
+        Cityscapes(tmp_path, "val")
+
+
+def test_cityscapes_real_sample_matches_its_train_id_file():
+    root = need_shared("cityscapes_sample")
+    ds = Cityscapes(root, "val")
+    assert len(ds) == 1
+    mask = ds[0]["mask"].numpy()
+    train_ids = np.array(Image.open(ds.files[0][1].replace("_labelIds", "_labelTrainIds")))
+    # The sample's labelIds and labelTrainIds files were each downscaled (to 256x128) on their own,
+    # so a few boundary pixels picked different neighbours; everywhere else they must agree.
+    assert (mask == train_ids).mean() > 0.995
+    assert set(np.unique(mask)) == set(np.unique(train_ids))
+
+
+def test_data_check_detects_voc_and_cityscapes(tmp_path, capsys):
+    write_voc(tmp_path / "voc", {"train": ["a"], "val": ["b"]}, {"a": np.zeros((5, 7)), "b": np.ones((5, 7))})
+    write_cityscapes(tmp_path / "cs", "val", "ulm", "ulm_000000_000019", np.full((4, 5), 26, np.uint8))
+    assert main(["data", "check", str(tmp_path / "voc"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "voc" and report["splits"] == {"train": 1, "val": 1}
+    assert main(["data", "check", str(tmp_path / "cs"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "cityscapes" and report["splits"] == {"val": 1}
+
+
+# --------------------------------------------------------------------------- the shipped configs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SMALL = ["model.encoder=resnet18dilated", "model.encoder_weights=null", "data.batch_size=2",
+         "data.num_workers=0", "train.iterations=2", "train.val_every=0", "train.log_every=1"]
+
+
+def _train_then_eval(config: Path, root: Path, run: Path, capsys, *overrides: str) -> dict:
+    args = [str(config), f"data.root={root}", f"output_dir={run}", *SMALL, *overrides]
+    assert main(["train", *args]) == 0
+    assert main(["eval", "--model", str(run / "last.pt"), "--config", str(run / "config.yaml"),
+                 "--output", str(run / "eval"), "--workers", "0"]) == 0
+    capsys.readouterr()
+    return json.loads((run / "eval" / "report.json").read_text())
+
+
+def test_voc_config_trains_and_evaluates_on_the_real_samples(tmp_path, capsys):
+    samples = need_shared("voc_samples")
+    base = tmp_path / "voc" / "VOC2012"
+    (base / "ImageSets" / "Segmentation").mkdir(parents=True)
+    os.symlink(samples / "JPEGImages", base / "JPEGImages")
+    os.symlink(samples / "SegmentationClass", base / "SegmentationClass")
+    stems = sorted(p.stem for p in (samples / "JPEGImages").iterdir())
+    for split, ids in (("train", stems[:10]), ("val", stems[10:12])):  # 2 val images: 513x513 is slow on a CPU
+        (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    report = _train_then_eval(CONFIGS / "voc" / "resnet50dilated-ppm_deepsup.yaml", tmp_path / "voc",
+                              tmp_path / "run", capsys, "data.crop_size=64", "data.train_split=train")
+    assert report["dataset"]["kind"] == "voc" and report["num_images"] == 2
+    assert len(report["classes"]) == 21 and report["classes"][0]["name"] == "background"
+
+
+def test_cityscapes_config_trains_and_evaluates_on_the_real_sample(tmp_path, capsys):
+    sample = need_shared("cityscapes_sample")
+    root = tmp_path / "cityscapes"
+    frame = "frankfurt_000000_000294"
+    for kind, tail in (("leftImg8bit", "leftImg8bit"), ("gtFine", "gtFine_labelIds")):
+        for split, names in (("train", ["frankfurt_000000_000001", "frankfurt_000000_000002"]), ("val", [frame])):
+            (root / kind / split / "frankfurt").mkdir(parents=True)
+            for name in names:  # the one real frame, twice for a training batch of two
+                os.symlink(sample / kind / "val" / "frankfurt" / f"{frame}_{tail}.png",
+                           root / kind / split / "frankfurt" / f"{name}_{tail}.png")
+    report = _train_then_eval(CONFIGS / "cityscapes" / "resnet50dilated-ppm_deepsup.yaml", root,
+                              tmp_path / "run", capsys, "data.crop_size=[64,128]")
+    assert report["dataset"]["kind"] == "cityscapes" and report["num_images"] == 1
+    assert len(report["classes"]) == 19 and report["classes"][13]["name"] == "car"
