@@ -26,7 +26,9 @@ SMALL_ENCODERS = ["resnet18", "resnet18dilated", "mobilenetv2dilated", "hrnetv2_
 
 
 def test_registries_hold_the_csail_names():
-    assert set(DECODERS) == {"c1", "c1_deepsup", "ppm", "ppm_deepsup", "upernet"}
+    assert set(DECODERS) == {
+        "c1", "c1_deepsup", "ppm", "ppm_deepsup", "upernet", "fcn32s", "fcn16s", "fcn8s", "deeplabv3", "deeplabv3plus",
+    }
     assert {
         "mobilenetv2dilated", "resnet18", "resnet18dilated", "resnet50", "resnet50dilated",
         "resnet101", "resnet101dilated", "hrnetv2", "hrnetv2_w18",

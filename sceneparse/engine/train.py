@@ -588,17 +588,22 @@ class Trainer:
 
 
 def _check_batch_of_one(cfg: DictConfig, info) -> None:
-    """BatchNorm needs more than one value per channel in training: the pool-to-1x1 branch of PPM
-    and UPerNet gets one per image, so one image per process fails at the first step (unless
-    SyncBatchNorm pools the GPUs' statistics)."""
-    pooled = cfg.model.decoder in ("ppm", "ppm_deepsup", "upernet")
-    scales = cfg.model.decoder_options.get("pool_scales", (1, 2, 3, 6))
+    """BatchNorm needs more than one value per channel in training: a branch that pools to 1x1
+    (PPM's and UPerNet's scale 1, ASPP's image pooling) gets one per image, so one image per
+    process fails at the first step (unless SyncBatchNorm pools the GPUs' statistics). Each
+    decoder class says whether it pools so (`pools_to_1x1(options)`); an unknown name is left to
+    build_model's error."""
+    from sceneparse.models.decoders import DECODERS
+
+    decoder = DECODERS.get(cfg.model.decoder)
+    pooled = decoder is not None and decoder.pools_to_1x1(cfg.model.decoder_options)
     synced = info.device.type == "cuda" and info.world_size > 1
-    if cfg.data.batch_size == 1 and pooled and 1 in scales and not synced:
+    if cfg.data.batch_size == 1 and pooled and not synced:
+        unpooled = ", ".join(name for name, cls in DECODERS.items() if not cls.pools_to_1x1({}))
         raise SceneparseError(
             f"data.batch_size=1 cannot train the {cfg.model.decoder} decoder: its 1x1 pooling branch "
             "leaves BatchNorm one value per channel",
-            "use data.batch_size=2 or more (per process), or a decoder without pooling (c1, c1_deepsup)",
+            f"use data.batch_size=2 or more (per process), or a decoder without pooling ({unpooled})",
         )
 
 

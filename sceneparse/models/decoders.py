@@ -1,4 +1,4 @@
-"""Decoders with CSAIL's semantics and CSAIL's exact submodule names.
+"""Decoders: CSAIL's (with CSAIL's semantics and exact submodule names), FCN and DeepLab.
 
 Every decoder is built from the encoder's channel list (`channels`, shallow to deep) and returns
 raw logits at the resolution of the feature maps it reads; the Segmenter upsamples them. Because
@@ -7,6 +7,9 @@ the submodule names are CSAIL's, a CSAIL `decoder_epoch_N.pth` loads with no ren
 CSAIL's decoders read `features[-1]` (their `conv5`); deep-supervision heads read `features[-2]`
 (`conv4`). With CSAIL's encoders `channels[-2] == channels[-1] // 2`; we use `channels[-2]` so any
 encoder can be paired with any decoder.
+
+FCN (fcn32s/16s/8s) and DeepLab (deeplabv3, deeplabv3plus) are not CSAIL's; deeplabv3's head
+is laid out as torchvision's `DeepLabHead`, fcn32s's as torchvision's `FCNHead`.
 """
 from __future__ import annotations
 
@@ -16,12 +19,30 @@ import torch
 from torch import Tensor, nn
 
 from sceneparse.errors import SceneparseError
-from sceneparse.models.layers import conv1x1_bn_relu, conv3x3_bn_relu, resize
+from sceneparse.models.layers import ASPP, conv1x1_bn_relu, conv3x3_bn_relu, resize
 
 PPM_DIM = 512  # CSAIL's width of each pyramid-pooling branch
+ASPP_DIM = 256  # DeepLab's width of ASPP and of its heads
+LOW_LEVEL_DIM = 48  # DeepLabv3+'s projection of the low-level map (few, so it does not drown ASPP's 256)
 
 
-class C1(nn.Module):
+class Decoder(nn.Module):
+    """Base class: subclasses set `classifier` (the module whose output channels are the classes)
+    and `min_features`, and implement `forward(features)` (plus `forward_aux` for deep supervision)."""
+
+    classifier: str
+    min_features = 1
+
+    @classmethod
+    def pools_to_1x1(cls, options) -> bool:
+        """Whether a branch pools each map to 1x1 with these constructor options: BatchNorm then sees
+        one value per channel and image, so training needs more than one image per BatchNorm.
+        By default: whether the decoder's `pool_scales` (given or default) holds 1."""
+        param = inspect.signature(cls).parameters.get("pool_scales")
+        return param is not None and 1 in options.get("pool_scales", param.default)
+
+
+class C1(Decoder):
     """One 3x3 conv-BN-ReLU (fc -> fc/4) and a 1x1 classifier on the deepest map."""
 
     classifier = "conv_last"  # the module whose output channels are the classes
@@ -61,7 +82,7 @@ def _ppm_branches(in_channels: int, pool_scales) -> nn.ModuleList:
     )
 
 
-class PPM(nn.Module):
+class PPM(Decoder):
     """PSPNet's pyramid pooling on the deepest map, then conv3x3-BN-ReLU, Dropout2d, 1x1 classifier."""
 
     classifier = "conv_last.4"
@@ -101,7 +122,7 @@ class PPMDeepSup(PPM):
         return self.conv_last_deepsup(self.dropout_deepsup(self.cbr_deepsup(features[-2])))
 
 
-class UPerNet(nn.Module):
+class UPerNet(Decoder):
     """UPerNet: pyramid pooling on the deepest map + FPN over all maps, fused at the finest one."""
 
     classifier = "conv_last.1"
@@ -142,16 +163,140 @@ class UPerNet(nn.Module):
         return self.conv_last(fused)
 
 
-DECODERS: dict[str, type[nn.Module]] = {
+def _add_at_finer(a: Tensor, b: Tensor) -> Tensor:
+    """a + b at the finer of their two sizes, the coarser one resized bilinearly."""
+    if a.shape[-2] < b.shape[-2]:
+        a, b = b, a
+    return a + resize(b, a.shape[-2:])
+
+
+class FCN32s(Decoder):
+    """FCN (Long, Shelhamer, Darrell, CVPR 2015), the coarse variant: a head and a 1x1 score conv
+    on the deepest map.
+
+    FCN's fc6/fc7 were VGG's ImageNet classifier recast as 7x7 and 1x1 convs of 4096 channels; our
+    encoders end in global pooling and a linear classifier with no such conv to reuse, and two
+    fresh 4096-wide convs would outweigh most encoders. Their role (a non-linearity and more
+    receptive field before scoring) is taken by a 3x3 conv-BN-ReLU (fc -> fc/4) and Dropout(0.1),
+    exactly torchvision's `FCNHead`; fcn32s is that head, fcn16s and fcn8s add the skips.
+    """
+
+    classifier = "score"
+    skips = 0  # score convs on features[-2], features[-3], ...
+
+    def __init__(self, channels: list[int], num_classes: int):
+        super().__init__()
+        fc_dim = channels[-1]
+        self.num_classes = num_classes
+        self.head = nn.Sequential(*conv3x3_bn_relu(fc_dim, fc_dim // 4), nn.Dropout(0.1))
+        self.score = nn.Conv2d(fc_dim // 4, num_classes, kernel_size=1)
+        self.score_skip = nn.ModuleList(
+            nn.Conv2d(channels[-2 - i], num_classes, kernel_size=1) for i in range(self.skips)
+        )
+        for conv in self.score_skip:  # as the paper: training starts from the coarser net's output
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        logits = self.score(self.head(features[-1]))
+        for i, score in enumerate(self.score_skip):
+            logits = _add_at_finer(logits, score(features[-2 - i]))
+        return logits
+
+
+class FCN16s(FCN32s):
+    """FCN-16s: FCN-32s's scores plus a 1x1 score conv on features[-2] (FCN's pool4), added at the
+    finer size (the paper's 2x deconvolution, initialised bilinear and learned, is a fixed bilinear
+    resize here: our encoders may be dilated, then the sizes already match). Skip scores start at
+    zero, as in the paper, so that training starts from the coarse prediction. With hrnetv2 the
+    deepest map is the 1/4 concatenation, the finest: the skips' scores are resized up to it."""
+
+    skips = 1
+    min_features = 2
+
+
+class FCN8s(FCN32s):
+    """FCN-8s: FCN-16s plus a 1x1 score conv on features[-3] (FCN's pool3), fused the same way."""
+
+    skips = 2
+    min_features = 3
+
+
+class DeepLabV3(Decoder):
+    """DeepLabv3 (Chen et al., "Rethinking Atrous Convolution", 2017): ASPP on the deepest map,
+    then a 3x3 conv-BN-ReLU and the 1x1 classifier, as torchvision's `DeepLabHead` (same layout).
+
+    `atrous_rates` (12, 24, 36) are the paper's for output stride 8 (the dilated encoders); at
+    output stride 16 the paper uses (6, 12, 18). ASPP's image pooling is a 1x1 map per image.
+    """
+
+    classifier = "conv_last.1"
+
+    def __init__(self, channels: list[int], num_classes: int, atrous_rates=(12, 24, 36)):
+        super().__init__()
+        self.num_classes = num_classes
+        self.aspp = ASPP(channels[-1], atrous_rates, ASPP_DIM)
+        self.conv_last = nn.Sequential(
+            conv3x3_bn_relu(ASPP_DIM, ASPP_DIM), nn.Conv2d(ASPP_DIM, num_classes, kernel_size=1)
+        )
+
+    @classmethod
+    def pools_to_1x1(cls, options) -> bool:
+        return True  # ASPP's image pooling
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        return self.conv_last(self.aspp(features[-1]))
+
+
+class DeepLabV3Plus(Decoder):
+    """DeepLabv3+ (Chen et al., ECCV 2018): ASPP on the deepest map, upsampled to the low-level map
+    features[0] (1/4 with CSAIL's encoders) and concatenated with its 1x1 projection to 48
+    channels, then two 3x3 conv-BN-ReLU of 256 and the 1x1 classifier: the encoder's fine detail
+    sharpens ASPP's coarse boundaries. The convs are plain 3x3, as in the paper's ResNet-101
+    experiments (its Xception model makes them depthwise-separable). `atrous_rates`: (12, 24, 36)
+    at output stride 8, the default here as our dilated encoders run at 8; the paper trains at 16
+    with (6, 12, 18).
+    """
+
+    classifier = "conv_last.2"
+    min_features = 2
+
+    def __init__(self, channels: list[int], num_classes: int, atrous_rates=(12, 24, 36)):
+        super().__init__()
+        self.num_classes = num_classes
+        self.aspp = ASPP(channels[-1], atrous_rates, ASPP_DIM)
+        self.low_level = nn.Sequential(*conv1x1_bn_relu(channels[0], LOW_LEVEL_DIM))
+        self.conv_last = nn.Sequential(
+            conv3x3_bn_relu(ASPP_DIM + LOW_LEVEL_DIM, ASPP_DIM),
+            conv3x3_bn_relu(ASPP_DIM, ASPP_DIM),
+            nn.Conv2d(ASPP_DIM, num_classes, kernel_size=1),
+        )
+
+    @classmethod
+    def pools_to_1x1(cls, options) -> bool:
+        return True  # ASPP's image pooling
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        low = self.low_level(features[0])
+        context = resize(self.aspp(features[-1]), low.shape[-2:])
+        return self.conv_last(torch.cat([context, low], 1))
+
+
+DECODERS: dict[str, type[Decoder]] = {
     "c1": C1,
     "c1_deepsup": C1DeepSup,
     "ppm": PPM,
     "ppm_deepsup": PPMDeepSup,
     "upernet": UPerNet,
+    "fcn32s": FCN32s,
+    "fcn16s": FCN16s,
+    "fcn8s": FCN8s,
+    "deeplabv3": DeepLabV3,
+    "deeplabv3plus": DeepLabV3Plus,
 }
 
 
-def build_decoder(name: str, channels: list[int], num_classes: int, **options) -> nn.Module:
+def build_decoder(name: str, channels: list[int], num_classes: int, **options) -> Decoder:
     """Decoder `name` for an encoder with these `channels`; options go to its constructor."""
     if name not in DECODERS:
         raise SceneparseError(
