@@ -284,3 +284,52 @@ def test_cityscapes_config_trains_and_evaluates_on_the_real_sample(tmp_path, cap
                               tmp_path / "run", capsys, "data.crop_size=[64,128]")
     assert report["dataset"]["kind"] == "cityscapes" and report["num_images"] == 1
     assert len(report["classes"]) == 19 and report["classes"][13]["name"] == "car"
+
+
+# --------------------------------------------------------------------------- PASCAL-Context, COCO-Stuff
+
+
+def test_pascal_context_ignores_background_and_maps_1_to_59(tmp_path):
+    base = tmp_path / "VOCdevkit" / "VOC2010"
+    for folder in ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext"):
+        (base / folder).mkdir(parents=True)
+    raw = np.array([[0, 1, 2, 59], [33, 255, 0, 1]], np.uint8)
+    Image.fromarray(np.zeros((2, 4, 3), np.uint8)).save(base / "JPEGImages" / "2008_000002.jpg")
+    Image.fromarray(raw).save(base / "SegmentationClassContext" / "2008_000002.png")
+    (base / "ImageSets" / "SegmentationContext" / "val.txt").write_text("2008_000002\n")
+    assert detect_kind(tmp_path) == "pascal_context"
+    ds = build_dataset({"kind": "pascal_context", "root": str(tmp_path)}, "val")
+    assert ds.num_classes == 59 and ds.class_names[0] == "aeroplane" and ds.class_names[58] == "wood"
+    np.testing.assert_array_equal(ds[0]["mask"].numpy(), [[255, 0, 1, 58], [32, 255, 255, 0]])
+    raw[0, 0] = 60
+    Image.fromarray(raw).save(base / "SegmentationClassContext" / "2008_000002.png")
+    with pytest.raises(SceneparseError, match="values outside the 59 classes: 60"):
+        ds[0]
+    with pytest.raises(SceneparseError, match="SegmentationContext/train.txt does not exist"):
+        build_dataset({"kind": "pascal_context", "root": str(tmp_path)}, "train")
+
+
+# COCO-Stuff ids that COCO dropped (nightrome/cocostuff labels.md: "Removed from COCO"); PNG value = id - 1.
+COCO_REMOVED_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91}
+
+
+def test_coco_stuff_maps_its_182_ids_to_171_classes(tmp_path):
+    values = np.array([*range(182), 255], np.uint8).reshape(1, -1)
+    for kind, array in (("images", np.zeros((1, 183, 3), np.uint8)), ("annotations", values)):
+        (tmp_path / kind / "val2017").mkdir(parents=True)
+        Image.fromarray(array).save(tmp_path / kind / "val2017" / f"000000000139.{'jpg' if kind == 'images' else 'png'}")
+    assert detect_kind(tmp_path) == "coco_stuff"
+    ds = build_dataset({"kind": "coco_stuff", "root": str(tmp_path)}, "val")
+    assert ds.num_classes == 171 and ds.class_names[0] == "person" and ds.class_names[-1] == "wood"
+    kept = [v for v in range(182) if v + 1 not in COCO_REMOVED_IDS]
+    expected = [kept.index(v) if v in kept else IGNORE_INDEX for v in range(182)] + [IGNORE_INDEX]
+    np.testing.assert_array_equal(ds[0]["mask"].numpy()[0], expected)
+    names = builtin_meta("coco_stuff")["class_names"]
+    assert names[kept.index(91)] == "banner" and names[kept.index(12)] == "stop sign"  # ids 92 and 13
+
+
+def test_cli_dataset_kinds_are_the_file_backed_datasets():
+    from sceneparse.cli.options import DATASET_KINDS
+    from sceneparse.data import DATASETS
+
+    assert set(DATASET_KINDS) == set(DATASETS) - {"synthetic"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shlex
 import sys
 
+from sceneparse.cli.options import DATASET_KINDS
 from sceneparse.errors import SceneparseError
 
 
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
                         "(fp32 eager is always measured first), e.g. "
                         "fp32-eager,bf16+channels-last,bf16+channels-last+compile+cuda-graphs")
     p.add_argument("--data", metavar="ROOT", help="dataset root for the train-data and data tasks")
-    p.add_argument("--data-kind", help="dataset kind of --data: ade20k, camvid, voc, cityscapes or folder (default: detected)")
+    p.add_argument("--data-kind", choices=DATASET_KINDS, help="dataset kind of --data (default: detected)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes for train-data (default 4)")
     p.add_argument("--augment-on", choices=("workers", "device"), default="workers",
                    help="train-data: augment in the workers (default) or batched on the device")
@@ -100,7 +101,7 @@ def run(args) -> int:
         kind = args.data_kind or detect_kind(args.data)
         if kind is None:
             raise SceneparseError(f"cannot tell the dataset layout of {args.data}",
-                                  "pass --data-kind ade20k|camvid|voc|cityscapes|folder")
+                                  f"pass --data-kind {'|'.join(DATASET_KINDS)}")
         data = {"kind": kind, "root": args.data, "workers": args.workers, "augment_on": args.augment_on,
                 "cache_in_memory": args.cache_in_memory}
     if args.variants:

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from sceneparse.cli.options import DATASET_KINDS
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("data", help="dataset tools (check)", description="Dataset tools.")
@@ -24,7 +26,7 @@ def register(subparsers) -> None:
         ),
     )
     check.add_argument("target", metavar="ROOT|CONFIG", help="dataset folder, or a YAML config with a data: section")
-    check.add_argument("--kind", choices=["ade20k", "camvid", "voc", "cityscapes", "folder"], help="dataset layout (default: detected)")
+    check.add_argument("--kind", choices=DATASET_KINDS, help="dataset layout (default: detected)")
     check.add_argument("--split", help="check only this split (default: every split found)")
     check.add_argument("--classes-file", help="folder datasets: classes YAML/JSON (default: ROOT/classes.yaml)")
     check.add_argument("--json", action="store_true", help="print the report as JSON on stdout")

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sceneparse.cli.options import add_inference_speed_args, compile_errors_explained, inference_speed_options
+from sceneparse.cli.options import (
+    DATASET_KINDS,
+    add_inference_speed_args,
+    compile_errors_explained,
+    inference_speed_options,
+)
 from sceneparse.errors import SceneparseError
 
 
@@ -23,7 +28,7 @@ def register(subparsers) -> None:
     data = p.add_argument_group("data (either --config, or --data-root and --dataset)")
     data.add_argument("--config", help="training config YAML: its data section (and eval defaults)")
     data.add_argument("--data-root", help="dataset root folder")
-    data.add_argument("--dataset", help="dataset kind of --data-root: ade20k, camvid, voc, cityscapes, folder")
+    data.add_argument("--dataset", choices=DATASET_KINDS, help="dataset kind of --data-root")
     data.add_argument("--classes-file", help="classes file of a folder dataset (default: ROOT/classes.yaml, "
                                              "or the config's data.classes_file)")
     data.add_argument("--split", default=None, help="split to evaluate (default: the config's val split, or val)")
@@ -62,7 +67,7 @@ def _data(args):
         return settings, split, defaults, where
     if not (args.data_root and args.dataset):
         raise SceneparseError("no dataset given",
-                              "pass --config CFG.yaml, or --data-root ROOT --dataset ade20k|camvid|voc|cityscapes|folder")
+                              f"pass --config CFG.yaml, or --data-root ROOT --dataset {'|'.join(DATASET_KINDS)}")
     settings = {"kind": args.dataset, "root": args.data_root}
     if args.classes_file:
         settings["classes_file"] = args.classes_file

@@ -8,15 +8,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from sceneparse.data.datasets import (
-    ADE20K, VOC, CamVid, Cityscapes, Folder, LabelMapper, SegmentationDataset, join_splits,
+    ADE20K, VOC, CamVid, Cityscapes, COCOStuff, Folder, LabelMapper, PascalContext, SegmentationDataset,
+    join_splits,
 )
 from sceneparse.data.meta import IGNORE_INDEX, builtin_meta, make_palette
 from sceneparse.data.synthetic import Synthetic
 from sceneparse.errors import SceneparseError
 
 __all__ = [
-    "ADE20K", "VOC", "CamVid", "Cityscapes", "DATASETS", "Folder", "IGNORE_INDEX", "LabelMapper", "SegmentationDataset",
-    "Synthetic", "build_dataset", "builtin_meta", "join_splits", "make_palette",
+    "ADE20K", "COCOStuff", "DATASETS", "IGNORE_INDEX", "VOC", "CamVid", "Cityscapes", "Folder", "LabelMapper",
+    "PascalContext", "SegmentationDataset", "Synthetic", "build_dataset", "builtin_meta", "join_splits",
+    "make_palette",
 ]
 
 
@@ -34,6 +36,14 @@ def _voc(cfg: dict, split: str, transforms, strict: bool = True):
 
 def _cityscapes(cfg: dict, split: str, transforms, strict: bool = True):
     return Cityscapes(cfg.get("root"), split, transforms=transforms, strict=strict)
+
+
+def _pascal_context(cfg: dict, split: str, transforms, strict: bool = True):
+    return PascalContext(cfg.get("root"), split, transforms=transforms, strict=strict)
+
+
+def _coco_stuff(cfg: dict, split: str, transforms, strict: bool = True):
+    return COCOStuff(cfg.get("root"), split, transforms=transforms, strict=strict)
 
 
 def _folder(cfg: dict, split: str, transforms, strict: bool = True):
@@ -54,14 +64,14 @@ def _synthetic(cfg: dict, split: str, transforms, strict: bool = True):
 
 # kind -> builder(cfg, split, transforms, strict); strict=False keeps a broken listing for the data check
 DATASETS = {
-    "ade20k": _ade20k, "camvid": _camvid, "voc": _voc, "cityscapes": _cityscapes,
-    "folder": _folder, "synthetic": _synthetic,
+    "ade20k": _ade20k, "camvid": _camvid, "voc": _voc, "pascal_context": _pascal_context,
+    "cityscapes": _cityscapes, "coco_stuff": _coco_stuff, "folder": _folder, "synthetic": _synthetic,
 }
 
 
 def build_dataset(data_cfg, split: str, transforms=None) -> SegmentationDataset:
     """The dataset of `split` described by a config's `data:` section (a mapping or OmegaConf node)
-    with keys `kind` (ade20k|camvid|voc|cityscapes|folder|synthetic), `root`, `odgt` (ade20k; a path or
+    with keys `kind` (a key of `DATASETS`), `root`, `odgt` (ade20k; a path or
     {train: path, val: path}), `classes_file` (folder), `seed`, `num_images`, `image_size` (synthetic),
     `cache_in_memory` (decode everything once, keep it in RAM).
 

@@ -362,6 +362,13 @@ def _splits(data: dict) -> list:
     if kind == "cityscapes":
         found = [s for s in CHECK_SPLITS["cityscapes"] if (root / "leftImg8bit" / s).is_dir()]
         return found or ["train"]
+    if kind == "pascal_context":
+        from sceneparse.data.datasets import voc_base
+
+        lists = voc_base(root, "VOC2010") / "ImageSets" / "SegmentationContext"
+        return [s for s in ("train", "val") if (lists / f"{s}.txt").is_file()] or ["train"]
+    if kind == "coco_stuff":
+        return [s for s in ("train", "val") if (root / "images" / f"{s}2017").is_dir()] or ["train"]
     # folder: split subfolders, then list files, else everything as one split
     images = root / "images"
     subdirs = sorted(p.name for p in images.iterdir() if p.is_dir()) if images.is_dir() else []

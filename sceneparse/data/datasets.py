@@ -1,5 +1,5 @@
-"""File-backed segmentation datasets: ADE20K, CamVid, Pascal VOC (+ SBD), Cityscapes and a folder
-of the user's own data.
+"""File-backed segmentation datasets: ADE20K, CamVid, Pascal VOC (+ SBD), PASCAL-Context,
+Cityscapes, COCO-Stuff and a folder of the user's own data.
 
 Every dataset returns `{"image": Image uint8 3xHxW, "mask": Mask int64 HxW, "path": str}` with
 class ids `0..C-1` and `IGNORE_INDEX` for unlabelled pixels (each dataset translates its own
@@ -483,12 +483,39 @@ class VOC(SegmentationDataset):
         super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
 
 
-def voc_base(root: Path) -> Path:
-    """The VOC2012 folder under a dataset root (ROOT/VOCdevkit/VOC2012, ROOT/VOC2012 or ROOT)."""
-    for base in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
+def voc_base(root: Path, year: str = "VOC2012", layout: str = VOC.layout) -> Path:
+    """The VOC folder under a dataset root (ROOT/VOCdevkit/VOC2012, ROOT/VOC2012 or ROOT)."""
+    for base in (root / "VOCdevkit" / year, root / year, root):
         if (base / "JPEGImages").is_dir():
             return base
-    raise SceneparseError(f"{root} has no VOC2012 JPEGImages folder", f"expected layout: {VOC.layout}")
+    raise SceneparseError(f"{root} has no {year} JPEGImages folder", f"expected layout: {layout}")
+
+
+class PascalContext(SegmentationDataset):
+    """PASCAL-Context, the 59-class benchmark: VOC2010 photos labelled in full. Raw 1..59 are the
+    59 most frequent classes; raw 0 (background: every other label) is ignored, as the benchmark's
+    59-class mIoU does. Reads the PNG layout of the common conversion of the official release
+    (`SegmentationClassContext/*.png`, lists in `ImageSets/SegmentationContext/`); sceneparse
+    does not convert the official JSON itself."""
+
+    kind = "pascal_context"
+    layout = (
+        "ROOT/VOCdevkit/VOC2010/ (or ROOT/VOC2010/, or ROOT itself) holding JPEGImages/*.jpg, "
+        "SegmentationClassContext/*.png (0 background, 1..59 the classes) and "
+        "ImageSets/SegmentationContext/{train,val}.txt"
+    )
+    SPLITS = {"train": "train", "training": "train", "val": "val", "validation": "val"}
+
+    def __init__(self, root, split: str = "train", transforms=None, strict: bool = True):
+        base = voc_base(_existing_root(root, self.layout), "VOC2010", self.layout)
+        sub = _split(split, self.SPLITS, self.kind)
+        list_file = base / "ImageSets" / "SegmentationContext" / f"{sub}.txt"
+        if not list_file.is_file():
+            raise SceneparseError(f"the PASCAL-Context list {list_file} does not exist", f"expected layout: {self.layout}")
+        listing = _listed_pairs(list_file, base / "JPEGImages", base / "SegmentationClassContext")
+        meta = builtin_meta("pascal_context")
+        mapper = LabelMapper(59, offset=1, ignore_values=(0, IGNORE_INDEX))
+        super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
 
 
 def _listed_pairs(list_file: Path, image_dir: Path, label_dir: Path) -> Listing:
@@ -554,6 +581,35 @@ def _cityscapes_pairs(image_dir: Path, label_dir: Path) -> Listing:
             unlabelled.append(image)
     orphans = [p for p in labels if p.parent.name + "/" + p.name[: -len(label_tail)] not in frames]
     return Listing(pairs, unlabelled, orphans, where=f"{image_dir} + {label_dir}")
+
+
+# --------------------------------------------------------------------------- COCO-Stuff
+
+
+class COCOStuff(SegmentationDataset):
+    """COCO-Stuff 164k: 80 thing + 91 stuff classes on the COCO 2017 photos. The official
+    `stuffthingmaps_trainval2017` PNGs hold the COCO-Stuff id minus 1 (0 person .. 181 wood) and
+    255 for unlabelled pixels; the 11 ids COCO dropped (street sign, hat, shoe, ...) are no class
+    and are ignored, the other 171 become 0..170 in id order."""
+
+    kind = "coco_stuff"
+    layout = (
+        "ROOT/images/{train2017,val2017}/*.jpg and ROOT/annotations/{train2017,val2017}/*.png "
+        "(stuffthingmaps_trainval2017)"
+    )
+    SPLITS = {"train": "train2017", "training": "train2017", "train2017": "train2017",
+              "val": "val2017", "validation": "val2017", "val2017": "val2017"}
+
+    def __init__(self, root, split: str = "train", transforms=None, strict: bool = True):
+        root = _existing_root(root, self.layout)
+        sub = _split(split, self.SPLITS, self.kind)
+        if not (root / "images" / sub).is_dir():
+            raise SceneparseError(f"{root / 'images' / sub} does not exist", f"expected layout: {self.layout}")
+        listing = pair_folders(root / "images" / sub, root / "annotations" / sub)
+        meta = builtin_meta("coco_stuff")
+        dropped = tuple(v for v in range(182) if v not in meta["label_ids"])
+        mapper = LabelMapper(171, ignore_values=(*dropped, IGNORE_INDEX), raw_ids=tuple(meta["label_ids"]))
+        super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
 
 
 # --------------------------------------------------------------------------- Folder
@@ -700,8 +756,13 @@ class Folder(SegmentationDataset):
 
 
 def detect_kind(root: Path) -> str | None:
-    """Guess a folder's dataset layout: ade20k, camvid, voc, cityscapes or folder (None when unknown)."""
+    """Guess a folder's dataset layout (a kind of `DATASETS`; None when unknown)."""
     root = Path(root)
+    if (root / "images" / "train2017").is_dir() or (root / "images" / "val2017").is_dir():
+        return "coco_stuff"
+    for base in (root / "VOCdevkit" / "VOC2010", root / "VOC2010", root):
+        if (base / "SegmentationClassContext").is_dir():
+            return "pascal_context"
     if any((base / "JPEGImages").is_dir() for base in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root)):
         return "voc"
     if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():

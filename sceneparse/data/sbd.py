@@ -24,7 +24,10 @@ from sceneparse.data.datasets import voc_base
 from sceneparse.data.meta import builtin_meta
 from sceneparse.errors import SceneparseError
 
-SBD_LAYOUT = "SBD_ROOT/benchmark_RELEASE/dataset/ (or SBD_ROOT/dataset/, or SBD_ROOT itself) holding cls/*.mat, train.txt, val.txt"
+SBD_LAYOUT = (
+    "SBD_ROOT/benchmark_RELEASE/dataset/ (or SBD_ROOT/dataset/, or SBD_ROOT itself) holding cls/*.mat, "
+    "train.txt, val.txt"
+)
 
 
 def sbd_base(root: str | Path) -> Path:
@@ -47,14 +50,13 @@ def read_sbd_label(path: str | Path) -> np.ndarray:
         segmentation = loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
     except Exception as err:  # noqa: BLE001 - any failure to read is this file's fault
         raise SceneparseError(
-            f"cannot read SBD label {path}: {err}", "the file is corrupt or not SBD's cls/*.mat: download SBD again"
+            f"cannot read SBD label {path}: {err}",
+            "the file is corrupt or not SBD's cls/*.mat: download SBD again",
         ) from None
     labels = np.asarray(segmentation)
     if labels.ndim != 2 or labels.size == 0 or labels.min() < 0 or labels.max() > 20:
-        raise SceneparseError(
-            f"SBD label {path} is not an HxW map of VOC's class ids 0..20 "
-            f"(shape {labels.shape}, values {labels.min() if labels.size else '-'}..{labels.max() if labels.size else '-'})"
-        )
+        values = f", values {labels.min()}..{labels.max()}" if labels.size else ""
+        raise SceneparseError(f"SBD label {path} is not an HxW map of VOC's class ids 0..20 (shape {labels.shape}{values})")
     return labels.astype(np.uint8)
 
 

@@ -32,7 +32,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "ade20k"  # ade20k | camvid | voc | cityscapes | folder | synthetic
+    kind: str = "ade20k"  # a key of sceneparse.data.DATASETS: ade20k, camvid, voc, cityscapes, ...
     root: Optional[str] = None
     odgt: Optional[Any] = None  # a list file, or {train: file, val: file}
     classes_file: Optional[str] = None
