@@ -43,3 +43,21 @@ def test_config_doc_defaults_match_the_code():
         assert yaml.safe_load(default) == value, key
         checked += 1
     assert checked >= 40
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = DOCS.parent
+
+
+def test_datasets_doc_covers_every_dataset_kind():
+    from sceneparse.data import DATASETS
+
+    table = re.findall(r"^\| `([a-z0-9_]+)` \|", (DOCS / "datasets.md").read_text(), flags=re.MULTILINE)
+    assert table == list(DATASETS)
+
+
+def test_configs_named_in_the_docs_exist():
+    texts = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    named = {m for path in texts for m in re.findall(r"\bconfigs/[\w./-]+\.yaml\b", path.read_text())}
+    assert len(named) >= 8
+    assert sorted(p for p in named if not (ROOT / p).is_file()) == []
