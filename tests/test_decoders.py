@@ -1,5 +1,6 @@
-"""FCN and DeepLab decoders: torchvision's heads as an independent reference, FCN's fusion by
-hand, which maps each decoder reads, export, channels_last, and the batch-of-one declarations."""
+"""FCN, DeepLab, DANet, DenseASPP, EncNet and BiSeNet decoders: torchvision's heads as an
+independent reference, FCN's fusion, DANet's attentions and EncNet's encoding by hand, DenseASPP's
+reach, which maps each decoder reads, export, channels_last, and the batch-of-one declarations."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 from sceneparse.errors import SceneparseError
 from sceneparse.models import DECODERS, build_decoder, build_model
 
-NEW_DECODERS = ["fcn32s", "fcn16s", "fcn8s", "deeplabv3", "deeplabv3plus"]
+NEW_DECODERS = ["fcn32s", "fcn16s", "fcn8s", "deeplabv3", "deeplabv3plus", "danet", "denseaspp", "encnet", "bisenet"]
 
 
 @torch.no_grad()
@@ -148,7 +149,7 @@ def test_pools_to_1x1_says_which_decoders_leave_batchnorm_one_value_per_channel(
         single.append(bool((spread <= 1e-4 * values.abs().amax(1)).all()))
 
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):  # 1d: EncNet's, over the codewords
             m.register_forward_pre_hook(check)
     try:
         model(torch.randn(1, 3, 32, 32))  # 4 x 4 deepest map: only pooling to 1x1 leaves one value
@@ -166,13 +167,180 @@ def test_train_refuses_a_batch_of_one_for_deeplab():
         return OmegaConf.create({"model": {"decoder": decoder, "decoder_options": options},
                                  "data": {"batch_size": batch_size}})
 
-    for decoder in ("deeplabv3", "deeplabv3plus"):
+    for decoder in ("deeplabv3", "deeplabv3plus", "bisenet"):
         with pytest.raises(SceneparseError, match=f"data.batch_size=1 cannot train the {decoder} decoder") as err:
             _check_batch_of_one(cfg(decoder), info)
-        assert "(c1, c1_deepsup, fcn32s, fcn16s, fcn8s)" in err.value.hint
+        assert "(c1, c1_deepsup, fcn32s, fcn16s, fcn8s, danet, denseaspp, encnet)" in err.value.hint
         _check_batch_of_one(cfg(decoder, batch_size=2), info)
-    for decoder in ("c1", "fcn8s"):
+    for decoder in ("c1", "fcn8s", "danet", "denseaspp", "encnet"):
         _check_batch_of_one(cfg(decoder), info)
     _check_batch_of_one(cfg("upernet", pool_scales=[2, 3, 6]), info)
     with pytest.raises(SceneparseError, match="cannot train the upernet decoder"):
         _check_batch_of_one(cfg("upernet", pool_scales=[1, 2]), info)
+
+
+# --- DANet, DenseASPP, EncNet, BiSeNet ------------------------------------------------------------
+
+
+def _conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv with bias by hand, on N x C x P (positions flattened)."""
+    return torch.einsum("kc,ncp->nkp", conv.weight[:, :, 0, 0], x) + conv.bias[:, None]
+
+
+def test_position_attention_by_hand():
+    from sceneparse.models.layers import PositionAttention
+
+    torch.manual_seed(0)
+    pam = PositionAttention(16)
+    x = torch.randn(2, 16, 3, 5)
+    with torch.no_grad():
+        assert torch.equal(pam(x), x)  # gamma starts at 0: the identity
+        pam.gamma.fill_(0.7)
+        got = pam(x)
+        flat = x.flatten(2)  # N x C x P
+        q, k, v = _conv1x1(pam.query, flat), _conv1x1(pam.key, flat), _conv1x1(pam.value, flat)
+        assert q.shape == (2, 2, 15)  # query and key reduced to C/8
+        energy = torch.einsum("ncj,nci->nji", q, k)  # s_ji = query at j . key at i
+        weights = energy.exp() / energy.exp().sum(-1, keepdim=True)  # softmax over i
+        expected = 0.7 * torch.einsum("nci,nji->ncj", v, weights) + flat
+    torch.testing.assert_close(got, expected.view_as(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channel_attention_by_hand():
+    from sceneparse.models.layers import ChannelAttention
+
+    torch.manual_seed(0)
+    cam = ChannelAttention()
+    x = torch.randn(2, 6, 3, 4) * 0.5
+    with torch.no_grad():
+        assert torch.equal(cam(x), x)
+        cam.gamma.fill_(-1.3)
+        got = cam(x)
+    expected = torch.empty_like(x)
+    for n in range(2):
+        for j in range(6):
+            scores = torch.stack([(x[n, j] * x[n, i]).sum() for i in range(6)])
+            weights = scores.exp() / scores.exp().sum()
+            expected[n, j] = -1.3 * sum(weights[i] * x[n, i] for i in range(6)) + x[n, j]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_danet_sums_the_two_branches_and_supervises_conv4():
+    torch.manual_seed(0)
+    danet = build_decoder("danet", [8, 16, 32], 3, dim=16).eval()
+    _randomise(danet, seed=4)  # gammas too: both attentions active
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 32, 4, 4)]
+    with torch.no_grad():
+        position = danet.pam_out(danet.pam(danet.pam_in(features[2])))
+        channel = danet.cam_out(danet.cam(danet.cam_in(features[2])))
+        classifier = danet.get_submodule(type(danet).classifier)
+        torch.testing.assert_close(danet(features), classifier(position + channel))
+        assert danet.pam.query.out_channels == 2 and danet.pam_in[0].out_channels == 16
+        aux = danet.forward_aux(features)
+        changed = [features[0], features[1] + 1, features[2]]
+        assert not torch.equal(danet.forward_aux(changed), aux)
+        assert torch.equal(danet(changed), danet(features))
+
+
+def _signed_subset_sums(rates):
+    reach = {0}
+    for rate in rates:
+        reach |= {r + rate for r in reach} | {r - rate for r in reach}
+    return reach
+
+
+@pytest.mark.parametrize("rates", [(3, 6, 12, 18, 24), (2, 5)])
+def test_denseaspp_layers_grow_densely_and_reach_as_far_as_their_rates(rates):
+    dim, bottleneck, growth = 16, 12, 8
+    torch.manual_seed(0)
+    head = build_decoder("denseaspp", [4, 24], 3, rates=rates, dim=dim, bottleneck=bottleneck, growth=growth).eval()
+    assert head.reduce[0].in_channels == 24 and head.reduce[0].out_channels == dim
+    for i, (layer, rate) in enumerate(zip(head.layers, rates)):
+        convs = [m for m in layer if isinstance(m, nn.Conv2d)]
+        assert [c.in_channels for c in convs] == [dim + i * growth, bottleneck]
+        assert convs[1].out_channels == growth and convs[1].dilation == (rate, rate)
+        assert isinstance(layer[0], nn.BatchNorm2d) == (i > 0)  # the first reads the activated reduction
+    assert head.conv_last[1].in_channels == dim + len(rates) * growth
+
+    # One row: with the reduction and the classifier 1x1, an output position q depends on input
+    # position p exactly when q - p is a sum of +-rate over some subset of the layers (dense paths).
+    # The ReLUs are taken out (the head is then linear), so that none hides a path.
+    _randomise(head, seed=5)
+    for seq in [head.reduce, *head.layers]:
+        for i, m in enumerate(seq):
+            if isinstance(m, nn.ReLU):
+                seq[i] = nn.Identity()
+    width, p = 160, 80
+    features = [torch.randn(1, 4, 1, width), torch.randn(1, 24, 1, width)]
+    perturbed = [features[0], features[1].clone()]
+    perturbed[1][..., p] += 3.0
+    with torch.no_grad():
+        a, b = head(features), head(perturbed)
+    changed = {q - p for q in range(width) if not torch.equal(a[..., q], b[..., q])}
+    assert changed == _signed_subset_sums(rates)
+    assert max(changed) == sum(rates)
+
+
+def test_encoding_layer_by_hand():
+    from sceneparse.models.layers import Encoding
+
+    torch.manual_seed(0)
+    enc = Encoding(channels=5, codes=3)
+    with torch.no_grad():
+        enc.codewords.copy_(torch.randn(3, 5))
+        enc.smoothing.copy_(torch.tensor([0.2, 0.5, 0.9]))
+    x = torch.randn(2, 5, 2, 3)
+    with torch.no_grad():
+        got = enc(x)
+    assert got.shape == (2, 3, 5)
+    expected = torch.zeros(2, 3, 5)
+    for n in range(2):
+        for h in range(2):
+            for w in range(3):
+                residuals = x[n, :, h, w] - enc.codewords  # K x C: r_ik
+                logits = -enc.smoothing * (residuals**2).sum(1)
+                assign = logits.exp() / logits.exp().sum()
+                expected[n] += assign[:, None] * residuals  # summed over positions
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_encnet_scales_channels_by_the_encoded_context():
+    torch.manual_seed(0)
+    encnet = build_decoder("encnet", [8, 16, 32], 3, codes=4, dim=16).eval()
+    _randomise(encnet, seed=6)
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 32, 4, 5)]
+    with torch.no_grad():
+        x = encnet.cbr(features[2])
+        reduced = encnet.encoding[:3](x)
+        encoded = encnet.encoding[3](reduced)  # N x K x C
+        bn = encnet.encoding[4]
+        normalised = (encoded - bn.running_mean[:, None]) / (bn.running_var[:, None] + bn.eps).sqrt()
+        normalised = normalised * bn.weight[:, None] + bn.bias[:, None]  # per codeword
+        context = normalised.clamp(min=0).mean(1)  # N x C
+        fc = encnet.attention[0]
+        gamma = torch.sigmoid(context @ fc.weight.t() + fc.bias)
+        expected = encnet.conv_last[1](x * gamma[:, :, None, None])
+        torch.testing.assert_close(encnet(features), expected, rtol=1e-5, atol=1e-5)
+        # one context per image: the other image does not change it
+        other = [f.clone() for f in features]
+        other[2][1] += 1
+        torch.testing.assert_close(encnet(other)[0], encnet(features)[0])
+
+
+def test_bisenet_reads_the_finest_and_the_two_deepest_maps():
+    torch.manual_seed(0)
+    channels = [8, 12, 16, 32]
+    bisenet = build_decoder("bisenet", channels, 3, dim=16, fuse_dim=24).eval()
+    _randomise(bisenet, seed=7)
+    # resnet18's reductions 4, 8, 16, 32: the context path's 1/16 and 1/32, the paper's
+    features = [torch.randn(2, c, 32 // r, 48 // r) for c, r in zip(channels, (1, 2, 4, 8))]
+    with torch.no_grad():
+        out = bisenet(features)
+        aux = bisenet.forward_aux(features)
+        assert out.shape[-2:] == aux.shape[-2:] == (32, 48)  # at features[0]'s size
+        for i in range(4):
+            perturbed = list(features)
+            perturbed[i] = features[i] + torch.randn_like(features[i])
+            assert torch.equal(bisenet(perturbed), out) == (i == 1), i
+            # the auxiliary head supervises the context path only
+            assert torch.equal(bisenet.forward_aux(perturbed), aux) == (i in (0, 1)), i

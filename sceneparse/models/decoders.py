@@ -1,4 +1,5 @@
-"""Decoders: CSAIL's (with CSAIL's semantics and exact submodule names), FCN and DeepLab.
+"""Decoders: CSAIL's (with CSAIL's semantics and exact submodule names), FCN, DeepLab, DANet,
+DenseASPP, EncNet and BiSeNet.
 
 Every decoder is built from the encoder's channel list (`channels`, shallow to deep) and returns
 raw logits at the resolution of the feature maps it reads; the Segmenter upsamples them. Because
@@ -9,7 +10,8 @@ CSAIL's decoders read `features[-1]` (their `conv5`); deep-supervision heads rea
 encoder can be paired with any decoder.
 
 FCN (fcn32s/16s/8s) and DeepLab (deeplabv3, deeplabv3plus) are not CSAIL's; deeplabv3's head
-is laid out as torchvision's `DeepLabHead`, fcn32s's as torchvision's `FCNHead`.
+is laid out as torchvision's `DeepLabHead`, fcn32s's as torchvision's `FCNHead`. DANet, DenseASPP,
+EncNet and BiSeNet are written from their papers; each docstring says where and why they differ.
 """
 from __future__ import annotations
 
@@ -19,7 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from sceneparse.errors import SceneparseError
-from sceneparse.models.layers import ASPP, conv1x1_bn_relu, conv3x3_bn_relu, resize
+from sceneparse.models.layers import (
+    ASPP,
+    ChannelAttention,
+    Encoding,
+    PositionAttention,
+    conv1x1_bn_relu,
+    conv3x3_bn_relu,
+    resize,
+)
 
 PPM_DIM = 512  # CSAIL's width of each pyramid-pooling branch
 ASPP_DIM = 256  # DeepLab's width of ASPP and of its heads
@@ -282,6 +292,250 @@ class DeepLabV3Plus(Decoder):
         return self.conv_last(torch.cat([context, low], 1))
 
 
+class _DeepSupOnConv4(Decoder):
+    """Base for the heads trained with PSPNet's auxiliary loss: CSAIL's deep-supervision head on
+    features[-2] (conv3x3-BN-ReLU to fc/4, Dropout2d(0.1), 1x1 classifier; ppm_deepsup's names),
+    used in training only, weighted by `train.deepsup_weight`."""
+
+    min_features = 2
+
+    def _add_deepsup(self, channels: list[int], num_classes: int) -> None:
+        self.cbr_deepsup = conv3x3_bn_relu(channels[-2], channels[-1] // 4)
+        self.dropout_deepsup = nn.Dropout2d(0.1)
+        self.conv_last_deepsup = nn.Conv2d(channels[-1] // 4, num_classes, kernel_size=1)
+
+    def forward_aux(self, features: list[Tensor]) -> Tensor:
+        return self.conv_last_deepsup(self.dropout_deepsup(self.cbr_deepsup(features[-2])))
+
+
+class DANet(_DeepSupOnConv4):
+    """DANet (Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019): two parallel
+    branches on the deepest map, each a 3x3 conv-BN-ReLU to `dim` (fc/4 by default, the paper's
+    512 for 2048-channel encoders), then position attention (`layers.PositionAttention`) or
+    channel attention (`layers.ChannelAttention`), then a 3x3 conv-BN-ReLU; the two are summed,
+    then Dropout2d(0.1) and the 1x1 classifier. Both attention scales (gamma) start at 0.
+
+    The paper also trains the PAM-only and CAM-only predictions as extra losses. The Segmenter has
+    one auxiliary output, and computing the branch predictions there would run both attentions
+    twice: instead danet has ppm_deepsup's auxiliary head on features[-2] (`forward_aux`), as the
+    other dilated-ResNet heads here; the branch-only losses are left out. Attention over positions
+    is (H*W)^2 per image at the deepest map's size (1/8 with dilated encoders): time everywhere,
+    memory too where no fused attention kernel runs (CPU).
+    """
+
+    classifier = "conv_last.1"
+
+    def __init__(self, channels: list[int], num_classes: int, dim: int | None = None):
+        super().__init__()
+        fc_dim = channels[-1]
+        dim = fc_dim // 4 if dim is None else dim
+        self.num_classes = num_classes
+        self.pam_in = conv3x3_bn_relu(fc_dim, dim)
+        self.pam = PositionAttention(dim)
+        self.pam_out = conv3x3_bn_relu(dim, dim)
+        self.cam_in = conv3x3_bn_relu(fc_dim, dim)
+        self.cam = ChannelAttention()
+        self.cam_out = conv3x3_bn_relu(dim, dim)
+        self.conv_last = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(dim, num_classes, kernel_size=1))
+        self._add_deepsup(channels, num_classes)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        x = features[-1]
+        position = self.pam_out(self.pam(self.pam_in(x)))
+        channel = self.cam_out(self.cam(self.cam_in(x)))
+        return self.conv_last(position + channel)
+
+
+class _DenseASPPLayer(nn.Sequential):
+    """One DenseASPP layer: [BN-ReLU] 1x1 conv to `bottleneck`, BN-ReLU, 3x3 conv to `growth`
+    dilated by `rate` (padded to keep the size). The first layer skips the leading BN-ReLU: its
+    input is the already activated reduction (as the authors' first layer, whose input is the
+    DenseNet's final BN-ReLU)."""
+
+    def __init__(self, in_channels: int, bottleneck: int, growth: int, rate: int, preactivate: bool):
+        pre = [nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True)] if preactivate else []
+        super().__init__(
+            *pre,
+            nn.Conv2d(in_channels, bottleneck, kernel_size=1, bias=False),
+            nn.BatchNorm2d(bottleneck),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(bottleneck, growth, kernel_size=3, padding=rate, dilation=rate, bias=False),
+        )
+
+
+class DenseASPP(Decoder):
+    """DenseASPP (Yang et al., "DenseASPP for Semantic Segmentation in Street Scenes", CVPR 2018):
+    a 1x1 conv-BN-ReLU reduces the deepest map to `dim` channels (fc/2 by default: the halving of
+    the DenseNet's last transition layer, which our encoders do not have), then one dense layer per
+    atrous rate, each reading the reduction and every earlier layer's output concatenated (layer i
+    reads dim + i*growth channels; see `_DenseASPPLayer`), then Dropout2d(0.1) and the 1x1
+    classifier on everything concatenated (dim + len(rates)*growth channels).
+
+    Widths: `bottleneck` 256 and `growth` 64 (the paper's d0 and d1 vary with the DenseNet; the
+    authors' configurations use d0 128 to 512, d1 64 to 128). `rates` (3, 6, 12, 18, 24): the
+    paper's, at output stride 8 (our dilated encoders). The authors also drop out (0.1) after each
+    layer; here only before the classifier. No pooling: batches of one image train.
+    """
+
+    classifier = "conv_last.1"
+
+    def __init__(self, channels: list[int], num_classes: int, rates=(3, 6, 12, 18, 24),
+                 dim: int | None = None, bottleneck: int = 256, growth: int = 64):
+        super().__init__()
+        fc_dim = channels[-1]
+        dim = fc_dim // 2 if dim is None else dim
+        self.num_classes = num_classes
+        self.reduce = nn.Sequential(*conv1x1_bn_relu(fc_dim, dim))
+        self.layers = nn.ModuleList(
+            _DenseASPPLayer(dim + i * growth, bottleneck, growth, rate, preactivate=i > 0)
+            for i, rate in enumerate(rates)
+        )
+        self.conv_last = nn.Sequential(
+            nn.Dropout2d(0.1), nn.Conv2d(dim + len(rates) * growth, num_classes, kernel_size=1)
+        )
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        x = self.reduce(features[-1])
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], 1)
+        return self.conv_last(x)
+
+
+class EncNet(_DeepSupOnConv4):
+    """EncNet (Zhang et al., "Context Encoding for Semantic Segmentation", CVPR 2018): a 3x3
+    conv-BN-ReLU to `dim` (fc/4 by default: 512 for 2048-channel encoders, as the authors' head)
+    makes X; the context encoding module (1x1 conv-BN-ReLU, `layers.Encoding` with `codes`
+    codewords, BatchNorm1d over the codewords, ReLU, mean over the codewords) gives one encoded
+    vector per image; a fully connected layer and a sigmoid turn it into channel weights gamma;
+    X * gamma goes through Dropout2d(0.1) to the 1x1 classifier. (The authors' code uses
+    ReLU(X + X * gamma) = X * (1 + gamma); we keep the paper's X * gamma.)
+
+    Known difference: no Semantic Encoding Loss (SE-loss, a per-image class-presence BCE on a
+    linear layer of the encoded vector); the training loop takes one auxiliary pixel map, not a
+    per-image vector. The auxiliary FCN-style head on stage 3 that the authors also train is here
+    ppm_deepsup's on features[-2] (`forward_aux`). BatchNorm1d normalises each codeword's output
+    over the images and the channels (as the authors'), so one image still gives it many values:
+    no 1x1 pooling for BatchNorm. The encoding sums over positions, as the paper: its scale
+    follows the map's area, which BatchNorm's running statistics fix at the training crop size.
+    """
+
+    classifier = "conv_last.1"
+
+    def __init__(self, channels: list[int], num_classes: int, codes: int = 32, dim: int | None = None):
+        super().__init__()
+        fc_dim = channels[-1]
+        dim = fc_dim // 4 if dim is None else dim
+        self.num_classes = num_classes
+        self.cbr = conv3x3_bn_relu(fc_dim, dim)
+        self.encoding = nn.Sequential(
+            *conv1x1_bn_relu(dim, dim), Encoding(dim, codes), nn.BatchNorm1d(codes), nn.ReLU(inplace=True)
+        )
+        self.attention = nn.Sequential(nn.Linear(dim, dim), nn.Sigmoid())
+        self.conv_last = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(dim, num_classes, kernel_size=1))
+        self._add_deepsup(channels, num_classes)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        x = self.cbr(features[-1])
+        encoded = self.encoding(x).mean(1)  # N x dim
+        gamma = self.attention(encoded)
+        return self.conv_last(x * gamma[:, :, None, None])
+
+
+class _AttentionRefinement(nn.Module):
+    """BiSeNet's attention refinement module, after a 3x3 conv-BN-ReLU to `dim` (so that the two
+    stages can be added): global average pool, 1x1 conv, BN, sigmoid, times the map."""
+
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.conv = conv3x3_bn_relu(in_channels, dim)
+        self.attention = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, dim, kernel_size=1, bias=False), nn.BatchNorm2d(dim), nn.Sigmoid()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        return x * self.attention(x)
+
+
+class _FeatureFusion(nn.Module):
+    """BiSeNet's feature fusion module: concatenation, 1x1 conv-BN-ReLU to `out_channels` (F), then
+    F + F * sigmoid(1x1 conv(ReLU(1x1 conv(global average of F)))) (squeeze to out/4)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.fuse = nn.Sequential(*conv1x1_bn_relu(in_channels, out_channels))
+        self.attention = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(out_channels, max(out_channels // 4, 1), kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(max(out_channels // 4, 1), out_channels, kernel_size=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, spatial: Tensor, context: Tensor) -> Tensor:
+        f = self.fuse(torch.cat([spatial, context], 1))
+        return f + f * self.attention(f)
+
+
+class BiSeNet(Decoder):
+    """BiSeNet V1 (Yu et al., "BiSeNet: Bilateral Segmentation Network", ECCV 2018), as a decoder.
+
+    Difference from the paper: its spatial path is three stride-2 conv-BN-ReLU on the *image*
+    (to 1/8, 128 channels); a decoder here only sees the encoder's maps, so the spatial path is a
+    3x3 conv-BN-ReLU to `dim` (128) on features[0], the encoder's finest map (1/4 with CSAIL's
+    encoders: finer than the paper's 1/8, but through the encoder's stem rather than three
+    dedicated convs). The context path is the paper's: an attention refinement module
+    (`_AttentionRefinement`) on features[-1] plus the global average context (pool, 1x1
+    conv-BN-ReLU) broadcast over it, resized to features[-2] and smoothed by a 3x3 conv-BN-ReLU,
+    plus the attention refinement of features[-2], resized to features[0] and smoothed again (the
+    smoothing convs as common implementations). The feature fusion module (`_FeatureFusion`, to
+    `fuse_dim` 256) joins both paths at features[0]'s size, then the 1x1 classifier.
+
+    With a non-dilated resnet18 the context path reads 1/32 and 1/16 maps: the paper's real-time
+    setting (ResNet-18 context path). Dilated encoders give 1/8 for both; with hrnetv2 features[-1]
+    is the 1/4 concatenation, taken through features[-2]'s 1/32 in the context path.
+
+    The paper's two auxiliary losses supervise the context path's stages; here `forward_aux` is one
+    auxiliary head (3x3 conv-BN-ReLU, 1x1) on the context path's output (recomputed: the context
+    path runs twice per training step; the paper weights it 1, `train.deepsup_weight` here).
+    The global context and the attention modules pool to 1x1 with BatchNorm: not for one image.
+    """
+
+    classifier = "conv_last"
+    min_features = 3
+
+    def __init__(self, channels: list[int], num_classes: int, dim: int = 128, fuse_dim: int = 256):
+        super().__init__()
+        self.num_classes = num_classes
+        self.spatial = conv3x3_bn_relu(channels[0], dim)
+        self.global_context = nn.Sequential(nn.AdaptiveAvgPool2d(1), *conv1x1_bn_relu(channels[-1], dim))
+        self.arm_deep = _AttentionRefinement(channels[-1], dim)
+        self.refine_deep = conv3x3_bn_relu(dim, dim)
+        self.arm_mid = _AttentionRefinement(channels[-2], dim)
+        self.refine_mid = conv3x3_bn_relu(dim, dim)
+        self.ffm = _FeatureFusion(2 * dim, fuse_dim)
+        self.conv_last = nn.Conv2d(fuse_dim, num_classes, kernel_size=1)
+        self.cbr_aux = conv3x3_bn_relu(dim, dim // 2)
+        self.conv_last_aux = nn.Conv2d(dim // 2, num_classes, kernel_size=1)
+
+    @classmethod
+    def pools_to_1x1(cls, options) -> bool:
+        return True  # global context and attention refinement: 1x1 conv + BN after global pooling
+
+    def context(self, features: list[Tensor]) -> Tensor:
+        """The context path's output at features[0]'s size."""
+        deep, mid = features[-1], features[-2]
+        x = self.arm_deep(deep) + self.global_context(deep)  # the 1x1 context broadcast
+        x = self.arm_mid(mid) + self.refine_deep(resize(x, mid.shape[-2:]))
+        return self.refine_mid(resize(x, features[0].shape[-2:]))
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        return self.conv_last(self.ffm(self.spatial(features[0]), self.context(features)))
+
+    def forward_aux(self, features: list[Tensor]) -> Tensor:
+        return self.conv_last_aux(self.cbr_aux(self.context(features)))
+
+
 DECODERS: dict[str, type[Decoder]] = {
     "c1": C1,
     "c1_deepsup": C1DeepSup,
@@ -293,6 +547,10 @@ DECODERS: dict[str, type[Decoder]] = {
     "fcn8s": FCN8s,
     "deeplabv3": DeepLabV3,
     "deeplabv3plus": DeepLabV3Plus,
+    "danet": DANet,
+    "denseaspp": DenseASPP,
+    "encnet": EncNet,
+    "bisenet": BiSeNet,
 }
 
 

@@ -51,3 +51,68 @@ class ASPP(nn.Module):
         *same_size, pooling = self.convs
         branches = [branch(x) for branch in same_size] + [resize(pooling(x), x.shape[-2:])]
         return self.project(torch.cat(branches, 1))
+
+
+class PositionAttention(nn.Module):
+    """DANet's position attention module (Fu et al., CVPR 2019): every position j gathers the value
+    map from all positions i, weighted by softmax over i of query(x)_j . key(x)_i (1x1 convs to
+    `channels // 8`; the value conv keeps `channels`), scaled by `gamma` and added to x. `gamma`
+    starts at 0, so the module starts as the identity. Computed by `scaled_dot_product_attention`
+    with scale 1 (the paper does not scale): on a GPU its fused kernels avoid storing the (H*W)^2
+    attention map; the math fallback (CPU) stores it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.query = nn.Conv2d(channels, max(channels // 8, 1), kernel_size=1)
+        self.key = nn.Conv2d(channels, max(channels // 8, 1), kernel_size=1)
+        self.value = nn.Conv2d(channels, channels, kernel_size=1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # one attention "head" per image: N x 1 x HW x channels
+        q, k, v = (conv(x).flatten(2).transpose(1, 2).unsqueeze(1) for conv in (self.query, self.key, self.value))
+        # out_j = sum_i softmax_i(q_j . k_i) v_i
+        out = F.scaled_dot_product_attention(q, k, v, scale=1.0).squeeze(1).transpose(1, 2)  # N x C x HW
+        return self.gamma * out.reshape(x.shape) + x
+
+
+class ChannelAttention(nn.Module):
+    """DANet's channel attention module: channel j gathers all channels i weighted by softmax over i
+    of x_j . x_i (dot products over positions, no convs), scaled by `gamma` (starts at 0) and added
+    to x. As the paper's equations; the authors' code takes the softmax of (row max - x_j . x_i)
+    instead, which we do not follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = x.flatten(2)  # N x C x HW
+        attention = torch.softmax(a @ a.transpose(1, 2), dim=-1)  # N x C (j) x C (i)
+        return self.gamma * (attention @ a).view_as(x) + x
+
+
+class Encoding(nn.Module):
+    """EncNet's encoding layer (Zhang et al., CVPR 2018): K learned codewords d_k and smoothing
+    factors s_k; each position's feature x_i is soft-assigned to the codewords by
+    softmax over k of (-s_k * ||x_i - d_k||^2), and codeword k's output is the assignment-weighted
+    sum over positions of the residuals x_i - d_k: `N x C x H x W -> N x K x C`. Summed, not
+    averaged, over positions, as the paper. Initialised as the authors do (codewords uniform in
+    +-1/sqrt(K*C), s_k uniform in (0, 1))."""
+
+    def __init__(self, channels: int, codes: int):
+        super().__init__()
+        self.codewords = nn.Parameter(torch.empty(codes, channels))
+        self.smoothing = nn.Parameter(torch.empty(codes))
+        bound = 1.0 / (codes * channels) ** 0.5
+        nn.init.uniform_(self.codewords, -bound, bound)
+        nn.init.uniform_(self.smoothing, 0.0, 1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(2).transpose(1, 2)  # N x HW x C
+        d = self.codewords  # K x C
+        # ||x_i - d_k||^2 expanded, so that no N x HW x K x C tensor of residuals is built
+        distances = (x * x).sum(-1, keepdim=True) - 2 * (x @ d.t()) + (d * d).sum(-1)  # N x HW x K
+        assignment = torch.softmax(-self.smoothing * distances, dim=-1)
+        # sum_i a_ik (x_i - d_k) = sum_i a_ik x_i - (sum_i a_ik) d_k
+        return assignment.transpose(1, 2) @ x - assignment.sum(1).unsqueeze(-1) * d  # N x K x C
