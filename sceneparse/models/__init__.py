@@ -1,4 +1,5 @@
-"""Models: timm encoders named as CSAIL names them, CSAIL's decoders, the Segmenter and build_model."""
+"""Models: timm encoders named as CSAIL names them, decoders (CSAIL's and the classic heads), the Segmenter
+and build_model."""
 from sceneparse.models.decoders import DECODERS, build_decoder
 from sceneparse.models.encoders import ENCODERS, Encoder, build_encoder
 from sceneparse.models.pretrained import load_encoder_weights
