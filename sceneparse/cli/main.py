@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "zoo",
     "data",
     "bench",
+    "export",
+    "serve",
 ]
 
 
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="sceneparse",
-        description="Semantic segmentation: train, evaluate, predict, convert, benchmark.",
+        description="Semantic segmentation: train, evaluate, predict, convert, benchmark, export, serve.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:

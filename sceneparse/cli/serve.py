@@ -1,0 +1,55 @@
+"""`sceneparse serve --model M`: a small HTTP server (GET /health, POST /predict)."""
+from __future__ import annotations
+
+from sceneparse.errors import SceneparseError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over HTTP (POST an image, get its label map)",
+        description=(
+            "Serve one model over HTTP with the standard library. GET /health: model, classes, device "
+            "(JSON). POST /predict with the image file's bytes as the body (JPEG, PNG, ... as "
+            "`sceneparse predict` reads): ?format=png (default; class ids, 8-bit PNG), json (size and "
+            "per-class pixel fractions) or color (the palette's colours). Inference runs one image at a "
+            "time. Ctrl-C stops. See docs/deploy.md."
+        ),
+    )
+    p.add_argument("--model", required=True, help="checkpoint path or model-zoo name")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
+    p.add_argument("--scales", type=int, nargs="+", metavar="SHORT",
+                   help="test short sides, e.g. 450 or 300 450 600 (default: the original size)")
+    p.add_argument("--max-size", type=int, default=1000, help="cap on the resized long side with --scales (default 1000)")
+    p.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
+    p.add_argument("--window", type=int, default=1024,
+                   help="network inputs larger than this run as overlapping windows (default 1024)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--max-body-mb", type=float, default=20,
+                   help="largest accepted request body in MiB; larger ones get HTTP 413 (default 20)")
+    p.add_argument("--quiet", action="store_true", help="no access log (errors are still logged)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from sceneparse.engine.checkpoint import load_model
+    from sceneparse.engine.distributed import resolve_device
+    from sceneparse.engine.serve import make_server, serve
+
+    if not 0 <= args.port <= 65535:
+        raise SceneparseError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_body_mb <= 0:
+        raise SceneparseError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    if (args.scales and min(args.scales) < 1) or args.max_size < 1:
+        raise SceneparseError("--scales and --max-size must be positive sizes in pixels")
+    if args.window is not None and args.window < 32:
+        raise SceneparseError(f"--window must be at least 32 pixels, got {args.window}")
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device)
+    server = make_server(model, args.host, args.port, scales=tuple(args.scales) if args.scales else (None,),
+                         flip=args.flip, max_size=args.max_size, window=args.window, device=device,
+                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), quiet=args.quiet)
+    serve(server)
+    return 0

@@ -1,0 +1,364 @@
+"""Export a Segmenter for deployment (ONNX or a torch.export `.pt2` file), then verify the file.
+
+What the exported graph takes and returns (the same for both formats, see docs/deploy.md):
+
+- input `image`: RGB `N x 3 x H x W`, values 0..255, uint8 (default) or float32. The checkpoint's
+  normalisation (mean/std) is inside the graph, so a deployment feeds decoded pixels and needs
+  nothing else from sceneparse.
+- output `logits`: float32 `N x C x H x W` at the input size (what `Segmenter.forward` returns),
+  or with `argmax=True` output `labels`: int64 class ids `N x H x W`.
+
+Metadata (class names, palette, normalisation, model config, input/output description) goes inside
+the file: ONNX `metadata_props` (one JSON-encoded value per key), and for `.pt2` an extra file
+`sceneparse.json` in the archive. `read_metadata(path)` reads either back.
+
+Both formats come from one `torch.export.export` capture: ONNX through the torch.export-based
+exporter (`torch.onnx.export(exported_program)`, the default since torch 2.9; it needs `onnxscript`
+and `onnx`). The legacy TorchScript exporter still runs in torch 2.14 but warns that it will be
+removed. `onnxruntime` runs the verification.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sceneparse.data.transforms import normalize
+from sceneparse.errors import SceneparseError
+from sceneparse.models.layers import resize
+
+FORMATS = ("onnx", "pt2")
+INPUT_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
+METADATA_FILE = "sceneparse.json"  # the extra file inside a .pt2 archive
+INSTALL_HINT = "pip install 'sceneparse[export]'"
+# The exporters' own names for what ONNX needs; each is imported lazily.
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
+
+
+class DeployModule(nn.Module):
+    """Segmenter + the checkpoint's normalisation, written so that torch.export keeps H and W symbolic.
+
+    It computes what `Segmenter.forward(normalize(image))` computes in eval mode (verification
+    checks that against the eager Segmenter), with two differences in *how*: the input is always
+    padded (by zero rows when it is already a multiple: Segmenter's `if pad_h or pad_w` branch
+    would specialise the graph to one case), and the crop back to H x W is an `index_select`
+    (a slice view makes torch.export guard on the padding being zero or not, its contiguity).
+    """
+
+    def __init__(self, model: nn.Module, mean, std, argmax: bool = False):
+        super().__init__()
+        self.encoder, self.decoder = model.encoder, model.decoder
+        self.multiple = int(model.encoder.pad_multiple)
+        self.argmax = argmax
+        self.register_buffer("mean", torch.tensor([float(m) for m in mean], dtype=torch.float32))
+        self.register_buffer("std", torch.tensor([float(s) for s in std], dtype=torch.float32))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        m = self.multiple
+        x = normalize(image, self.mean, self.std)  # the Predictor's own normalisation: same ops
+        x = F.pad(x, (0, (width + m - 1) // m * m - width, 0, (height + m - 1) // m * m - height))
+        logits = resize(self.decoder(self.encoder(x)), x.shape[-2:])
+        rows = torch.arange(height, device=image.device)
+        cols = torch.arange(width, device=image.device)
+        logits = logits.index_select(2, rows).index_select(3, cols)
+        return logits.argmax(dim=1) if self.argmax else logits
+
+
+def model_metadata(model: nn.Module, size, dynamic: bool, input_dtype: str, argmax: bool) -> dict:
+    """What a deployment needs to know about the exported graph (all JSON-serialisable)."""
+    num_classes = int(model.num_classes)
+    names = list(getattr(model, "class_names", None) or [f"class_{i}" for i in range(num_classes)])
+    palette = getattr(model, "palette", None)
+    if palette is None:
+        from sceneparse.data.meta import make_palette
+
+        palette = make_palette(num_classes)
+    norm = _normalization(model)
+    return {
+        "format": "sceneparse-export/1",
+        "model_config": dict(model.config or {}),
+        "class_names": names,
+        "palette": [[int(c) for c in rgb] for rgb in palette],
+        "normalization": {"mean": norm[0], "std": norm[1], "scale": "applied inside the graph to x / 255"},
+        "input": {"name": "image", "dtype": input_dtype, "layout": "NCHW", "channels": "RGB", "range": "0..255"},
+        "output": ({"name": "labels", "dtype": "int64", "shape": "N x H x W", "meaning": "class ids"} if argmax
+                   else {"name": "logits", "dtype": "float32", "shape": "N x C x H x W",
+                         "meaning": "class logits at the input size (softmax -> probabilities)"}),
+        "size": [int(s) for s in size],
+        "dynamic": bool(dynamic),
+        "min_side": int(model.encoder.pad_multiple) + 1 if dynamic else None,
+        "pad_multiple": int(model.encoder.pad_multiple),
+    }
+
+
+def _normalization(model) -> tuple[list[float], list[float]]:
+    from sceneparse.engine.infer import IMAGENET_NORMALIZATION
+
+    norm = getattr(model, "normalization", None) or IMAGENET_NORMALIZATION
+    return [float(x) for x in norm["mean"]], [float(x) for x in norm["std"]]
+
+
+def _require_onnx() -> None:
+    """Import what ONNX export and its verification need; a missing one is a user error."""
+    import importlib
+
+    for name in ONNX_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise SceneparseError(f"ONNX export needs the Python package {name!r}, which is not installed",
+                                  f"{INSTALL_HINT} (or export with --format pt2, which needs only torch)") from None
+
+
+def _adaptive_pools(model: nn.Module) -> list[str]:
+    """Adaptive pooling layers whose output is not 1x1 (PPM's pyramid): ONNX has no operator for
+    them, so the exporter bakes the example input's feature size into the graph."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            size = module.output_size
+            sizes = size if isinstance(size, (tuple, list)) else (size, size)
+            if any(s not in (1, None) for s in sizes):
+                found.append(name)
+    return found
+
+
+def export_model(
+    model: nn.Module,
+    output: str | Path,
+    format: str = "onnx",
+    size: tuple[int, int] = (512, 512),
+    dynamic: bool = False,
+    opset: int | None = None,
+    input_dtype: str = "uint8",
+    argmax: bool = False,
+    tolerance: float = 1e-3,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Export `model` (a Segmenter, e.g. from `load_model`; moved to the CPU and put in eval mode)
+    to `output` and verify the file.
+
+    Static export: batch 1 and `size` fixed. `dynamic=True`: batch, height and width symbolic
+    (height and width above the model's pad multiple; `size` is then the example size).
+    Returns `{"path", "format", "checks": [{"shape", "max_abs_diff", "tolerance", "argmax_agreement"}]}`.
+    Raises SceneparseError when a dependency is missing, the export is impossible, or the exported
+    file disagrees with the eager model by more than `tolerance` (x the largest logit, at least 1).
+    """
+    if format not in FORMATS:
+        raise SceneparseError(f"unknown export format {format!r}", f"use one of {', '.join(FORMATS)}")
+    if input_dtype not in INPUT_DTYPES:
+        raise SceneparseError(f"unknown input dtype {input_dtype!r}", f"use one of {', '.join(INPUT_DTYPES)}")
+    if not hasattr(model, "encoder") or not hasattr(model.encoder, "pad_multiple"):
+        raise SceneparseError("export needs a sceneparse Segmenter (from load_model or build_model)")
+    height, width = (int(s) for s in size)
+    multiple = int(model.encoder.pad_multiple)
+    if dynamic and min(height, width) <= multiple:
+        raise SceneparseError(f"--size {height} {width} is too small for a dynamic export of this model",
+                              f"use sides above its pad multiple {multiple}, e.g. --size 512 512")
+    if min(height, width) < 1:
+        raise SceneparseError(f"--size must be positive, got {height} {width}")
+    if format == "onnx":
+        _require_onnx()
+        pools = _adaptive_pools(model)
+        if dynamic and pools:
+            raise SceneparseError(
+                f"the {(model.config or {}).get('decoder', 'model')} decoder cannot be exported to ONNX with dynamic "
+                f"height/width: its adaptive average pooling ({', '.join(pools[:2])}{', ...' if len(pools) > 2 else ''}) "
+                "has no ONNX operator, and the exporter would bake one input size into the graph",
+                "export ONNX at the fixed size your deployment resizes to (--size H W, without --dynamic), "
+                "or use --format pt2, which keeps sizes dynamic",
+            )
+    output = Path(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SceneparseError(f"cannot create the folder of {output}: {err.strerror or err}") from None
+
+    model = model.cpu().eval()
+    mean, std = _normalization(model)
+    module = DeployModule(model, mean, std, argmax=argmax).eval()
+    metadata = model_metadata(model, (height, width), dynamic, input_dtype, argmax)
+    # torch.export specialises sizes 0 and 1: a dynamic batch needs an example batch of 2.
+    example = _random_images(2 if dynamic else 1, height, width, input_dtype, seed=0)
+    program = _capture(module, example, dynamic, multiple)
+    # Written beside the output and renamed over it once verified: a failed export leaves an
+    # earlier file of that name as it was.
+    staged = output.with_name(f".{output.name}.tmp")
+    if format == "onnx":
+        _save_onnx(program, example, staged, metadata, opset)
+    else:
+        try:
+            torch.export.save(program, staged, extra_files={METADATA_FILE: json.dumps(metadata)})
+        except OSError as err:
+            _remove(staged)
+            raise SceneparseError(f"cannot write {output}: {err.strerror or err}") from None
+    log(f"exported {output.name} ({format}, {'dynamic N x 3 x H x W' if dynamic else f'1 x 3 x {height} x {width}'}, "
+        f"{input_dtype} input, {'class ids' if argmax else 'logits'} output); verifying")
+
+    checks = []
+    run = _runner(staged, format)
+    for shape in _check_shapes(height, width, dynamic, multiple):
+        check = _compare(model, mean, std, run, shape, input_dtype, argmax, tolerance)
+        checks.append(check)
+        if "error" in check:
+            _remove(staged)
+            raise SceneparseError(
+                f"the exported {format} file fails on an input of shape {tuple(shape)}: {check['error']}; "
+                f"{output} was not written",
+                "export at the fixed size your deployment uses (no --dynamic), or try the other --format",
+            )
+        agreement = f"argmax agreement {100 * check['argmax_agreement']:.3f}%"
+        log(f"verify {'x'.join(map(str, shape))}: " + (f"class ids: {agreement}" if argmax else
+            f"max |difference| {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.2e}), {agreement}"))
+        if not check["ok"]:
+            _remove(staged)
+            raise SceneparseError(
+                f"the exported {format} file disagrees with the eager model at input {tuple(shape)}: max |difference| "
+                f"{check['max_abs_diff']:.3g} > {check['tolerance']:.3g}, argmax agreement "
+                f"{100 * check['argmax_agreement']:.2f}%; {output} was not written",
+                "report this with the command; meanwhile try the other --format, or a static export (no --dynamic)",
+            )
+    try:
+        staged.replace(output)
+    except OSError as err:
+        _remove(staged)
+        raise SceneparseError(f"cannot write {output}: {err.strerror or err}") from None
+    return {"path": output, "format": format, "checks": checks, "metadata": metadata}
+
+
+def _random_images(n: int, h: int, w: int, input_dtype: str, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=gen)
+    return images.to(INPUT_DTYPES[input_dtype])
+
+
+def _capture(module: nn.Module, example: torch.Tensor, dynamic: bool, multiple: int):
+    """torch.export the module; a failure (an op or shape rule torch.export cannot trace) becomes
+    one message instead of a tracer's traceback."""
+    shapes = None
+    if dynamic:
+        side = dict(min=multiple + 1)  # smaller inputs make a stride-`multiple` map of size 1
+        shapes = {"image": {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", **side),
+                            3: torch.export.Dim("width", **side)}}
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, (example,), dynamic_shapes=shapes)
+    except Exception as err:  # noqa: BLE001 - shown to the user with the way out
+        # the first two lines: what failed, and (for a shape constraint) the guard that broke it
+        first = " ".join([line.strip() for line in str(err).splitlines() if line.strip()][:2]) or type(err).__name__
+        raise SceneparseError(f"torch.export could not capture the model: {type(err).__name__}: {first}",
+                              "try without --dynamic (a fixed --size)" if dynamic else None) from None
+
+
+def _save_onnx(program, example, output: Path, metadata: dict, opset: int | None) -> None:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation chatter about its own internals
+            onnx_program = torch.onnx.export(program, (example,), dynamo=True, opset_version=opset,
+                                             input_names=["image"], output_names=[metadata["output"]["name"]],
+                                             verbose=False)
+    except Exception as err:  # noqa: BLE001
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise SceneparseError(f"ONNX export failed: {type(err).__name__}: {first}",
+                              "try another --opset (the exporter's own is the default), or --format pt2") from None
+    for key, value in metadata.items():
+        onnx_program.model.metadata_props[f"sceneparse.{key}"] = json.dumps(value)
+    try:
+        onnx_program.save(output)  # one file (weights would go to a side file only above protobuf's 2 GB)
+    except OSError as err:
+        _remove(output)
+        raise SceneparseError(f"cannot write {output}: {err.strerror or err}") from None
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata `export_model` wrote into an `.onnx` or `.pt2` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SceneparseError(f"exported model not found: {path}")
+    if _is_onnx(path):
+        try:
+            import onnx
+        except ImportError:
+            raise SceneparseError("reading ONNX metadata needs the package 'onnx'", INSTALL_HINT) from None
+        proto = onnx.load(str(path), load_external_data=False)
+        prefix = "sceneparse."
+        return {p.key[len(prefix):]: json.loads(p.value) for p in proto.metadata_props if p.key.startswith(prefix)}
+    extra = {METADATA_FILE: ""}
+    torch.export.load(path, extra_files=extra)
+    return json.loads(extra[METADATA_FILE]) if extra[METADATA_FILE] else {}
+
+
+def _is_onnx(path: Path) -> bool:
+    # a .pt2 file is a zip archive; an ONNX file is a protobuf
+    with open(path, "rb") as f:
+        return f.read(2) != b"PK"
+
+
+def _runner(path: Path, format: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function running the exported file on a batch (as the deployment would)."""
+    if format == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # share the CPU as torch is told to
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    module = torch.export.load(path).module()
+    return lambda x: module(x).detach()
+
+
+def _check_shapes(h: int, w: int, dynamic: bool, multiple: int) -> list[tuple[int, ...]]:
+    """The export size; dynamic: also a batch of 2 at odd sides (padding needed) and a batch of 1
+    at multiples of the pad multiple (no padding), neither of them the example size."""
+    shapes = [(1, 3, h, w)]
+    if dynamic:
+        def odd(side: int) -> int:  # an odd side is never a multiple of the (even) pad multiple
+            return max(multiple + 1, side // 2) | 1
+
+        def whole(side: int) -> int:
+            return max(2 * multiple, side // 2 // multiple * multiple)
+
+        shapes += [(2, 3, odd(h), odd(w)), (1, 3, whole(h), whole(w))]
+    return shapes
+
+
+@torch.no_grad()
+def _compare(model, mean, std, run, shape, input_dtype, argmax, tolerance) -> dict:
+    images = _random_images(shape[0], shape[2], shape[3], input_dtype, seed=sum(shape))
+    reference = model(normalize(images, mean, std)).float()  # the eager Segmenter itself
+    try:
+        out = run(images)
+    except Exception as err:  # noqa: BLE001 - e.g. an ONNX graph that baked in the example's size
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        return {"shape": list(shape), "max_abs_diff": float("inf"), "tolerance": tolerance,
+                "argmax_agreement": 0.0, "ok": False, "error": f"{type(err).__name__}: {first}"}
+    ref_ids = reference.argmax(dim=1)
+    expected = ref_ids if argmax else reference
+    if tuple(out.shape) != tuple(expected.shape):
+        return {"shape": list(shape), "max_abs_diff": float("inf"), "tolerance": tolerance, "argmax_agreement": 0.0,
+                "ok": False, "error": f"output shape {tuple(out.shape)}, expected {tuple(expected.shape)}"}
+    if argmax:  # ids: the agreement is all there is to compare (near-ties may flip a few pixels)
+        agreement = float((out == ref_ids).double().mean())
+        return {"shape": list(shape), "max_abs_diff": 0.0, "tolerance": 0.0, "argmax_agreement": agreement,
+                "ok": agreement >= 0.999}
+    diff = float((out.float() - reference).abs().max())
+    tol = tolerance * max(1.0, float(reference.abs().max()))
+    agreement = float((out.argmax(dim=1) == ref_ids).double().mean())
+    return {"shape": list(shape), "max_abs_diff": diff, "tolerance": tol, "argmax_agreement": agreement,
+            "ok": diff <= tol}
+
+
+def _remove(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".data")):
+        try:
+            p.unlink()
+        except OSError:
+            pass

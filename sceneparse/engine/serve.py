@@ -1,0 +1,271 @@
+"""A small HTTP server around one model: `GET /health`, `POST /predict` (see docs/deploy.md).
+
+Standard library only (`http.server.ThreadingHTTPServer`): one model, one Predictor, and a lock
+around inference, so requests are read and answered in parallel but the network runs one image at
+a time (a second concurrent forward pass would only compete for the same cores or GPU, and double
+the peak memory). Decoding is sceneparse's own (`decode_image_bytes`: EXIF orientation, any
+format `sceneparse predict` reads), colours are `visualize.colorize`.
+
+Errors are JSON `{"error": message}`: 400 for a body that is not an image or a bad query, 404 for
+an unknown path, 405 for a wrong method, 411 without Content-Length, 413 for a body above
+`max_body_bytes` or an image above `max_pixels`, 500 for a failure inside the model.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import torch
+
+from sceneparse.errors import SceneparseError
+
+FORMATS = ("png", "json", "color")
+DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 50_000_000  # ~ 8000 x 6000; a decoded image costs 3 bytes a pixel, more in the model
+DRAIN_LIMIT = 8 * 1024 * 1024  # unread body bytes we still read (and drop) after refusing a request
+
+
+class RequestError(Exception):
+    """A request the server refuses, with its HTTP status."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class SegmentationService:
+    """What the handler calls: the model, its Predictor, and the lock that serialises inference."""
+
+    def __init__(self, model, predictor, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        from sceneparse.data.meta import make_palette
+
+        self.model = model
+        self.predictor = predictor
+        self.num_classes = int(model.num_classes)
+        self.class_names = list(getattr(model, "class_names", None) or [f"class_{i}" for i in range(self.num_classes)])
+        self.palette = getattr(model, "palette", None) or make_palette(self.num_classes)
+        self.max_body_bytes = int(max_body_bytes)
+        self.max_pixels = int(max_pixels)
+        self.lock = threading.Lock()
+
+    def health(self) -> dict:
+        p = self.predictor
+        return {"status": "ok", "model": dict(getattr(self.model, "config", None) or {}),
+                "num_classes": self.num_classes, "class_names": self.class_names, "palette": self.palette,
+                "device": str(p.device), "scales": list(p.scales), "flip": p.flip,
+                "max_body_bytes": self.max_body_bytes, "formats": list(FORMATS)}
+
+    def segment(self, body: bytes) -> torch.Tensor:
+        """Class ids `H x W` (int64, CPU) of an encoded image."""
+        from sceneparse.data.io import decode_image_bytes
+
+        h, w = _header_size(body)
+        if h * w > self.max_pixels:
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               f"image of {w}x{h} pixels is above this server's limit of {self.max_pixels} pixels")
+        try:
+            image = decode_image_bytes(body, "request body")
+        except SceneparseError as err:  # PIL names its buffer object: not useful to a client
+            raise RequestError(HTTPStatus.BAD_REQUEST, re.sub(r" <_io\.BytesIO object at \w+>", "", err.message)) from None
+        with self.lock:
+            return self.predictor.predict(image).cpu()
+
+    def respond(self, labels: torch.Tensor, fmt: str) -> tuple[bytes, str]:
+        """(body, content type) of a prediction in format `fmt`."""
+        from sceneparse.engine.visualize import colorize
+
+        if fmt == "png":
+            dtype = np.uint8 if self.num_classes <= 255 else np.uint16  # as `sceneparse predict`
+            return _png(labels.numpy().astype(dtype)), "image/png"
+        if fmt == "color":
+            return _png(colorize(labels, self.palette)), "image/png"
+        counts = torch.bincount(labels.reshape(-1), minlength=self.num_classes)
+        total = labels.numel()
+        classes = [{"id": i, "name": self.class_names[i], "pixels": int(counts[i]), "fraction": int(counts[i]) / total}
+                   for i in counts.argsort(descending=True, stable=True).tolist() if counts[i] > 0]
+        result = {"height": int(labels.shape[0]), "width": int(labels.shape[1]), "classes": classes}
+        return json.dumps(result).encode(), "application/json"
+
+
+def _header_size(body: bytes) -> tuple[int, int]:
+    """(H, W) from the image header, before decoding (cheap); (0, 0) if PIL cannot tell (the decoder
+    then gives the error)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(body)) as img:
+            w, h = img.size
+        return h, w
+    except Exception:  # noqa: BLE001 - not an image PIL knows: decode_image_bytes reports it
+        return 0, 0
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One request; `self.server.service` is the SegmentationService."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, and `Expect: 100-continue` (curl's for bodies > 1 MB)
+    server_version = "sceneparse"
+    timeout = 60  # seconds a client may stall mid-request before its connection is dropped
+
+    # ------------------------------------------------------------------ helpers
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, close: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, status: HTTPStatus, message: str, close: bool = False) -> None:
+        self._send(status, json.dumps({"error": message, "status": int(status)}).encode(), "application/json", close)
+
+    def _json(self, obj: dict) -> None:
+        self._send(HTTPStatus.OK, json.dumps(obj).encode(), "application/json")
+
+    def _length(self) -> int:
+        value = self.headers.get("Content-Length")
+        if value is None:
+            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send the image as the request body with a Content-Length")
+        try:
+            length = int(value)
+        except ValueError:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {value!r}") from None
+        if length > self.server.service.max_body_bytes:
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               f"body of {length} bytes is above this server's limit of "
+                               f"{self.server.service.max_body_bytes} bytes")
+        return length
+
+    def _drain(self, length: int) -> None:
+        """Read and drop an unread body (up to DRAIN_LIMIT), so that closing the socket does not
+        reset the connection before the client has read our error."""
+        left = min(length, DRAIN_LIMIT)
+        while left > 0:
+            chunk = self.rfile.read(min(left, 65536))
+            if not chunk:
+                break
+            left -= len(chunk)
+
+    # ------------------------------------------------------------------ http.server hooks
+    def handle_expect_100(self) -> bool:
+        # Refuse an oversized upload before the client sends it.
+        try:
+            self._length()
+        except RequestError as err:
+            self._error(err.status, err.message, close=True)
+            return False
+        return super().handle_expect_100()
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        path = urlsplit(self.path).path
+        if path == "/health":
+            self._json(self.server.service.health())
+        elif path == "/predict":
+            self._error(HTTPStatus.METHOD_NOT_ALLOWED, "POST the image bytes to /predict")
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no such path {path!r}; try GET /health or POST /predict")
+
+    def do_POST(self) -> None:  # noqa: N802
+        url = urlsplit(self.path)
+        unread = _declared_length(self.headers)  # body bytes still in the socket
+        try:
+            if url.path != "/predict":
+                raise RequestError(HTTPStatus.NOT_FOUND, f"no such path {url.path!r}; try POST /predict")
+            fmt = parse_qs(url.query).get("format", ["png"])[-1]
+            if fmt not in FORMATS:
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+            length = self._length()
+            body = self.rfile.read(length)
+            unread = 0
+            if len(body) < length:
+                raise RequestError(HTTPStatus.BAD_REQUEST, "the body ended before its Content-Length")
+            labels = self.server.service.segment(body)
+            payload, content_type = self.server.service.respond(labels, fmt)
+        except RequestError as err:
+            # An unread body would be parsed as the next request on this connection: close it.
+            self._error(err.status, err.message, close=unread > 0)
+            self._drain(unread)
+            return
+        except Exception as err:  # noqa: BLE001 - a bug or out of memory: answer, log, keep serving
+            self.log_error("prediction failed: %s: %s", type(err).__name__, err)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"prediction failed: {type(err).__name__}: {err}",
+                        close=unread > 0)
+            return
+        self._send(HTTPStatus.OK, payload, content_type)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
+        if not self.server.quiet:  # the access log; errors are always logged (log_error)
+            super().log_message(format, *args)
+
+    def log_error(self, format: str, *args) -> None:  # noqa: A002
+        super().log_message(format, *args)
+
+
+def _declared_length(headers) -> int:
+    try:
+        return max(0, int(headers.get("Content-Length", 0)))
+    except ValueError:
+        return 0
+
+
+class SegmentationServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer holding the service; handler threads die with the process (daemon)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], service: SegmentationService, quiet: bool = False):
+        self.service = service
+        self.quiet = quiet
+        super().__init__(address, Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+def make_server(model, host: str = "127.0.0.1", port: int = 8080, *, scales=(None,), flip: bool = False,
+                max_size: int = 1000, window: int | None = 1024, device=None,
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                quiet: bool = False) -> SegmentationServer:
+    """A server for `model` bound to host:port (port 0: any free port, see `server.url`), not yet serving."""
+    from sceneparse.engine.infer import Predictor
+
+    predictor = Predictor(model, scales=scales, flip=flip, max_size=max_size, device=device, window=window)
+    service = SegmentationService(model, predictor, max_body_bytes=max_body_bytes, max_pixels=max_pixels)
+    try:
+        return SegmentationServer((host, port), service, quiet=quiet)
+    except OSError as err:
+        raise SceneparseError(f"cannot listen on {host}:{port}: {err.strerror or err}",
+                              "choose another --port (or --port 0 for any free one), or another --host") from None
+
+
+def serve(server: SegmentationServer, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> None:
+    """Serve until Ctrl-C (or `server.shutdown()` from another thread), then close the socket."""
+    log(f"serving {server.service.num_classes} classes on {server.url} "
+        f"(GET /health, POST /predict?format=png|json|color); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log("stopping")
+    finally:
+        server.server_close()

@@ -1,0 +1,144 @@
+"""`sceneparse export`: ONNX and .pt2 files give the eager model's logits (also at other sizes when
+dynamic), carry the checkpoint's metadata, and the CLI's mistakes are one message with exit 2."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from sceneparse.cli.main import main
+from sceneparse.data.transforms import normalize
+from sceneparse.engine import export as export_mod
+from sceneparse.engine.checkpoint import load_model, save_model
+from sceneparse.engine.export import export_model, read_metadata
+from sceneparse.errors import SceneparseError
+from sceneparse.models import build_model
+
+NAMES = ["sky", "road", "car"]
+PALETTE = [[0, 0, 255], [128, 64, 128], [255, 0, 0]]
+NORM = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}  # not ImageNet's: proves it is the checkpoint's
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "r18.pt"
+    save_model(path, build_model("resnet18", "c1", 3), NAMES, PALETTE, NORM)
+    return path
+
+
+def eager_logits(model, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(normalize(images, NORM["mean"], NORM["std"]))
+
+
+def images(n: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_onnx_dynamic_export_matches_eager_at_another_size_and_carries_metadata(checkpoint, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    model = load_model(checkpoint)
+    path = tmp_path / "m.onnx"
+    report = export_model(model, path, format="onnx", size=(64, 96), dynamic=True, log=quiet)
+    assert all(check["ok"] for check in report["checks"])
+
+    x = images(2, 45, 70)  # neither the example size nor a multiple of 32
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"image": x.numpy()})
+    ref = eager_logits(model, x)
+    assert out.shape == (2, 3, 45, 70)
+    torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-4, atol=1e-4)
+
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["sceneparse.class_names"]) == NAMES
+    assert json.loads(props["sceneparse.palette"]) == PALETTE
+    meta = read_metadata(path)
+    assert meta["normalization"]["mean"] == NORM["mean"] and meta["normalization"]["std"] == NORM["std"]
+    assert meta["model_config"] == model.config and meta["dynamic"] is True
+
+
+def test_pt2_dynamic_export_matches_eager_at_another_size_and_carries_metadata(checkpoint, tmp_path):
+    model = load_model(checkpoint)
+    path = tmp_path / "m.pt2"
+    export_model(model, path, format="pt2", size=(64, 96), dynamic=True, log=quiet)
+    program = torch.export.load(path).module()
+    x = images(3, 50, 77)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), eager_logits(model, x), rtol=1e-5, atol=1e-5)
+    meta = read_metadata(path)
+    assert meta["class_names"] == NAMES and meta["palette"] == PALETTE
+    assert meta["input"]["dtype"] == "uint8" and meta["output"]["name"] == "logits"
+
+
+def test_cli_pt2_argmax_float_input_writes_class_ids(checkpoint, tmp_path, capsys):
+    path = tmp_path / "ids.pt2"
+    code = main(["export", "--model", str(checkpoint), "--output", str(path), "--size", "40", "56",
+                 "--argmax", "--input-dtype", "float32"])
+    assert code == 0
+    assert f"verified {path}" in capsys.readouterr().out
+    model = load_model(checkpoint)
+    x = images(1, 40, 56)
+    ids = torch.export.load(path).module()(x.float())
+    assert ids.dtype == torch.int64
+    assert torch.equal(ids, eager_logits(model, x).argmax(dim=1))
+    assert read_metadata(path)["output"]["name"] == "labels"
+
+
+def test_onnx_dynamic_with_adaptive_pooling_is_refused_with_the_way_out(tmp_path):
+    model = build_model("resnet18", "ppm", 3).eval()
+    with pytest.raises(SceneparseError) as err:
+        export_model(model, tmp_path / "ppm.onnx", format="onnx", size=(64, 64), dynamic=True, log=quiet)
+    assert "adaptive average pooling" in err.value.message and "--format pt2" in err.value.hint
+    assert not (tmp_path / "ppm.onnx").exists()
+
+
+def _off_by_one(run):
+    return lambda x: run(x) + 1.0
+
+
+def _fails(run):
+    def failing(x):
+        raise RuntimeError("invalid index found, index = 2")  # as onnxruntime's GatherND says it
+
+    return failing
+
+
+@pytest.mark.parametrize("breaking, message", [(_off_by_one, "disagrees with the eager model"),
+                                               (_fails, "fails on an input of shape")])
+def test_a_broken_export_is_an_error_and_leaves_an_earlier_file_alone(checkpoint, tmp_path, monkeypatch, breaking,
+                                                                       message):
+    real_runner = export_mod._runner
+    monkeypatch.setattr(export_mod, "_runner", lambda path, fmt: breaking(real_runner(path, fmt)))
+    path = tmp_path / "bad.pt2"
+    with pytest.raises(SceneparseError, match=message):
+        export_model(load_model(checkpoint), path, format="pt2", size=(40, 40), log=quiet)
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing staged left behind
+    path.write_bytes(b"an earlier export")
+    with pytest.raises(SceneparseError, match=message):
+        export_model(load_model(checkpoint), path, format="pt2", size=(40, 40), log=quiet)
+    assert path.read_bytes() == b"an earlier export" and list(tmp_path.iterdir()) == [path]
+
+
+def test_cli_missing_model_file_is_one_message(tmp_path, capsys):
+    code = main(["export", "--model", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "checkpoint not found" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_missing_optional_dependency_names_the_extra(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` now raises ImportError
+    code = main(["export", "--model", str(checkpoint), "--output", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "onnxscript" in err and "pip install 'sceneparse[export]'" in err and "Traceback" not in err

@@ -1,0 +1,150 @@
+"""`sceneparse serve`: a real server on 127.0.0.1 (port 0) in a thread; its answers are exactly
+`Predictor.predict`'s, and bad requests get JSON errors with the right HTTP status."""
+from __future__ import annotations
+
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sceneparse.data.io import read_image
+from sceneparse.engine.checkpoint import load_model, save_model
+from sceneparse.engine.infer import Predictor
+from sceneparse.engine.serve import make_server
+from sceneparse.engine.visualize import colorize
+from sceneparse.models import build_model
+
+NAMES = ["sky", "road", "car"]
+PALETTE = [[0, 0, 255], [128, 64, 128], [255, 0, 0]]
+MAX_BODY = 100_000
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(2)
+    net = build_model("resnet18", "c1", 3)
+    with torch.no_grad():  # without its random bias, this untrained net predicts all 3 classes on `photos`
+        net.decoder.conv_last.bias.zero_()
+    path = tmp_path_factory.mktemp("ckpt") / "r18.pt"
+    save_model(path, net, NAMES, PALETTE)
+    return load_model(path)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    srv = make_server(model, "127.0.0.1", 0, quiet=True, max_body_bytes=MAX_BODY)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A PNG and a JPEG of a smooth synthetic scene (odd sizes: the Segmenter pads)."""
+    folder = tmp_path_factory.mktemp("photos")
+    yy, xx = np.mgrid[0:45, 0:70]
+    rgb = np.stack([(xx * 3) % 256, (yy * 5) % 256, ((xx + yy) * 2) % 256], axis=-1).astype(np.uint8)
+    rgb[20:30, 10:40] = (250, 30, 30)
+    Image.fromarray(rgb).save(folder / "scene.png")
+    Image.fromarray(rgb).save(folder / "scene.jpg", quality=90)
+    return {"png": folder / "scene.png", "jpg": folder / "scene.jpg"}
+
+
+def request(server, path: str, body: bytes | None = None):
+    """(status, content type, body bytes) of one request; HTTP errors are answers too."""
+    req = urllib.request.Request(server.url + path, data=body, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read()
+
+
+def expected_labels(model, path) -> np.ndarray:
+    return Predictor(model).predict(read_image(path)).cpu().numpy()
+
+
+@pytest.mark.parametrize("kind", ["png", "jpg"])
+def test_label_png_equals_predictor(server, model, photos, kind):
+    status, content_type, body = request(server, "/predict", photos[kind].read_bytes())
+    assert status == 200 and content_type == "image/png"
+    returned = Image.open(io.BytesIO(body))
+    assert returned.mode == "L"  # 8-bit class ids
+    assert np.array_equal(np.asarray(returned), expected_labels(model, photos[kind]))
+
+
+def test_json_fractions_are_the_predictions_counts(server, model, photos):
+    status, content_type, body = request(server, "/predict?format=json", photos["png"].read_bytes())
+    assert status == 200 and content_type == "application/json"
+    result = json.loads(body)
+    labels = expected_labels(model, photos["png"])
+    assert (result["height"], result["width"]) == labels.shape
+    counts = np.bincount(labels.ravel(), minlength=len(NAMES))
+    assert (counts > 0).sum() >= 2  # a meaningful test: several classes present
+    assert {c["id"]: c["pixels"] for c in result["classes"]} == {i: int(n) for i, n in enumerate(counts) if n}
+    assert all(c["name"] == NAMES[c["id"]] and c["fraction"] == c["pixels"] / labels.size for c in result["classes"])
+    assert sum(c["fraction"] for c in result["classes"]) == pytest.approx(1.0)
+
+
+def test_color_png_is_the_palette_colours(server, model, photos):
+    status, _, body = request(server, "/predict?format=color", photos["png"].read_bytes())
+    assert status == 200
+    colours = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+    assert np.array_equal(colours, colorize(expected_labels(model, photos["png"]), PALETTE))
+
+
+def test_concurrent_requests_all_get_the_right_answer(server, model, photos):
+    data = photos["png"].read_bytes()
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: request(server, "/predict", data), range(4)))
+    expected = expected_labels(model, photos["png"])
+    assert all(status == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(body))), expected)
+               for status, _, body in answers)
+
+
+@pytest.mark.parametrize("body", [b"this is not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40], ids=["text", "broken-png"])
+def test_corrupt_body_is_400_with_a_message(server, body):
+    status, content_type, answer = request(server, "/predict", body)
+    assert status == 400 and content_type == "application/json"
+    assert "cannot decode image" in json.loads(answer)["error"]
+    assert request(server, "/health")[0] == 200  # still serving
+
+
+def test_truncated_png_is_400(server, photos):
+    data = photos["png"].read_bytes()
+    status, _, answer = request(server, "/predict", data[: len(data) // 2])
+    assert status == 400 and json.loads(answer)["error"]
+
+
+def test_oversized_body_is_413(server):
+    status, _, answer = request(server, "/predict", b"\x00" * (MAX_BODY + 1))
+    assert status == 413 and str(MAX_BODY) in json.loads(answer)["error"]
+
+
+def test_unknown_format_is_400(server, photos):
+    status, _, answer = request(server, "/predict?format=bmp", photos["png"].read_bytes())
+    assert status == 400 and "unknown format" in json.loads(answer)["error"]
+
+
+def test_health_lists_the_classes(server, model):
+    status, _, body = request(server, "/health")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok"
+    assert health["class_names"] == NAMES and health["device"] == "cpu"
+    assert health["model"] == model.config
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_unknown_path_is_404(server, method):
+    status, _, body = request(server, "/nowhere", b"x" if method == "POST" else None)
+    assert status == 404 and "no such path" in json.loads(body)["error"]
