@@ -316,6 +316,23 @@ def test_crop_pads_with_zero_and_ignore():
     assert sorted(out_mask[out_mask != IGNORE_INDEX].tolist()) == sorted(mask.flatten().tolist())
 
 
+def test_base_size_from_the_config_sets_the_rescaled_short_side():
+    """data.base_size reaches the worker pipeline: the short side becomes base_size * factor,
+    whatever the image's own size (here factor 1, so a 30x40 image becomes 20x27 before a crop
+    that covers it)."""
+    from sceneparse.engine.config import load_config
+    from sceneparse.engine.feed import train_transform_options
+
+    cfg = load_config(None, ["data.crop_size=[40,40]", "data.scale_range=[1.0,1.0]", "data.base_size=20",
+                             "data.flip=false"])
+    pipeline = build_train_transforms(train_transform_options(cfg.data))
+    image, mask = _pair(30, 40)
+    _, out_mask = pipeline(image, mask)
+    assert int((out_mask != IGNORE_INDEX).sum()) == 20 * 27  # round(40 * 20 / 30) = 27
+    with pytest.raises(SceneparseError, match="data.base_size=0: expected a positive short side"):
+        load_config(None, ["data.crop_size=40", "data.base_size=0"])
+
+
 def test_flip_moves_image_and_mask_together():
     pipeline = build_train_transforms({"scales": None, "flip": True, "jitter": 0.3, "scale_range": [0.5, 2.0]})
     h, w = 32, 48

@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from sceneparse.data import IGNORE_INDEX
 from sceneparse.data.device_augment import DeviceAugment
-from sceneparse.data.transforms import resize
+from sceneparse.data.transforms import resize, short_side_size
 from sceneparse.engine.train import train
 from sceneparse.errors import SceneparseError
 
@@ -132,12 +132,13 @@ def test_colour_jitter_matches_torchvision_in_a_random_order(sample):
     assert len(orders) == 6  # every order occurs, as in torchvision's ColorJitter
 
 
-def test_a_batch_equals_torchvision_resize_pad_crop_flip_and_jitter():
+@pytest.mark.parametrize("base_size", [None, 21])
+def test_a_batch_equals_torchvision_resize_pad_crop_flip_and_jitter(base_size):
     """The device path against the worker pipeline's own functions, sample by sample,
-    given the same draws: rescales from 0.5 to 2 (shrinking antialiased), crops inside and padded
-    around the image, flips, jitter in each sample's order. The reference runs on floats (the
-    worker path's uint8 rounding aside, the arithmetic is the same): images agree to float
-    precision, masks exactly."""
+    given the same draws: rescales from 0.5 to 2 (shrinking antialiased; of each image's own short
+    side, or of `base_size`), crops inside and padded around the image, flips, jitter in each
+    sample's order. The reference runs on floats (the worker path's uint8 rounding aside, the
+    arithmetic is the same): images agree to float precision, masks exactly."""
     g = torch.Generator().manual_seed(1)
     sizes = [(30, 40), (23, 37), (40, 27), (17, 19)]
     images = torch.zeros(4, 3, 40, 40, dtype=torch.uint8)
@@ -145,7 +146,7 @@ def test_a_batch_equals_torchvision_resize_pad_crop_flip_and_jitter():
     for i, (h, w) in enumerate(sizes):
         images[i, :, :h, :w] = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
         masks[i, :h, :w] = torch.randint(0, 6, (h, w), dtype=torch.uint8, generator=g)
-    augment = DeviceAugment((24, 32), (0.5, 2.0), flip=True, jitter=0.3, **RAW)
+    augment = DeviceAugment((24, 32), (0.5, 2.0), flip=True, jitter=0.3, base_size=base_size, **RAW)
     checked_scales, flips = [], set()
     for seeds in ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]):
         out, label = augment(images, masks, sizes, seeds)
@@ -154,6 +155,8 @@ def test_a_batch_equals_torchvision_resize_pad_crop_flip_and_jitter():
         for i, ((h, w), seed) in enumerate(zip(sizes, seeds)):
             params = augment.draw(seed)
             scaled_h, scaled_w, top, left = (int(v) for v in layout[i])
+            # the size the worker pipeline's RandomScale gives for this factor
+            assert (scaled_h, scaled_w) == short_side_size(h, w, (base_size or min(h, w)) * params[0], None)
             image = resize(images[i, :, :h, :w] / 255.0, [scaled_h, scaled_w])
             mask = resize(tv_tensors.Mask(masks[i, :h, :w]), [scaled_h, scaled_w])
             # RandomCrop(pad_if_needed): the crop window at (top, left) of the rescaled image,
@@ -230,3 +233,12 @@ def test_a_training_set_too_large_for_the_device_is_refused_with_the_fix(tmp_pat
 def test_device_augmentation_needs_a_crop_size(tmp_path):
     with pytest.raises(SceneparseError, match="data.augment_on=device needs data.crop_size"):
         tiny_config(tmp_path, "data.augment_on=device")
+
+
+def test_the_feed_gives_device_augmentation_the_configs_base_size(tmp_path, monkeypatch):
+    from sceneparse.engine import feed
+
+    monkeypatch.setattr(feed, "_loader_feed", lambda *args: args[-1])  # returns the augmentation
+    cfg = tiny_config(tmp_path, *DEVICE, "data.base_size=40", "data.cache_in_memory=false")
+    augment = feed.training_feed(None, None, cfg.data, torch.device("cpu"), 6)
+    assert isinstance(augment, DeviceAugment) and augment.base_size == 40

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sceneparse.cli.main import main
-from sceneparse.data import IGNORE_INDEX, VOC, Cityscapes, build_dataset, builtin_meta
+from sceneparse.data import IGNORE_INDEX, VOC, Cityscapes, COCOStuff, build_dataset, builtin_meta
 from sceneparse.data.datasets import detect_kind
 from sceneparse.errors import SceneparseError
 
@@ -34,7 +34,8 @@ def write_voc(root: Path, splits: dict[str, list[str]], labels: dict[str, np.nda
     for ids in splits.values():
         for i in ids:
             h, w = labels[i].shape if i in labels else (5, 7)
-            Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(base / "JPEGImages" / f"{i}.jpg")
+            shade = sum(map(ord, i)) % 200 + 30  # photos that differ: `data check` flags duplicates
+            Image.fromarray(np.full((h, w, 3), shade, np.uint8)).save(base / "JPEGImages" / f"{i}.jpg")
     palette = [c for colour in builtin_meta("voc")["palette"] for c in colour]
     for i, label in labels.items():
         png = Image.fromarray(label.astype(np.uint8), mode="P")
@@ -167,6 +168,10 @@ def test_sbd_conversion_errors(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "cannot read SBD label" in err and "d.mat" in err and "Traceback" not in err
     assert not (tmp_path / "voc/VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt").exists()
+    (sbd / "cls" / "d.mat").unlink()
+    assert main(args) == 2
+    assert "d.mat does not exist, though SBD's lists name it" in capsys.readouterr().err
+    (sbd / "cls" / "d.mat").write_bytes(b"not a mat file")
     monkeypatch.setitem(sys.modules, "scipy.io", None)  # scipy not installed
     assert main(args) == 2
     assert "pip install 'sceneparse[sbd]'" in capsys.readouterr().err
@@ -229,11 +234,19 @@ def test_cityscapes_real_sample_matches_its_train_id_file():
 
 
 def test_data_check_detects_voc_and_cityscapes(tmp_path, capsys):
-    write_voc(tmp_path / "voc", {"train": ["a"], "val": ["b"]}, {"a": np.zeros((5, 7)), "b": np.ones((5, 7))})
+    base = write_voc(tmp_path / "voc", {"train": ["a"], "val": ["b"]}, {"a": np.zeros((5, 7)), "b": np.ones((5, 7))})
     write_cityscapes(tmp_path / "cs", "val", "ulm", "ulm_000000_000019", np.full((4, 5), 26, np.uint8))
     assert main(["data", "check", str(tmp_path / "voc"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "voc" and report["splits"] == {"train": 1, "val": 1}
+    # once train_aug exists it holds train: checking both would count (and flag) train's files twice
+    (base / "SegmentationClassAug").mkdir()
+    (base / "SegmentationClassAug" / "a.png").write_bytes((base / "SegmentationClass" / "a.png").read_bytes())
+    (base / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("a\n")
+    assert main(["data", "check", str(tmp_path / "voc"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["splits"] == {"val": 1, "train_aug": 1}
+    assert [p for p in report["problems"] if p["code"] == "duplicate_files"] == []
     assert main(["data", "check", str(tmp_path / "cs"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "cityscapes" and report["splits"] == {"val": 1}
@@ -255,7 +268,8 @@ def _train_then_eval(config: Path, root: Path, run: Path, capsys, *overrides: st
     return json.loads((run / "eval" / "report.json").read_text())
 
 
-def test_voc_config_trains_and_evaluates_on_the_real_samples(tmp_path, capsys):
+@pytest.mark.parametrize("config", ["resnet50dilated-ppm_deepsup.yaml", "resnet50dilated-deeplabv3plus.yaml"])
+def test_voc_config_trains_and_evaluates_on_the_real_samples(tmp_path, capsys, config):
     samples = need_shared("voc_samples")
     base = tmp_path / "voc" / "VOC2012"
     (base / "ImageSets" / "Segmentation").mkdir(parents=True)
@@ -264,7 +278,7 @@ def test_voc_config_trains_and_evaluates_on_the_real_samples(tmp_path, capsys):
     stems = sorted(p.stem for p in (samples / "JPEGImages").iterdir())
     for split, ids in (("train", stems[:10]), ("val", stems[10:12])):  # 2 val images: 513x513 is slow on a CPU
         (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-    report = _train_then_eval(CONFIGS / "voc" / "resnet50dilated-ppm_deepsup.yaml", tmp_path / "voc",
+    report = _train_then_eval(CONFIGS / "voc" / config, tmp_path / "voc",
                               tmp_path / "run", capsys, "data.crop_size=64", "data.train_split=train")
     assert report["dataset"]["kind"] == "voc" and report["num_images"] == 2
     assert len(report["classes"]) == 21 and report["classes"][0]["name"] == "background"
@@ -333,3 +347,35 @@ def test_cli_dataset_kinds_are_the_file_backed_datasets():
     from sceneparse.data import DATASETS
 
     assert set(DATASET_KINDS) == set(DATASETS) - {"synthetic"}
+
+
+def test_layout_detection_leaves_no_room_for_a_wrong_guess(tmp_path):
+    # a folder dataset whose split folders are named like COCO's: its classes file decides
+    for sub in ("images/train2017", "labels/train2017"):
+        (tmp_path / "mine" / sub).mkdir(parents=True)
+    (tmp_path / "mine" / "classes.yaml").write_text("classes: [a, b]\n")
+    assert detect_kind(tmp_path / "mine") == "folder"
+    # COCO-Stuff needs its annotations beside the images
+    (tmp_path / "coco" / "images" / "val2017").mkdir(parents=True)
+    assert detect_kind(tmp_path / "coco") != "coco_stuff"
+    (tmp_path / "coco" / "annotations" / "val2017").mkdir(parents=True)
+    assert detect_kind(tmp_path / "coco") == "coco_stuff"
+    # one VOCdevkit holding VOC2010 (PASCAL-Context) and VOC2012: ambiguous, the user says which
+    (tmp_path / "both" / "VOCdevkit" / "VOC2010" / "SegmentationClassContext").mkdir(parents=True)
+    (tmp_path / "both" / "VOCdevkit" / "VOC2010" / "JPEGImages").mkdir()
+    assert detect_kind(tmp_path / "both") == "pascal_context"
+    (tmp_path / "both" / "VOCdevkit" / "VOC2012" / "JPEGImages").mkdir(parents=True)
+    assert detect_kind(tmp_path / "both") is None
+    with pytest.raises(SceneparseError, match="cannot tell the dataset layout"):
+        from sceneparse.data.check import datasets_to_check
+
+        datasets_to_check(tmp_path / "both")
+
+
+def test_a_bad_coco_stuff_value_is_named_in_a_short_message(tmp_path):
+    for kind, array in (("images", np.zeros((1, 2, 3), np.uint8)), ("annotations", np.array([[0, 200]], np.uint8))):
+        (tmp_path / kind / "val2017").mkdir(parents=True)
+        Image.fromarray(array).save(tmp_path / kind / "val2017" / f"1.{'jpg' if kind == 'images' else 'png'}")
+    with pytest.raises(SceneparseError, match=r"values outside the 171 classes: 200 \(expected class values 0-10, 12-24") as err:
+        COCOStuff(tmp_path, "val")[0]
+    assert len(err.value.message) < 300  # ranges, not the 171 ids one by one

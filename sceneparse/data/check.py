@@ -353,19 +353,21 @@ def _splits(data: dict) -> list:
     if kind == "camvid":
         found = [s for s in CHECK_SPLITS["camvid"] if (root / s / "images").is_dir()]
         return found or ["train"]
-    if kind == "voc":  # the lists present (trainval is train + val: not checked twice)
+    if kind == "voc":  # the lists present; trainval = train + val and train_aug holds train: not twice
         from sceneparse.data.datasets import voc_base
 
         lists = voc_base(root) / "ImageSets" / "Segmentation"
         found = [s for s in CHECK_SPLITS["voc"] if (lists / f"{s}.txt").is_file()]
+        if "train_aug" in found and "train" in found:
+            found.remove("train")
         return found or ["train"]
     if kind == "cityscapes":
         found = [s for s in CHECK_SPLITS["cityscapes"] if (root / "leftImg8bit" / s).is_dir()]
         return found or ["train"]
     if kind == "pascal_context":
-        from sceneparse.data.datasets import voc_base
+        from sceneparse.data.datasets import PascalContext, voc_base
 
-        lists = voc_base(root, "VOC2010") / "ImageSets" / "SegmentationContext"
+        lists = voc_base(root, "VOC2010", PascalContext.layout) / "ImageSets" / "SegmentationContext"
         return [s for s in ("train", "val") if (lists / f"{s}.txt").is_file()] or ["train"]
     if kind == "coco_stuff":
         return [s for s in ("train", "val") if (root / "images" / f"{s}2017").is_dir()] or ["train"]

@@ -89,7 +89,7 @@ class LabelMapper:
 
     def describe(self) -> str:
         if self.raw_ids is not None:
-            ids = ", ".join(map(str, self.raw_ids))
+            ids = _ranges(self.raw_ids)
         else:
             ids = f"{self.offset}..{self.offset + self.num_classes - 1}"
         ignore = _ranges(self.ignore_values) or "none"
@@ -758,13 +758,16 @@ class Folder(SegmentationDataset):
 def detect_kind(root: Path) -> str | None:
     """Guess a folder's dataset layout (a kind of `DATASETS`; None when unknown)."""
     root = Path(root)
-    if (root / "images" / "train2017").is_dir() or (root / "images" / "val2017").is_dir():
+    if find_classes_file(root) is not None:  # the user's own data says so
+        return "folder"
+    if any((root / "images" / s).is_dir() and (root / "annotations" / s).is_dir() for s in ("train2017", "val2017")):
         return "coco_stuff"
-    for base in (root / "VOCdevkit" / "VOC2010", root / "VOC2010", root):
-        if (base / "SegmentationClassContext").is_dir():
-            return "pascal_context"
-    if any((base / "JPEGImages").is_dir() for base in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root)):
-        return "voc"
+    context = any((b / "SegmentationClassContext").is_dir() for b in (root / "VOCdevkit" / "VOC2010", root / "VOC2010", root))
+    voc = any((b / "JPEGImages").is_dir() for b in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root))
+    if context != voc:  # both (one VOCdevkit holding VOC2010 and VOC2012): the caller must say which
+        return "pascal_context" if context else "voc"
+    if context:
+        return None
     if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
         return "cityscapes"
     if (root / "ADEChallengeData2016").is_dir() or ((root / "images").is_dir() and (root / "annotations").is_dir()):

@@ -52,13 +52,15 @@ class DeviceAugment:
 
     def __init__(self, crop: int | Sequence[int], scale_range: Sequence[float] = (0.5, 2.0),
                  flip: bool = True, jitter: float | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 base_size: int | None = None):
         sides = [int(crop)] if isinstance(crop, (int, float)) else [int(c) for c in crop]
         self.crop_h, self.crop_w = sides * 2 if len(sides) == 1 else sides  # an int or [s]: square
         self.scale_low, self.scale_high = (float(s) for s in scale_range)
         self.flip = bool(flip)
         self.jitter = float(jitter or 0.0)
         self.mean, self.std = list(mean), list(std)
+        self.base_size = base_size  # as transforms.RandomScale: the short side the factor multiplies
 
     def draw(self, seed: int) -> list[float]:
         """One sample's parameters (see `PARAMS`) from its seed, on the CPU."""
@@ -73,11 +75,14 @@ class DeviceAugment:
         return [scale, u[1], u[2], flip] + [low + (high - low) * v for v in u[4:7]] + [float(i) for i in order]
 
     def layout(self, params: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        """Per sample (float64, N x 4): the rescaled size `round(h * scale)`, `round(w * scale)`,
+        """Per sample (float64, N x 4): the rescaled size `round(h * scale)`, `round(w * scale)`
+        (with `base_size`: scale = factor * base_size / min(h, w), as `transforms.RandomScale`),
         and the crop's offset in it (y, x), drawn like a random crop: in [0, scaled - crop] when the
         rescaled image is larger than the crop, in [scaled - crop, 0] (the image placed inside a
         padded crop) when it is smaller."""
         scale = params[:, 0:1]
+        if self.base_size:
+            scale = scale * self.base_size / sizes.min(dim=1, keepdim=True).values
         scaled = (sizes * scale).round().clamp(min=1)
         crop = torch.tensor([self.crop_h, self.crop_w], dtype=torch.float64)
         fractions = params[:, 1:3]

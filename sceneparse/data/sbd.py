@@ -40,6 +40,9 @@ def sbd_base(root: str | Path) -> Path:
 
 def read_sbd_label(path: str | Path) -> np.ndarray:
     """The class-id map (uint8 HxW) of one SBD `cls/<id>.mat` file."""
+    if not Path(path).is_file():
+        raise SceneparseError(f"SBD label {path} does not exist, though SBD's lists name it",
+                              "the SBD download is incomplete (a partial extraction?): unpack it again")
     try:
         from scipy.io import loadmat
     except ImportError:

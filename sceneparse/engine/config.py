@@ -45,6 +45,9 @@ class DataConfig:
     # an int (square) or [height, width].
     crop_size: Optional[Any] = None
     scale_range: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    # With crop_size: the short side that scale_range multiplies (VOC's recipes rescale every image
+    # to a 512 short side times the factor); null: each image's own short side.
+    base_size: Optional[int] = None
     flip: bool = True
     color_jitter: float = 0.0  # strength of brightness/contrast/saturation jitter, 0: off
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
@@ -196,6 +199,7 @@ def _check_sizes(cfg: DictConfig) -> None:
          "at least one positive short side (null: each image's own size)"),
         (["data.scale_range"], len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1],
          "[low, high] with 0 < low <= high"),
+        (["data.base_size"], d.base_size is None or d.base_size >= 1, "a positive short side, or null"),
         (["data.color_jitter"], d.color_jitter >= 0, "a strength >= 0 (0: off)"),
         (["data.mean", "data.std"], len(d.mean) == len(d.std) == 3 and all(v > 0 for v in d.std),
          "three values each (RGB), std positive"),

@@ -97,8 +97,8 @@ def train_transform_options(data_cfg) -> dict:
     """DataConfig -> `build_train_transforms` options: CSAIL short-side resize, or scale + crop."""
     jitter = data_cfg.color_jitter or None
     if data_cfg.crop_size:
-        return {"scales": None, "scale_range": list(data_cfg.scale_range), "crop": data_cfg.crop_size,
-                "flip": data_cfg.flip, "jitter": jitter}
+        return {"scales": None, "scale_range": list(data_cfg.scale_range), "base_size": data_cfg.base_size,
+                "crop": data_cfg.crop_size, "flip": data_cfg.flip, "jitter": jitter}
     return {"scales": list(data_cfg.scales), "max_size": data_cfg.max_size, "flip": data_cfg.flip,
             "jitter": jitter}
 
@@ -188,7 +188,8 @@ def training_feed(train_set, sampler: TrainBatches, data_cfg, device: torch.devi
     mask_dtype = torch.uint8 if num_classes < IGNORE_INDEX else torch.int64
     augment = None
     if dc.augment_on == "device":
-        augment = DeviceAugment(dc.crop_size, dc.scale_range, dc.flip, dc.color_jitter, dc.mean, dc.std)
+        augment = DeviceAugment(dc.crop_size, dc.scale_range, dc.flip, dc.color_jitter, dc.mean, dc.std,
+                                base_size=dc.base_size)
         if dc.cache_in_memory:  # set up now: a set too large for the device fails before any step
             return _device_resident_feed(train_set, sampler, augment, device, mask_dtype)
     return _loader_feed(train_set, sampler, dc, device, mask_dtype, augment)
