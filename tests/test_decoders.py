@@ -344,3 +344,75 @@ def test_bisenet_reads_the_finest_and_the_two_deepest_maps():
             assert torch.equal(bisenet(perturbed), out) == (i == 1), i
             # the auxiliary head supervises the context path only
             assert torch.equal(bisenet.forward_aux(perturbed), aux) == (i in (0, 1)), i
+
+
+def test_bisenet_modules_by_hand():
+    """Attention refinement: conv, then x * sigmoid(BN(1x1 conv(mean of x))); feature fusion:
+    F = conv-BN-ReLU(concat), F + F * sigmoid(1x1(ReLU(1x1(mean of F))))."""
+    from sceneparse.models.decoders import _AttentionRefinement, _FeatureFusion
+
+    torch.manual_seed(0)
+    arm, ffm = _AttentionRefinement(6, 4).eval(), _FeatureFusion(8, 8).eval()
+    _randomise(arm, seed=3)
+    _randomise(ffm, seed=4)
+    x, spatial, context = torch.randn(2, 6, 5, 7), torch.randn(2, 4, 5, 7), torch.randn(2, 4, 5, 7)
+    with torch.no_grad():
+        y = arm.conv(x)
+        conv, bn = arm.attention[1], arm.attention[2]
+        pooled = y.mean((2, 3))  # N x C
+        z = pooled @ conv.weight[:, :, 0, 0].t()
+        z = (z - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        torch.testing.assert_close(arm(x), y * torch.sigmoid(z)[:, :, None, None], rtol=1e-5, atol=1e-5)
+
+        f = ffm.fuse(torch.cat([spatial, context], 1))
+        squeeze, excite = ffm.attention[1], ffm.attention[3]
+        h = torch.relu(f.mean((2, 3)) @ squeeze.weight[:, :, 0, 0].t() + squeeze.bias)
+        gate = torch.sigmoid(h @ excite.weight[:, :, 0, 0].t() + excite.bias)
+        torch.testing.assert_close(ffm(spatial, context), f + f * gate[:, :, None, None], rtol=1e-5, atol=1e-5)
+
+
+def test_bisenet_trains_its_context_path_once_per_step():
+    model = build_model("resnet18", "bisenet", num_classes=3).train()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.logits.shape == out.aux.shape == (2, 3, 64, 64)
+    counts = {int(m.num_batches_tracked) for m in model.decoder.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert counts == {1}
+    model.eval()
+    with torch.no_grad():  # the training pass's heads are forward's and forward_aux's
+        features = model.encoder(torch.randn(2, 3, 64, 64))
+        logits, aux = model.decoder.forward_train(features)
+        torch.testing.assert_close(logits, model.decoder(features))
+        torch.testing.assert_close(aux, model.decoder.forward_aux(features))
+
+
+def test_deeplabv3plus_widths_are_the_papers():
+    plus = build_decoder("deeplabv3plus", [24, 2048], 21)
+    assert plus.low_level[0].out_channels == 48  # the low-level projection
+    convs = [m for m in plus.conv_last.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (256 + 48, 256, (3, 3)), (256, 256, (3, 3)), (256, 21, (1, 1))]
+
+
+@pytest.mark.parametrize("decoder", ["danet", "encnet", "bisenet"])
+def test_dynamic_shape_export(decoder, tmp_path):
+    """`sceneparse export --dynamic` (pt2) captures the attention and encoding heads with symbolic
+    H and W, and the file matches the model at other sizes (export_model checks three shapes)."""
+    from sceneparse.engine.export import export_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18dilated", decoder, num_classes=3).eval()
+    report = export_model(model, tmp_path / "m.pt2", format="pt2", size=(40, 48), dynamic=True, log=lambda _: None)
+    assert len(report["checks"]) == 3 and all(check["ok"] for check in report["checks"])
+
+
+def test_channel_attention_stays_finite_under_float16_autocast():
+    from sceneparse.models.layers import ChannelAttention
+
+    cam = ChannelAttention()
+    cam.gamma.data.fill_(1.0)
+    x = torch.rand(1, 8, 128, 256) * 4  # dot products over 32768 positions: far above float16's 65504
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        out = cam(x.half())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), cam(x), rtol=2e-3, atol=2e-2)

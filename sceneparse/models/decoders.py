@@ -43,6 +43,11 @@ class Decoder(nn.Module):
     classifier: str
     min_features = 1
 
+    def forward_train(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(logits, auxiliary logits) of a training step, for decoders with `forward_aux`; a decoder
+        whose two heads share work overrides it to do that work once."""
+        return self(features), self.forward_aux(features)
+
     @classmethod
     def pools_to_1x1(cls, options) -> bool:
         """Whether a branch pools each map to 1x1 with these constructor options: BatchNorm then sees
@@ -496,8 +501,9 @@ class BiSeNet(Decoder):
     is the 1/4 concatenation, taken through features[-2]'s 1/32 in the context path.
 
     The paper's two auxiliary losses supervise the context path's stages; here `forward_aux` is one
-    auxiliary head (3x3 conv-BN-ReLU, 1x1) on the context path's output (recomputed: the context
-    path runs twice per training step; the paper weights it 1, `train.deepsup_weight` here).
+    auxiliary head (3x3 conv-BN-ReLU, 1x1) on the context path's output (the paper weights it 1,
+    `train.deepsup_weight` here). A training step computes the context path once for both heads
+    (`forward_train`), so its BatchNorm statistics update once per step.
     The global context and the attention modules pool to 1x1 with BatchNorm: not for one image.
     """
 
@@ -530,10 +536,20 @@ class BiSeNet(Decoder):
         return self.refine_mid(resize(x, features[0].shape[-2:]))
 
     def forward(self, features: list[Tensor]) -> Tensor:
-        return self.conv_last(self.ffm(self.spatial(features[0]), self.context(features)))
+        return self._fused(features, self.context(features))
 
     def forward_aux(self, features: list[Tensor]) -> Tensor:
-        return self.conv_last_aux(self.cbr_aux(self.context(features)))
+        return self._aux(self.context(features))
+
+    def forward_train(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        context = self.context(features)
+        return self._fused(features, context), self._aux(context)
+
+    def _fused(self, features: list[Tensor], context: Tensor) -> Tensor:
+        return self.conv_last(self.ffm(self.spatial(features[0]), context))
+
+    def _aux(self, context: Tensor) -> Tensor:
+        return self.conv_last_aux(self.cbr_aux(context))
 
 
 DECODERS: dict[str, type[Decoder]] = {

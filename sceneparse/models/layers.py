@@ -57,9 +57,10 @@ class PositionAttention(nn.Module):
     """DANet's position attention module (Fu et al., CVPR 2019): every position j gathers the value
     map from all positions i, weighted by softmax over i of query(x)_j . key(x)_i (1x1 convs to
     `channels // 8`; the value conv keeps `channels`), scaled by `gamma` and added to x. `gamma`
-    starts at 0, so the module starts as the identity. Computed by `scaled_dot_product_attention`
-    with scale 1 (the paper does not scale): on a GPU its fused kernels avoid storing the (H*W)^2
-    attention map; the math fallback (CPU) stores it."""
+    starts at 0, so the module starts as the identity. The (H*W)^2 attention map is stored: about
+    4 (H*W)^2 bytes per image in float32, e.g. 1.1 GB for a 1024x2048 frame at output stride 8 (a
+    fused attention kernel cannot help: its query/key and value widths differ). Plain matrix
+    products rather than `scaled_dot_product_attention`: torch.export keeps H and W dynamic."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -69,11 +70,10 @@ class PositionAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor) -> Tensor:
-        # one attention "head" per image: N x 1 x HW x channels
-        q, k, v = (conv(x).flatten(2).transpose(1, 2).unsqueeze(1) for conv in (self.query, self.key, self.value))
-        # out_j = sum_i softmax_i(q_j . k_i) v_i
-        out = F.scaled_dot_product_attention(q, k, v, scale=1.0).squeeze(1).transpose(1, 2)  # N x C x HW
-        return self.gamma * out.reshape(x.shape) + x
+        q, k, v = (conv(x).flatten(2) for conv in (self.query, self.key, self.value))  # N x C' x HW
+        attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # N x HW (j) x HW (i), softmax over i
+        out = v @ attention.transpose(1, 2)  # out_j = sum_i attention_ji v_i: N x C x HW
+        return self.gamma * out.view_as(x) + x
 
 
 class ChannelAttention(nn.Module):
@@ -87,9 +87,13 @@ class ChannelAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor) -> Tensor:
-        a = x.flatten(2)  # N x C x HW
-        attention = torch.softmax(a @ a.transpose(1, 2), dim=-1)  # N x C (j) x C (i)
-        return self.gamma * (attention @ a).view_as(x) + x
+        # float32 even under autocast: the dot products sum over every position, and on a large map
+        # they pass float16's 65504 (inf, then NaN from the softmax)
+        with torch.autocast(x.device.type, enabled=False):
+            a = x.float().flatten(2)  # N x C x HW
+            attention = torch.softmax(a @ a.transpose(1, 2), dim=-1)  # N x C (j) x C (i)
+            out = (attention @ a).view_as(x)
+        return self.gamma * out.to(x.dtype) + x
 
 
 class Encoding(nn.Module):

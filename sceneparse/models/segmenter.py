@@ -50,11 +50,10 @@ class Segmenter(nn.Module):
         padded_size = images.shape[-2:]
 
         features = self.encoder(images)
-        logits = resize(self.decoder(features), padded_size)[..., :height, :width]
         if self.training and self.has_aux:
-            aux = resize(self.decoder.forward_aux(features), padded_size)[..., :height, :width]
-            return SegmenterOutput(logits, aux)
-        return logits
+            logits, aux = self.decoder.forward_train(features)
+            return SegmenterOutput(*(resize(x, padded_size)[..., :height, :width] for x in (logits, aux)))
+        return resize(self.decoder(features), padded_size)[..., :height, :width]
 
 
 def build_model(
