@@ -157,6 +157,13 @@ class SegmentationDataset(Dataset):
         if strict:
             self.raise_if_broken()
 
+    def _init_builtin(self, listing: Listing, mapper: LabelMapper, transforms, strict: bool) -> None:
+        """__init__ of a built-in kind: class names and palette from `meta/<kind>.json`."""
+        meta = builtin_meta(self.kind)
+        SegmentationDataset.__init__(
+            self, listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict
+        )
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -355,9 +362,8 @@ class ADE20K(SegmentationDataset):
             listing = read_odgt(odgt, root)
         else:
             listing = self._scan(_existing_root(root, self.layout), sub)
-        meta = builtin_meta("ade20k")
         mapper = LabelMapper(150, offset=1, ignore_values=(0,))
-        super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
+        self._init_builtin(listing, mapper, transforms, strict)
 
     def _scan(self, root: Path, sub: str) -> Listing:
         base = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
@@ -435,9 +441,8 @@ class CamVid(SegmentationDataset):
         if not (root / sub / "images").is_dir():
             raise SceneparseError(f"{root / sub / 'images'} does not exist", f"expected layout: {self.layout}")
         listing = pair_folders(root / sub / "images", root / sub / "labels")
-        meta = builtin_meta("camvid")
         mapper = LabelMapper(11, offset=0, ignore_values=(11,))
-        super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
+        self._init_builtin(listing, mapper, transforms, strict)
 
 
 # --------------------------------------------------------------------------- Pascal VOC
@@ -478,9 +483,8 @@ class VOC(SegmentationDataset):
             raise SceneparseError(f"the VOC list {list_file} does not exist", hint)
         labels = base / ("SegmentationClassAug" if sub == "train_aug" else "SegmentationClass")
         listing = _listed_pairs(list_file, base / "JPEGImages", labels)
-        meta = builtin_meta("voc")
         mapper = LabelMapper(21, offset=0, ignore_values=(IGNORE_INDEX,))
-        super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
+        self._init_builtin(listing, mapper, transforms, strict)
 
 
 def voc_base(root: Path, year: str = "VOC2012", layout: str = VOC.layout) -> Path:
@@ -513,9 +517,8 @@ class PascalContext(SegmentationDataset):
         if not list_file.is_file():
             raise SceneparseError(f"the PASCAL-Context list {list_file} does not exist", f"expected layout: {self.layout}")
         listing = _listed_pairs(list_file, base / "JPEGImages", base / "SegmentationClassContext")
-        meta = builtin_meta("pascal_context")
         mapper = LabelMapper(59, offset=1, ignore_values=(0, IGNORE_INDEX))
-        super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
+        self._init_builtin(listing, mapper, transforms, strict)
 
 
 def _listed_pairs(list_file: Path, image_dir: Path, label_dir: Path) -> Listing:
@@ -560,11 +563,10 @@ class Cityscapes(SegmentationDataset):
         image_dir, label_dir = root / "leftImg8bit" / sub, root / "gtFine" / sub
         if not image_dir.is_dir():
             raise SceneparseError(f"{image_dir} does not exist", f"expected layout: {self.layout}")
-        meta = builtin_meta("cityscapes")
-        ignored = tuple(v for v in range(self.NUM_LABEL_IDS) if v not in meta["label_ids"])
-        mapper = LabelMapper(19, ignore_values=ignored, raw_ids=tuple(meta["label_ids"]))
-        listing = _cityscapes_pairs(image_dir, label_dir)
-        super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
+        label_ids = builtin_meta("cityscapes")["label_ids"]
+        ignored = tuple(v for v in range(self.NUM_LABEL_IDS) if v not in label_ids)
+        mapper = LabelMapper(19, ignore_values=ignored, raw_ids=tuple(label_ids))
+        self._init_builtin(_cityscapes_pairs(image_dir, label_dir), mapper, transforms, strict)
 
 
 def _cityscapes_pairs(image_dir: Path, label_dir: Path) -> Listing:
@@ -606,10 +608,10 @@ class COCOStuff(SegmentationDataset):
         if not (root / "images" / sub).is_dir():
             raise SceneparseError(f"{root / 'images' / sub} does not exist", f"expected layout: {self.layout}")
         listing = pair_folders(root / "images" / sub, root / "annotations" / sub)
-        meta = builtin_meta("coco_stuff")
-        dropped = tuple(v for v in range(182) if v not in meta["label_ids"])
-        mapper = LabelMapper(171, ignore_values=(*dropped, IGNORE_INDEX), raw_ids=tuple(meta["label_ids"]))
-        super().__init__(listing, meta["class_names"], meta["palette"], mapper, transforms, strict=strict)
+        label_ids = builtin_meta("coco_stuff")["label_ids"]
+        dropped = tuple(v for v in range(182) if v not in label_ids)
+        mapper = LabelMapper(171, ignore_values=(*dropped, IGNORE_INDEX), raw_ids=tuple(label_ids))
+        self._init_builtin(listing, mapper, transforms, strict)
 
 
 # --------------------------------------------------------------------------- Folder
