@@ -379,3 +379,35 @@ def test_a_bad_coco_stuff_value_is_named_in_a_short_message(tmp_path):
     with pytest.raises(SceneparseError, match=r"values outside the 171 classes: 200 \(expected class values 0-10, 12-24") as err:
         COCOStuff(tmp_path, "val")[0]
     assert len(err.value.message) < 300  # ranges, not the 171 ids one by one
+
+
+def _photos_and_labels(image_dir: Path, label_dir: Path, names: list[str], values: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(image_dir / f"{name}.jpg")
+        Image.fromarray(rng.integers(0, values, (40, 56), dtype=np.uint8)).save(label_dir / f"{name}.png")
+
+
+def test_pascal_context_config_trains_and_evaluates(tmp_path, capsys):
+    base = tmp_path / "ctx" / "VOCdevkit" / "VOC2010"
+    names = [f"2008_00000{i}" for i in range(6)]
+    _photos_and_labels(base / "JPEGImages", base / "SegmentationClassContext", names, 60, seed=0)
+    (base / "ImageSets" / "SegmentationContext").mkdir(parents=True)
+    for split, ids in (("train", names[:4]), ("val", names[4:])):
+        (base / "ImageSets" / "SegmentationContext" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    report = _train_then_eval(CONFIGS / "pascal_context" / "resnet50dilated-encnet.yaml", tmp_path / "ctx",
+                              tmp_path / "run", capsys, "data.crop_size=48", "data.base_size=40")
+    assert report["dataset"]["kind"] == "pascal_context" and report["num_images"] == 2
+    assert [c["name"] for c in report["classes"]][:2] == ["aeroplane", "bag"] and len(report["classes"]) == 59
+
+
+def test_coco_stuff_config_trains_and_evaluates(tmp_path, capsys):
+    root = tmp_path / "coco"
+    for split, names in (("train2017", ["000000000009", "000000000025"]), ("val2017", ["000000000139"])):
+        _photos_and_labels(root / "images" / split, root / "annotations" / split, names, 182, seed=len(split))
+    report = _train_then_eval(CONFIGS / "coco_stuff" / "resnet50dilated-deeplabv3plus.yaml", root,
+                              tmp_path / "run", capsys, "data.crop_size=48", "data.base_size=40")
+    assert report["dataset"]["kind"] == "coco_stuff" and report["num_images"] == 1
+    assert len(report["classes"]) == 171 and report["classes"][-1]["name"] == "wood"
