@@ -2,7 +2,9 @@
 dynamic), carry the checkpoint's metadata, and the CLI's mistakes are one message with exit 2."""
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import sys
 
 import pytest
@@ -64,6 +66,7 @@ def test_onnx_dynamic_export_matches_eager_at_another_size_and_carries_metadata(
     meta = read_metadata(path)
     assert meta["normalization"]["mean"] == NORM["mean"] and meta["normalization"]["std"] == NORM["std"]
     assert meta["model_config"] == model.config and meta["dynamic"] is True
+    assert meta["opset"] == next(o.version for o in onnx.load(str(path)).opset_import if o.domain == "")
 
 
 def test_pt2_dynamic_export_matches_eager_at_another_size_and_carries_metadata(checkpoint, tmp_path):
@@ -142,3 +145,76 @@ def test_cli_missing_optional_dependency_names_the_extra(checkpoint, tmp_path, c
     err = capsys.readouterr().err
     assert code == 2
     assert "onnxscript" in err and "pip install 'sceneparse[export]'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("opset, message", [("17", "could not convert this model to --opset 17: it kept opset 18"),
+                                            ("99", "--opset 99 is not an ONNX opset")])
+def test_cli_opset_not_obtained_is_one_message(checkpoint, tmp_path, capfd, opset, message):
+    # (the exporter converts down from its own opset 18; the Pad of DeployModule has no converter to 17)
+    out = tmp_path / "out"
+    code = main(["export", "--model", str(checkpoint), "--output", str(out / "m.onnx"), "--size", "40", "40",
+                 "--opset", opset])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err  # the exporter's own logged traceback is not shown
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_pt2_is_staged_under_a_pt2_name(checkpoint, tmp_path, monkeypatch):
+    # torch warns about (and may one day refuse) an archive whose name does not end in .pt2
+    paths, save, load = [], torch.export.save, torch.export.load
+    monkeypatch.setattr(torch.export, "save", lambda ep, f, **kw: paths.append(str(f)) or save(ep, f, **kw))
+    monkeypatch.setattr(torch.export, "load", lambda f, **kw: paths.append(str(f)) or load(f, **kw))
+    export_model(load_model(checkpoint), tmp_path / "m.pt2", format="pt2", size=(40, 40), log=quiet)
+    assert paths and all(p.endswith(".pt2") for p in paths)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]
+
+
+def test_onnx_weights_side_file_is_moved_with_the_model(checkpoint, tmp_path, monkeypatch):
+    # Above ~1.5 GB of weights the exporter writes them to `<file>.data`; a threshold of 0 does that here.
+    try:
+        program_mod = importlib.import_module("torch.onnx._internal.exporter._onnx_program")
+        monkeypatch.setattr(program_mod, "_LARGE_MODEL_THRESHOLD", 0)
+    except (ImportError, AttributeError):
+        pytest.skip("this torch decides on external ONNX weights differently")
+    path = tmp_path / "m.onnx"
+    export_model(load_model(checkpoint), path, format="onnx", size=(40, 40), log=quiet)  # verified from staging
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # finds its weights
+    assert session.run(None, {"image": images(1, 40, 40).numpy()})[0].shape == (1, 3, 40, 40)
+
+
+def _fail_pt2_save(program, f, **kwargs):
+    raise RuntimeError(f"File {f} cannot be opened.")  # as torch.export.save says it
+
+
+def _fail_onnx_save(self, destination, **kwargs):
+    raise PermissionError(13, "Permission denied", str(destination))
+
+
+@pytest.mark.parametrize("fmt, target, failing", [("pt2", (torch.export, "save"), _fail_pt2_save),
+                                                  ("onnx", (torch.onnx.ONNXProgram, "save"), _fail_onnx_save)])
+def test_cli_write_error_names_the_output_not_the_staged_file(checkpoint, tmp_path, capsys, monkeypatch, fmt, target,
+                                                              failing):
+    monkeypatch.setattr(*target, failing)
+    out = tmp_path / "out" / f"m.{fmt}"
+    code = main(["export", "--model", str(checkpoint), "--output", str(out), "--size", "40", "40"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"cannot write {out}" in err and ".tmp" not in err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_unwritable_folder_is_refused_before_the_capture(checkpoint, tmp_path, monkeypatch):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: folder permissions do not stop writes (the test above simulates them)")
+    monkeypatch.setattr(export_mod, "_capture", lambda *a: pytest.fail("captured before checking the folder"))
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    try:
+        with pytest.raises(SceneparseError, match=f"cannot write {folder / 'm.pt2'}"):
+            export_model(load_model(checkpoint), folder / "m.pt2", format="pt2", size=(40, 40), log=quiet)
+    finally:
+        folder.chmod(0o755)

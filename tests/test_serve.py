@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import struct
 import threading
+import time
+import zlib
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +21,9 @@ from PIL import Image
 from sceneparse.data.io import read_image
 from sceneparse.engine.checkpoint import load_model, save_model
 from sceneparse.engine.infer import Predictor
+from sceneparse.engine import serve as serve_mod
 from sceneparse.engine.serve import make_server
+from sceneparse.errors import SceneparseError
 from sceneparse.engine.visualize import colorize
 from sceneparse.models import build_model
 
@@ -60,9 +66,9 @@ def photos(tmp_path_factory):
     return {"png": folder / "scene.png", "jpg": folder / "scene.jpg"}
 
 
-def request(server, path: str, body: bytes | None = None):
+def request(server, path: str, body: bytes | None = None, method: str | None = None):
     """(status, content type, body bytes) of one request; HTTP errors are answers too."""
-    req = urllib.request.Request(server.url + path, data=body, method="POST" if body is not None else "GET")
+    req = urllib.request.Request(server.url + path, data=body, method=method or ("POST" if body is not None else "GET"))
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, resp.headers["Content-Type"], resp.read()
@@ -148,3 +154,98 @@ def test_health_lists_the_classes(server, model):
 def test_unknown_path_is_404(server, method):
     status, _, body = request(server, "/nowhere", b"x" if method == "POST" else None)
     assert status == 404 and "no such path" in json.loads(body)["error"]
+
+
+def raw(server, data: bytes) -> bytes:
+    """All the server sends on one connection until it closes it (a connection left open: timeout)."""
+    with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def png_header(width: int, height: int) -> bytes:
+    """The start of an RGB PNG of that size: enough for PIL to read its size."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
+
+
+def test_image_above_pils_bomb_limit_is_413(server):
+    # 200 MP: PIL raises DecompressionBombError instead of telling the size
+    status, _, answer = request(server, "/predict", png_header(20_000, 10_000))
+    assert status == 413 and "too large" in json.loads(answer)["error"]
+
+
+def test_decoded_size_is_checked_when_the_header_does_not_tell(server, photos, monkeypatch):
+    monkeypatch.setattr(serve_mod, "_header_size", lambda body: (0, 0))  # a header PIL cannot size
+    monkeypatch.setattr(server.service, "max_pixels", 45 * 70 - 1)
+    status, _, answer = request(server, "/predict", photos["png"].read_bytes())
+    assert status == 413 and "70x45" in json.loads(answer)["error"]
+
+
+def test_chunked_upload_is_411_and_closes_the_connection(server):
+    # the unread body must not be read as the next request (here one that would be answered)
+    answer = raw(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 411") and b"Connection: close" in answer
+    assert answer.count(b"HTTP/1.1 ") == 1
+
+
+def test_negative_content_length_is_400(server):
+    answer = raw(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") and b"bad Content-Length" in answer
+
+
+def test_stalled_upload_is_408_not_a_model_failure(server, monkeypatch):
+    monkeypatch.setattr(serve_mod.Handler, "timeout", 0.5)  # seconds a client may stall
+    answer = raw(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    assert answer.startswith(b"HTTP/1.1 408") and b"prediction failed" not in answer
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "HEAD"])
+def test_unsupported_method_is_json_405(server, method):
+    status, content_type, body = request(server, "/predict", b"x" if method in ("PUT", "PATCH") else None, method)
+    assert status == 405 and content_type == "application/json"
+    if method != "HEAD":  # (a HEAD answer has no body)
+        assert "not allowed" in json.loads(body)["error"]
+
+
+def test_inference_runs_one_image_at_a_time(server, photos, monkeypatch):
+    active, overlaps = [], []
+
+    class SlowPredictor:  # records calls that overlap
+        def predict(self, image):
+            active.append(1)
+            overlaps.append(len(active) > 1)
+            time.sleep(0.1)
+            active.pop()
+            return torch.zeros(image.shape[-2:], dtype=torch.int64)
+
+    monkeypatch.setattr(server.service, "predictor", SlowPredictor())
+    data = photos["png"].read_bytes()
+    with ThreadPoolExecutor(4) as pool:
+        statuses = [status for status, _, _ in pool.map(lambda _: request(server, "/predict", data), range(4))]
+    assert statuses == [200] * 4 and len(overlaps) == 4 and not any(overlaps)
+
+
+def test_bind_errors_blame_the_port_or_the_host(server, model):
+    with pytest.raises(SceneparseError) as err:  # the port is taken by `server`
+        make_server(model, "127.0.0.1", server.server_address[1], quiet=True)
+    assert "--port" in err.value.hint
+    with pytest.raises(SceneparseError) as err:  # TEST-NET-1: not an address of this machine
+        make_server(model, "192.0.2.1", 0, quiet=True)
+    assert "--host" in err.value.hint and "--port" not in err.value.hint
+
+
+def test_ipv6_host_binds(model):
+    try:
+        srv = make_server(model, "::1", 0, quiet=True)
+    except SceneparseError as err:
+        pytest.skip(f"no IPv6 loopback here: {err.message}")
+    srv.server_close()
+    assert srv.url.startswith("http://[::1]:")

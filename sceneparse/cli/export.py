@@ -29,13 +29,14 @@ def register(subparsers) -> None:
     p.add_argument("--dynamic", action="store_true",
                    help="dynamic batch, height and width (ONNX: not for decoders with adaptive pooling, "
                         "i.e. ppm, ppm_deepsup, upernet)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: the exporter's); an error if the exporter cannot convert the model to it")
     p.add_argument("--input-dtype", choices=["uint8", "float32"], default="uint8",
                    help="dtype of the image input, values 0..255 either way (default uint8)")
     p.add_argument("--argmax", action="store_true", help="output class ids N x H x W (int64) instead of logits")
     p.add_argument("--tolerance", type=float, default=1e-3,
-                   help="largest accepted |exported - eager| logit difference, relative to the largest "
-                        "logit (default 1e-3)")
+                   help="largest accepted |exported - eager| logit difference: TOLERANCE x max(1, largest "
+                        "|logit|), so never below TOLERANCE itself (default 1e-3)")
     p.set_defaults(func=run)
 
 

@@ -18,7 +18,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="checkpoint path or model-zoo name")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 or ::: every "
+                        "interface). The server has no authentication and no TLS: anyone who can reach it can use "
+                        "it, so keep 127.0.0.1 unless it is behind a reverse proxy")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
     p.add_argument("--scales", type=int, nargs="+", metavar="SHORT",
                    help="test short sides, e.g. 450 or 300 450 600 (default: the original size)")

@@ -20,6 +20,8 @@ removed. `onnxruntime` runs the verification.
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +39,7 @@ METADATA_FILE = "sceneparse.json"  # the extra file inside a .pt2 archive
 INSTALL_HINT = "pip install 'sceneparse[export]'"
 # The exporters' own names for what ONNX needs; each is imported lazily.
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
+MIN_OPSET = 7  # the oldest opset torch's ONNX exporters ever wrote
 
 
 class DeployModule(nn.Module):
@@ -173,62 +176,81 @@ def export_model(
                 "export ONNX at the fixed size your deployment resizes to (--size H W, without --dynamic), "
                 "or use --format pt2, which keeps sizes dynamic",
             )
+        if opset is not None:
+            import onnx
+
+            newest = onnx.defs.onnx_opset_version()
+            if not MIN_OPSET <= opset <= newest:
+                raise SceneparseError(f"--opset {opset} is not an ONNX opset this installation can write",
+                                      f"use {MIN_OPSET} to {newest}, or omit --opset (the exporter's default)")
     output = Path(output)
+    # Everything is written into a fresh hidden folder beside the output and moved over it once
+    # verified: a failed export leaves an earlier file of that name as it was; the staged file has
+    # its final name (torch wants a .pt2 name; ONNX names a weights side file after its file); and
+    # an unwritable destination is found now, before the slow capture.
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.TemporaryDirectory(prefix=f".{output.stem}.", suffix=".tmp", dir=output.parent)
     except OSError as err:
-        raise SceneparseError(f"cannot create the folder of {output}: {err.strerror or err}") from None
-
-    model = model.cpu().eval()
-    mean, std = _normalization(model)
-    module = DeployModule(model, mean, std, argmax=argmax).eval()
-    metadata = model_metadata(model, (height, width), dynamic, input_dtype, argmax)
-    # torch.export specialises sizes 0 and 1: a dynamic batch needs an example batch of 2.
-    example = _random_images(2 if dynamic else 1, height, width, input_dtype, seed=0)
-    program = _capture(module, example, dynamic, multiple)
-    # Written beside the output and renamed over it once verified: a failed export leaves an
-    # earlier file of that name as it was.
-    staged = output.with_name(f".{output.name}.tmp")
-    if format == "onnx":
-        _save_onnx(program, example, staged, metadata, opset)
-    else:
+        raise SceneparseError(f"cannot write {output}: {err.strerror or err}",
+                              "choose an --output in a folder you can write to") from None
+    with staging as folder:
+        staged = Path(folder) / output.name
+        model = model.cpu().eval()
+        mean, std = _normalization(model)
+        module = DeployModule(model, mean, std, argmax=argmax).eval()
+        metadata = model_metadata(model, (height, width), dynamic, input_dtype, argmax)
+        # torch.export specialises sizes 0 and 1: a dynamic batch needs an example batch of 2.
+        example = _random_images(2 if dynamic else 1, height, width, input_dtype, seed=0)
+        program = _capture(module, example, dynamic, multiple)
         try:
-            torch.export.save(program, staged, extra_files={METADATA_FILE: json.dumps(metadata)})
-        except OSError as err:
-            _remove(staged)
-            raise SceneparseError(f"cannot write {output}: {err.strerror or err}") from None
-    log(f"exported {output.name} ({format}, {'dynamic N x 3 x H x W' if dynamic else f'1 x 3 x {height} x {width}'}, "
-        f"{input_dtype} input, {'class ids' if argmax else 'logits'} output); verifying")
+            if format == "onnx":
+                _save_onnx(program, example, staged, metadata, opset)
+            else:
+                torch.export.save(program, staged, extra_files={METADATA_FILE: json.dumps(metadata)})
+        except (OSError, RuntimeError) as err:  # torch.export.save reports I/O errors as RuntimeError
+            raise _write_error(err, output, staged) from None
+        layout = "dynamic N x 3 x H x W" if dynamic else f"1 x 3 x {height} x {width}"
+        log(f"exported {output.name} ({format}, {layout}, {input_dtype} input, "
+            f"{'class ids' if argmax else 'logits'} output); verifying")
 
-    checks = []
-    run = _runner(staged, format)
-    for shape in _check_shapes(height, width, dynamic, multiple):
-        check = _compare(model, mean, std, run, shape, input_dtype, argmax, tolerance)
-        checks.append(check)
-        if "error" in check:
-            _remove(staged)
-            raise SceneparseError(
-                f"the exported {format} file fails on an input of shape {tuple(shape)}: {check['error']}; "
-                f"{output} was not written",
-                "export at the fixed size your deployment uses (no --dynamic), or try the other --format",
-            )
-        agreement = f"argmax agreement {100 * check['argmax_agreement']:.3f}%"
-        log(f"verify {'x'.join(map(str, shape))}: " + (f"class ids: {agreement}" if argmax else
-            f"max |difference| {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.2e}), {agreement}"))
-        if not check["ok"]:
-            _remove(staged)
-            raise SceneparseError(
-                f"the exported {format} file disagrees with the eager model at input {tuple(shape)}: max |difference| "
-                f"{check['max_abs_diff']:.3g} > {check['tolerance']:.3g}, argmax agreement "
-                f"{100 * check['argmax_agreement']:.2f}%; {output} was not written",
-                "report this with the command; meanwhile try the other --format, or a static export (no --dynamic)",
-            )
-    try:
-        staged.replace(output)
-    except OSError as err:
-        _remove(staged)
-        raise SceneparseError(f"cannot write {output}: {err.strerror or err}") from None
+        checks = []
+        run = _runner(staged, format)
+        for shape in _check_shapes(height, width, dynamic, multiple):
+            check = _compare(model, mean, std, run, shape, input_dtype, argmax, tolerance)
+            checks.append(check)
+            if "error" in check:
+                raise SceneparseError(
+                    f"the exported {format} file fails on an input of shape {tuple(shape)}: {check['error']}; "
+                    f"{output} was not written",
+                    "export at the fixed size your deployment uses (no --dynamic), or try the other --format",
+                )
+            agreement = f"argmax agreement {100 * check['argmax_agreement']:.3f}%"
+            log(f"verify {'x'.join(map(str, shape))}: " + (f"class ids: {agreement}" if argmax else
+                f"max |difference| {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.2e}), {agreement}"))
+            if not check["ok"]:
+                raise SceneparseError(
+                    f"the exported {format} file disagrees with the eager model at input {tuple(shape)}: "
+                    f"max |difference| {check['max_abs_diff']:.3g} > {check['tolerance']:.3g}, argmax agreement "
+                    f"{100 * check['argmax_agreement']:.2f}%; {output} was not written",
+                    "report this with the command; meanwhile try the other --format, or a static export (no --dynamic)",
+                )
+        try:
+            for path in sorted(staged.parent.iterdir(), key=lambda p: p == staged):  # a weights side file first
+                path.replace(output.parent / path.name)
+        except OSError as err:
+            raise _write_error(err, output, staged) from None
     return {"path": output, "format": format, "checks": checks, "metadata": metadata}
+
+
+def _write_error(err: Exception, output: Path, staged: Path) -> SceneparseError:
+    """A failed write, told with the user's path (the staging folder is ours, not theirs)."""
+    if isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    else:
+        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return SceneparseError(f"cannot write {output}: {reason.replace(str(staged.parent), str(output.parent))}",
+                           f"check the free space and permissions of {output.parent}")
 
 
 def _random_images(n: int, h: int, w: int, input_dtype: str, seed: int) -> torch.Tensor:
@@ -258,7 +280,13 @@ def _capture(module: nn.Module, example: torch.Tensor, dynamic: bool, multiple: 
 def _save_onnx(program, example, output: Path, metadata: dict, opset: int | None) -> None:
     import warnings
 
+    # The exporter logs (torch.onnx, onnxscript) a conversion to an older opset that it could not do,
+    # traceback included, and carries on with its own opset: checked below and told once, by us.
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
     try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation chatter about its own internals
             onnx_program = torch.onnx.export(program, (example,), dynamo=True, opset_version=opset,
@@ -268,13 +296,20 @@ def _save_onnx(program, example, output: Path, metadata: dict, opset: int | None
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise SceneparseError(f"ONNX export failed: {type(err).__name__}: {first}",
                               "try another --opset (the exporter's own is the default), or --format pt2") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    obtained = onnx_program.model.opset_imports.get("")
+    if opset is not None and obtained != opset:
+        raise SceneparseError(f"the ONNX exporter could not convert this model to --opset {opset}: "
+                              f"it kept opset {obtained}",
+                              f"omit --opset (the exporter's default), or use --opset {obtained} or above")
+    metadata["opset"] = obtained
     for key, value in metadata.items():
         onnx_program.model.metadata_props[f"sceneparse.{key}"] = json.dumps(value)
-    try:
-        onnx_program.save(output)  # one file (weights would go to a side file only above protobuf's 2 GB)
-    except OSError as err:
-        _remove(output)
-        raise SceneparseError(f"cannot write {output}: {err.strerror or err}") from None
+    # Weights above onnxscript's threshold (1.5 GB, under protobuf's 2 GB limit) go to a side file
+    # `<output name>.data` next to `output`: export_model moves it along.
+    onnx_program.save(output)
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -354,11 +389,3 @@ def _compare(model, mean, std, run, shape, input_dtype, argmax, tolerance) -> di
     agreement = float((out.argmax(dim=1) == ref_ids).double().mean())
     return {"shape": list(shape), "max_abs_diff": diff, "tolerance": tol, "argmax_agreement": agreement,
             "ok": diff <= tol}
-
-
-def _remove(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".data")):
-        try:
-            p.unlink()
-        except OSError:
-            pass

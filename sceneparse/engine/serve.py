@@ -6,15 +6,19 @@ a time (a second concurrent forward pass would only compete for the same cores o
 the peak memory). Decoding is sceneparse's own (`decode_image_bytes`: EXIF orientation, any
 format `sceneparse predict` reads), colours are `visualize.colorize`.
 
-Errors are JSON `{"error": message}`: 400 for a body that is not an image or a bad query, 404 for
-an unknown path, 405 for a wrong method, 411 without Content-Length, 413 for a body above
-`max_body_bytes` or an image above `max_pixels`, 500 for a failure inside the model.
+Errors are JSON `{"error": message}`: 400 for a body that is not an image, a bad query or a bad
+Content-Length, 404 for an unknown path, 405 for a wrong method, 408 for an upload that stalls,
+411 without Content-Length (chunked uploads included), 413 for a body above `max_body_bytes` or an
+image above `max_pixels`, 500 for a failure inside the model. A refused request whose body was not
+read closes the connection (its bytes must not be parsed as the next request).
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import re
+import socket
 import sys
 import threading
 from http import HTTPStatus
@@ -68,16 +72,19 @@ class SegmentationService:
         """Class ids `H x W` (int64, CPU) of an encoded image."""
         from sceneparse.data.io import decode_image_bytes
 
-        h, w = _header_size(body)
-        if h * w > self.max_pixels:
-            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"image of {w}x{h} pixels is above this server's limit of {self.max_pixels} pixels")
+        self._check_pixels(*_header_size(body))  # before decoding: refuse a huge image cheaply
         try:
             image = decode_image_bytes(body, "request body")
         except SceneparseError as err:  # PIL names its buffer object: not useful to a client
             raise RequestError(HTTPStatus.BAD_REQUEST, re.sub(r" <_io\.BytesIO object at \w+>", "", err.message)) from None
+        self._check_pixels(*image.shape[-2:])  # the header may not have told (a format PIL cannot size)
         with self.lock:
             return self.predictor.predict(image).cpu()
+
+    def _check_pixels(self, h: int, w: int) -> None:
+        if h * w > self.max_pixels:
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               f"image of {w}x{h} pixels is above this server's limit of {self.max_pixels} pixels")
 
     def respond(self, labels: torch.Tensor, fmt: str) -> tuple[bytes, str]:
         """(body, content type) of a prediction in format `fmt`."""
@@ -98,13 +105,16 @@ class SegmentationService:
 
 def _header_size(body: bytes) -> tuple[int, int]:
     """(H, W) from the image header, before decoding (cheap); (0, 0) if PIL cannot tell (the decoder
-    then gives the error)."""
+    then gives the error). PIL's own decompression-bomb refusal (above ~179 MP, or its warning
+    above ~89 MP when warnings are errors) is a 413 too, not a header it cannot read."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(body)) as img:
             w, h = img.size
         return h, w
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image too large: {err}") from None
     except Exception:  # noqa: BLE001 - not an image PIL knows: decode_image_bytes reports it
         return 0, 0
 
@@ -143,12 +153,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _length(self) -> int:
         value = self.headers.get("Content-Length")
+        if "Transfer-Encoding" in self.headers:  # (a Content-Length beside it would not be the length)
+            raise RequestError(HTTPStatus.LENGTH_REQUIRED,
+                               "chunked uploads are not supported: send the image with a Content-Length")
         if value is None:
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send the image as the request body with a Content-Length")
         try:
             length = int(value)
         except ValueError:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {value!r}") from None
+            length = -1
+        if length < 0:  # (a negative one would make rfile.read wait for the client to close)
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {value!r}")
         if length > self.server.service.max_body_bytes:
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                f"body of {length} bytes is above this server's limit of "
@@ -186,7 +201,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
-        unread = _declared_length(self.headers)  # body bytes still in the socket
+        unread = _declared_length(self.headers)  # body bytes still in the socket, as far as we can drain them
+        body_read = False
         try:
             if url.path != "/predict":
                 raise RequestError(HTTPStatus.NOT_FOUND, f"no such path {url.path!r}; try POST /predict")
@@ -194,23 +210,37 @@ class Handler(BaseHTTPRequestHandler):
             if fmt not in FORMATS:
                 raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
             length = self._length()
-            body = self.rfile.read(length)
+            try:
+                body = self.rfile.read(length)
+            except TimeoutError:  # the client stalled (Handler.timeout): its doing, not the model's
+                unread = 0  # draining would only wait for it again
+                raise RequestError(HTTPStatus.REQUEST_TIMEOUT,
+                                   f"the body stalled: no data for {self.timeout} seconds") from None
             unread = 0
             if len(body) < length:
                 raise RequestError(HTTPStatus.BAD_REQUEST, "the body ended before its Content-Length")
+            body_read = True
             labels = self.server.service.segment(body)
             payload, content_type = self.server.service.respond(labels, fmt)
         except RequestError as err:
-            # An unread body would be parsed as the next request on this connection: close it.
-            self._error(err.status, err.message, close=unread > 0)
+            # A body not read whole (refused early, chunked, stalled) would be parsed as the next
+            # request on this connection: close it.
+            self._error(err.status, err.message, close=not body_read)
             self._drain(unread)
             return
         except Exception as err:  # noqa: BLE001 - a bug or out of memory: answer, log, keep serving
             self.log_error("prediction failed: %s: %s", type(err).__name__, err)
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"prediction failed: {type(err).__name__}: {err}",
-                        close=unread > 0)
+                        close=not body_read)
             return
         self._send(HTTPStatus.OK, payload, content_type)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals as JSON too: a bad request line, and (its 501) a method
+        without a `do_` handler, which for this server is a 405."""
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} not allowed; use GET or POST"
+        self._error(HTTPStatus(code), message or HTTPStatus(code).phrase, close=True)  # any body is unread
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
         if not self.server.quiet:  # the access log; errors are always logged (log_error)
@@ -221,6 +251,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def _declared_length(headers) -> int:
+    if "Transfer-Encoding" in headers:  # chunked: not a length we can drain
+        return 0
     try:
         return max(0, int(headers.get("Content-Length", 0)))
     except ValueError:
@@ -235,12 +267,14 @@ class SegmentationServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], service: SegmentationService, quiet: bool = False):
         self.service = service
         self.quiet = quiet
+        if ":" in address[0]:  # an IPv6 address such as :: or ::1
+            self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def make_server(model, host: str = "127.0.0.1", port: int = 8080, *, scales=(None,), flip: bool = False,
@@ -255,8 +289,10 @@ def make_server(model, host: str = "127.0.0.1", port: int = 8080, *, scales=(Non
     try:
         return SegmentationServer((host, port), service, quiet=quiet)
     except OSError as err:
-        raise SceneparseError(f"cannot listen on {host}:{port}: {err.strerror or err}",
-                              "choose another --port (or --port 0 for any free one), or another --host") from None
+        hint = ("choose another --port (or --port 0 for any free one)" if err.errno == errno.EADDRINUSE else
+                "use an address of this machine as --host: 127.0.0.1 (this machine only), or 0.0.0.0 / :: "
+                "(every IPv4 / IPv6 interface)")
+        raise SceneparseError(f"cannot listen on {host}:{port}: {err.strerror or err}", hint) from None
 
 
 def serve(server: SegmentationServer, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> None:
