@@ -331,6 +331,9 @@ def test_base_size_from_the_config_sets_the_rescaled_short_side():
     assert int((out_mask != IGNORE_INDEX).sum()) == 20 * 27  # round(40 * 20 / 30) = 27
     with pytest.raises(SceneparseError, match="data.base_size=0: expected a positive short side"):
         load_config(None, ["data.crop_size=40", "data.base_size=0"])
+    with pytest.raises(SceneparseError, match="data.base_size=512, data.crop_size=None: expected data.base_size "
+                                              "with data.crop_size"):
+        load_config(None, ["data.base_size=512"])  # the CSAIL resize (data.scales) has no base size
 
 
 def test_flip_moves_image_and_mask_together():

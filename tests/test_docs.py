@@ -1,4 +1,5 @@
-"""docs/config.md documents exactly the keys the config dataclasses have."""
+"""The docs against the code: docs/config.md documents exactly the config's keys, docs/datasets.md
+every dataset kind, and every config file the docs name exists."""
 from __future__ import annotations
 
 import re

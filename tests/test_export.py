@@ -232,3 +232,9 @@ def test_unwritable_folder_is_refused_before_the_capture(checkpoint, tmp_path, m
             export_model(load_model(checkpoint), folder / "m.pt2", format="pt2", size=(40, 40), log=quiet)
     finally:
         folder.chmod(0o755)
+
+
+def test_cli_pt2_needs_a_pt2_name(checkpoint, tmp_path, capsys):
+    code = main(["export", "--model", str(checkpoint), "--output", str(tmp_path / "m.bin"), "--format", "pt2"])
+    assert code == 2
+    assert "name the output m.pt2" in capsys.readouterr().err and not (tmp_path / "m.bin").exists()

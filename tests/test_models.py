@@ -25,7 +25,7 @@ SMALL_ENCODERS = ["resnet18", "resnet18dilated", "mobilenetv2dilated", "hrnetv2_
 
 
 
-def test_registries_hold_the_csail_names():
+def test_registries_hold_every_encoder_and_decoder_name():
     assert set(DECODERS) == {
         "c1", "c1_deepsup", "ppm", "ppm_deepsup", "upernet", "fcn32s", "fcn16s", "fcn8s", "deeplabv3", "deeplabv3plus",
         "danet", "denseaspp", "encnet", "bisenet",
@@ -121,6 +121,30 @@ def test_train_mode_output_kinds():
     plain = build_model("timm:resnet18", "c1", num_classes=2).train()
     assert type(plain(images)) is torch.Tensor
     assert type(deepsup.eval()(images)) is torch.Tensor
+
+
+def test_a_users_own_decoder_with_an_auxiliary_head_trains():
+    """A plain nn.Module with forward and forward_aux (no `Decoder` base, no forward_train) is a
+    deep-supervision decoder too."""
+    from sceneparse.models import Segmenter, build_encoder
+
+    class Mine(nn.Module):
+        num_classes = 2
+
+        def __init__(self, channels):
+            super().__init__()
+            self.main, self.aux = nn.Conv2d(channels[-1], 2, 1), nn.Conv2d(channels[-2], 2, 1)
+
+        def forward(self, features):
+            return self.main(features[-1])
+
+        def forward_aux(self, features):
+            return self.aux(features[-2])
+
+    encoder = build_encoder("resnet18")
+    model = Segmenter(encoder, Mine(encoder.channels)).train()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert isinstance(out, SegmenterOutput) and out.logits.shape == out.aux.shape == (2, 2, 32, 32)
 
 
 def test_config_rebuilds_the_same_model():

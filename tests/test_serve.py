@@ -249,3 +249,25 @@ def test_ipv6_host_binds(model):
         pytest.skip(f"no IPv6 loopback here: {err.message}")
     srv.server_close()
     assert srv.url.startswith("http://[::1]:")
+
+
+def test_the_serve_command_passes_its_options_to_the_server(model, tmp_path, monkeypatch, capsys):
+    """`sceneparse serve` (the CLI, up to serving): the flags reach the Predictor and the server,
+    and bad ones are one message before any model is loaded."""
+    from sceneparse.cli.main import main
+
+    path = tmp_path / "m.pt"
+    save_model(path, model, NAMES, PALETTE)
+    served = []
+    monkeypatch.setattr(serve_mod, "serve", lambda srv: (served.append(srv), srv.server_close()))
+    assert main(["serve", "--model", str(path), "--port", "0", "--scales", "40", "60", "--flip",
+                 "--max-body-mb", "0.5", "--device", "cpu", "--quiet"]) == 0
+    (srv,) = served
+    predictor = srv.service.predictor
+    assert predictor.scales == (40, 60) and predictor.flip and srv.service.max_body_bytes == 512 * 1024
+    assert srv.service.class_names == NAMES and srv.quiet
+    for bad, message in ((["--port", "70000"], "--port must be between 0 and 65535"),
+                         (["--window", "8"], "--window must be at least 32 pixels"),
+                         (["--max-body-mb", "0"], "--max-body-mb must be positive")):
+        assert main(["serve", "--model", str(tmp_path / "absent.pt"), *bad]) == 2
+        assert message in capsys.readouterr().err

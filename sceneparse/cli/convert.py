@@ -6,8 +6,9 @@ from __future__ import annotations
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="convert weights from other code bases",
-        description="Convert weights from other code bases into a sceneparse checkpoint.",
+        help="convert other code bases' weights or datasets",
+        description="Convert other code bases' weights into a sceneparse checkpoint (csail), or a dataset's "
+        "labels into a layout sceneparse reads (sbd).",
     )
     sources = parser.add_subparsers(dest="source", metavar="SOURCE", required=True)
     csail = sources.add_parser(

@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     data = p.add_argument_group("data (either --config, or --data-root and --dataset)")
     data.add_argument("--config", help="training config YAML: its data section (and eval defaults)")
     data.add_argument("--data-root", help="dataset root folder")
-    data.add_argument("--dataset", choices=DATASET_KINDS, help="dataset kind of --data-root")
+    data.add_argument("--dataset", choices=DATASET_KINDS,
+                      help="dataset kind of --data-root (generated data, kind synthetic: use --config)")
     data.add_argument("--classes-file", help="classes file of a folder dataset (default: ROOT/classes.yaml, "
                                              "or the config's data.classes_file)")
     data.add_argument("--split", default=None, help="split to evaluate (default: the config's val split, or val)")

@@ -48,6 +48,9 @@ def run(args) -> int:
         raise SceneparseError(f"--tolerance must be positive, got {args.tolerance}")
     output = Path(args.output).expanduser()
     fmt = args.format or ("pt2" if output.suffix.lower() == ".pt2" else "onnx")
+    if fmt == "pt2" and output.suffix.lower() != ".pt2":  # torch.export.load wants the name to say so
+        raise SceneparseError(f"--format pt2 writes a .pt2 file, not {output.name}",
+                              f"name the output {output.with_suffix('.pt2').name}")
     if args.opset is not None and fmt != "onnx":
         raise SceneparseError("--opset applies to --format onnx only")
     model = load_model(args.model)

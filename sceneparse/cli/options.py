@@ -11,6 +11,27 @@ AMP_CHOICES = ("none", "bf16", "fp16")
 DATASET_KINDS = ("ade20k", "camvid", "voc", "pascal_context", "cityscapes", "coco_stuff", "folder")
 
 
+def add_prediction_args(parser) -> None:
+    """--scales, --max-size, --flip, --window, --device: how `predict` and `serve` run the Predictor."""
+    parser.add_argument("--scales", type=int, nargs="+", metavar="SHORT",
+                        help="test short sides, e.g. 450 or 300 450 600 (default: the original size)")
+    parser.add_argument("--max-size", type=int, default=1000,
+                        help="cap on the resized long side with --scales (default: 1000)")
+    parser.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
+    parser.add_argument("--window", type=int, default=1024,
+                        help="network inputs larger than this run as overlapping windows, bounding memory "
+                             "(default: 1024)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+
+def check_prediction_args(args) -> None:
+    """The sizes of `add_prediction_args`, refused before any model is loaded."""
+    if args.window < 32:
+        raise SceneparseError(f"--window must be at least 32 pixels, got {args.window}")
+    if (args.scales and min(args.scales) < 1) or args.max_size < 1:
+        raise SceneparseError("--scales and --max-size must be positive sizes in pixels")
+
+
 def add_inference_speed_args(parser) -> None:
     """--amp, --channels-last, --compile, --cuda-graphs for commands that run a Predictor."""
     parser.add_argument("--amp", choices=AMP_CHOICES, default="none",

@@ -4,7 +4,13 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from sceneparse.cli.options import add_inference_speed_args, compile_errors_explained, inference_speed_options
+from sceneparse.cli.options import (
+    add_inference_speed_args,
+    add_prediction_args,
+    check_prediction_args,
+    compile_errors_explained,
+    inference_speed_options,
+)
 from sceneparse.errors import SceneparseError
 
 
@@ -22,17 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="checkpoint path or model-zoo name")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("--output", default="outputs/predict", help="folder for the result PNGs (default: outputs/predict)")
-    p.add_argument("--scales", type=int, nargs="+", metavar="SHORT",
-                   help="test short sides, e.g. 450 or 300 450 600 (default: the original size)")
-    p.add_argument("--max-size", type=int, default=1000, help="cap on the resized long side with --scales (default: 1000)")
-    p.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
-    p.add_argument("--window", type=int, default=1024,
-                   help="network inputs larger than this run as overlapping windows, bounding memory "
-                        "(default: 1024)")
+    add_prediction_args(p)
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the colours in the overlay (default: 0.5)")
     p.add_argument("--top", type=int, default=5, help="how many of the largest classes to print (default: 5)")
     add_inference_speed_args(p)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=run)
 
 
@@ -103,10 +102,7 @@ def run(args) -> int:
 
     if not 0 <= args.alpha <= 1:
         raise SceneparseError(f"--alpha must be between 0 and 1, got {args.alpha}")
-    if args.window is not None and args.window < 32:
-        raise SceneparseError(f"--window must be at least 32 pixels, got {args.window}")
-    if (args.scales and min(args.scales) < 1) or args.max_size < 1:
-        raise SceneparseError("--scales and --max-size must be positive sizes in pixels")
+    check_prediction_args(args)
     speed = inference_speed_options(args)
     output = Path(args.output).expanduser()
     paths = expand_inputs(args.inputs, exclude=output)

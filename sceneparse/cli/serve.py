@@ -1,6 +1,7 @@
 """`sceneparse serve --model M`: a small HTTP server (GET /health, POST /predict)."""
 from __future__ import annotations
 
+from sceneparse.cli.options import add_prediction_args, check_prediction_args
 from sceneparse.errors import SceneparseError
 
 
@@ -22,13 +23,7 @@ def register(subparsers) -> None:
                         "interface). The server has no authentication and no TLS: anyone who can reach it can use "
                         "it, so keep 127.0.0.1 unless it is behind a reverse proxy")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
-    p.add_argument("--scales", type=int, nargs="+", metavar="SHORT",
-                   help="test short sides, e.g. 450 or 300 450 600 (default: the original size)")
-    p.add_argument("--max-size", type=int, default=1000, help="cap on the resized long side with --scales (default 1000)")
-    p.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
-    p.add_argument("--window", type=int, default=1024,
-                   help="network inputs larger than this run as overlapping windows (default 1024)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add_prediction_args(p)
     p.add_argument("--max-body-mb", type=float, default=20,
                    help="largest accepted request body in MiB; larger ones get HTTP 413 (default 20)")
     p.add_argument("--quiet", action="store_true", help="no access log (errors are still logged)")
@@ -44,10 +39,7 @@ def run(args) -> int:
         raise SceneparseError(f"--port must be between 0 and 65535, got {args.port}")
     if args.max_body_mb <= 0:
         raise SceneparseError(f"--max-body-mb must be positive, got {args.max_body_mb}")
-    if (args.scales and min(args.scales) < 1) or args.max_size < 1:
-        raise SceneparseError("--scales and --max-size must be positive sizes in pixels")
-    if args.window is not None and args.window < 32:
-        raise SceneparseError(f"--window must be at least 32 pixels, got {args.window}")
+    check_prediction_args(args)
     device = resolve_device(args.device)
     model = load_model(args.model, device=device)
     server = make_server(model, args.host, args.port, scales=tuple(args.scales) if args.scales else (None,),

@@ -22,50 +22,11 @@ __all__ = [
 ]
 
 
-def _ade20k(cfg: dict, split: str, transforms, strict: bool = True):
-    return ADE20K(cfg.get("root"), split, odgt=cfg.get("odgt"), transforms=transforms, strict=strict)
-
-
-def _camvid(cfg: dict, split: str, transforms, strict: bool = True):
-    return CamVid(cfg.get("root"), split, transforms=transforms, strict=strict)
-
-
-def _voc(cfg: dict, split: str, transforms, strict: bool = True):
-    return VOC(cfg.get("root"), split, transforms=transforms, strict=strict)
-
-
-def _cityscapes(cfg: dict, split: str, transforms, strict: bool = True):
-    return Cityscapes(cfg.get("root"), split, transforms=transforms, strict=strict)
-
-
-def _pascal_context(cfg: dict, split: str, transforms, strict: bool = True):
-    return PascalContext(cfg.get("root"), split, transforms=transforms, strict=strict)
-
-
-def _coco_stuff(cfg: dict, split: str, transforms, strict: bool = True):
-    return COCOStuff(cfg.get("root"), split, transforms=transforms, strict=strict)
-
-
-def _folder(cfg: dict, split: str, transforms, strict: bool = True):
-    return Folder(
-        cfg.get("root"), split, classes_file=cfg.get("classes_file"), transforms=transforms, strict=strict
-    )
-
-
-def _synthetic(cfg: dict, split: str, transforms, strict: bool = True):
-    count = cfg.get("num_images")
-    if isinstance(count, Mapping):  # {train: 100, val: 30}
-        count = count.get(split)
-    return Synthetic(
-        split, num_images=count, seed=cfg.get("seed") or 0,
-        image_size=cfg.get("image_size") or 128, transforms=transforms,
-    )
-
-
-# kind -> builder(cfg, split, transforms, strict); strict=False keeps a broken listing for the data check
-DATASETS = {
-    "ade20k": _ade20k, "camvid": _camvid, "voc": _voc, "pascal_context": _pascal_context,
-    "cityscapes": _cityscapes, "coco_stuff": _coco_stuff, "folder": _folder, "synthetic": _synthetic,
+# kind -> dataset class; `cls.from_config(data_cfg, split, transforms, strict)` builds one
+# (strict=False keeps a broken listing for the data check), `cls.splits_on_disk(data_cfg)` says
+# which splits a dataset folder has.
+DATASETS: dict[str, type[SegmentationDataset]] = {
+    cls.kind: cls for cls in (ADE20K, CamVid, VOC, PascalContext, Cityscapes, COCOStuff, Folder, Synthetic)
 }
 
 
@@ -86,7 +47,7 @@ def build_dataset(data_cfg, split: str, transforms=None) -> SegmentationDataset:
     if kind not in DATASETS:
         raise SceneparseError(f"unknown dataset kind {kind!r} (`data.kind`)", f"use one of: {', '.join(DATASETS)}")
     splits = split.split("+") if isinstance(split, str) else [split]
-    parts = [DATASETS[kind](dict(data_cfg), name.strip(), transforms) for name in splits]
+    parts = [DATASETS[kind].from_config(dict(data_cfg), name.strip(), transforms) for name in splits]
     dataset = parts[0] if len(parts) == 1 else join_splits(parts)
     if data_cfg.get("cache_in_memory"):
         dataset.cache_in_memory()

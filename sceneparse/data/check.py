@@ -292,13 +292,6 @@ def check_datasets(datasets: dict, root: str = "", workers: int | None = None, p
 
 # --------------------------------------------------------------------------- what to check
 
-CHECK_SPLITS = {
-    "ade20k": ["train", "val"], "camvid": ["train", "val", "test"],
-    "voc": ["train", "val", "train_aug"],
-    "cityscapes": ["train", "val"],  # gtFine's test labels are placeholders: the benchmark keeps the real ones
-}
-
-
 def datasets_to_check(target, kind: str | None = None, split: str | None = None, classes_file=None) -> tuple[dict, str]:
     """`({split: dataset}, root)` for a dataset folder (layout auto-detected unless `kind`) or a
     YAML config (its `data:` section), built without refusing broken listings."""
@@ -335,47 +328,14 @@ def datasets_to_check(target, kind: str | None = None, split: str | None = None,
     if data["kind"] not in DATASETS:
         raise SceneparseError(f"unknown dataset kind {data['kind']!r}", f"use one of: {', '.join(DATASETS)}")
     splits = [split] if split else _splits(data)
-    built = {(s or "all"): DATASETS[data["kind"]](data, s, None, strict=False) for s in splits}
+    built = {(s or "all"): DATASETS[data["kind"]].from_config(data, s, None, strict=False) for s in splits}
     return built, str(data.get("root") or target)
 
 
 def _splits(data: dict) -> list:
-    # "train+val" (joined splits) is checked split by split
+    """The splits a training config names ("train+val" is checked split by split), else those the
+    dataset finds on disk."""
+    from sceneparse.data import DATASETS
+
     named = [s for k in ("train_split", "val_split") if data.get(k) for s in str(data[k]).split("+")]
-    if named:  # a training config says which splits it uses
-        return list(dict.fromkeys(named))
-    kind, root = data["kind"], Path(data.get("root") or ".")
-    if kind == "synthetic":
-        return ["train", "val"]
-    if kind == "ade20k":
-        if data.get("odgt") and not isinstance(data["odgt"], dict) and Path(data["odgt"]).is_file():
-            return ["train"]  # one list file serves every split: check it once
-        return ["train", "val"]
-    if kind == "camvid":
-        found = [s for s in CHECK_SPLITS["camvid"] if (root / s / "images").is_dir()]
-        return found or ["train"]
-    if kind == "voc":  # the lists present; trainval = train + val and train_aug holds train: not twice
-        from sceneparse.data.datasets import voc_base
-
-        lists = voc_base(root) / "ImageSets" / "Segmentation"
-        found = [s for s in CHECK_SPLITS["voc"] if (lists / f"{s}.txt").is_file()]
-        if "train_aug" in found and "train" in found:
-            found.remove("train")
-        return found or ["train"]
-    if kind == "cityscapes":
-        found = [s for s in CHECK_SPLITS["cityscapes"] if (root / "leftImg8bit" / s).is_dir()]
-        return found or ["train"]
-    if kind == "pascal_context":
-        from sceneparse.data.datasets import PascalContext, voc_base
-
-        lists = voc_base(root, "VOC2010", PascalContext.layout) / "ImageSets" / "SegmentationContext"
-        return [s for s in ("train", "val") if (lists / f"{s}.txt").is_file()] or ["train"]
-    if kind == "coco_stuff":
-        return [s for s in ("train", "val") if (root / "images" / f"{s}2017").is_dir()] or ["train"]
-    # folder: split subfolders, then list files, else everything as one split
-    images = root / "images"
-    subdirs = sorted(p.name for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
-    if subdirs:
-        return subdirs
-    lists = [s for s in ("train", "val", "test") if (root / f"{s}.txt").is_file()]
-    return lists or [None]
+    return list(dict.fromkeys(named)) or DATASETS[data["kind"]].splits_on_disk(data)

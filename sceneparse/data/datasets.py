@@ -157,6 +157,16 @@ class SegmentationDataset(Dataset):
         if strict:
             self.raise_if_broken()
 
+    @classmethod
+    def from_config(cls, data: Mapping, split: str | None, transforms=None, strict: bool = True):
+        """The dataset of `split` from a config's `data:` settings (a plain mapping)."""
+        return cls(data.get("root"), split, transforms=transforms, strict=strict)
+
+    @classmethod
+    def splits_on_disk(cls, data: Mapping) -> list:
+        """The splits a dataset folder has, each checked once by `sceneparse data check`."""
+        return ["train", "val"]
+
     def _init_builtin(self, listing: Listing, mapper: LabelMapper, transforms, strict: bool) -> None:
         """__init__ of a built-in kind: class names and palette from `meta/<kind>.json`."""
         meta = builtin_meta(self.kind)
@@ -365,6 +375,17 @@ class ADE20K(SegmentationDataset):
         mapper = LabelMapper(150, offset=1, ignore_values=(0,))
         self._init_builtin(listing, mapper, transforms, strict)
 
+    @classmethod
+    def from_config(cls, data: Mapping, split: str | None, transforms=None, strict: bool = True):
+        return cls(data.get("root"), split, odgt=data.get("odgt"), transforms=transforms, strict=strict)
+
+    @classmethod
+    def splits_on_disk(cls, data: Mapping) -> list:
+        odgt = data.get("odgt")
+        if odgt and not isinstance(odgt, Mapping) and Path(odgt).is_file():
+            return ["train"]  # one list file serves every split: check it once
+        return ["train", "val"]
+
     def _scan(self, root: Path, sub: str) -> Listing:
         base = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
         if not (base / "images").is_dir():
@@ -444,6 +465,11 @@ class CamVid(SegmentationDataset):
         mapper = LabelMapper(11, offset=0, ignore_values=(11,))
         self._init_builtin(listing, mapper, transforms, strict)
 
+    @classmethod
+    def splits_on_disk(cls, data: Mapping) -> list:
+        root = Path(data.get("root") or ".")
+        return [s for s in ("train", "val", "test") if (root / s / "images").is_dir()] or ["train"]
+
 
 # --------------------------------------------------------------------------- Pascal VOC
 
@@ -486,6 +512,15 @@ class VOC(SegmentationDataset):
         mapper = LabelMapper(21, offset=0, ignore_values=(IGNORE_INDEX,))
         self._init_builtin(listing, mapper, transforms, strict)
 
+    @classmethod
+    def splits_on_disk(cls, data: Mapping) -> list:
+        """The lists present; not trainval (train + val) nor train when train_aug (which holds it) is there."""
+        lists = voc_base(Path(data.get("root") or ".")) / "ImageSets" / "Segmentation"
+        found = [s for s in ("train", "val", "train_aug") if (lists / f"{s}.txt").is_file()]
+        if "train_aug" in found and "train" in found:
+            found.remove("train")
+        return found or ["train"]
+
 
 def voc_base(root: Path, year: str = "VOC2012", layout: str = VOC.layout) -> Path:
     """The VOC folder under a dataset root (ROOT/VOCdevkit/VOC2012, ROOT/VOC2012 or ROOT)."""
@@ -519,6 +554,11 @@ class PascalContext(SegmentationDataset):
         listing = _listed_pairs(list_file, base / "JPEGImages", base / "SegmentationClassContext")
         mapper = LabelMapper(59, offset=1, ignore_values=(0, IGNORE_INDEX))
         self._init_builtin(listing, mapper, transforms, strict)
+
+    @classmethod
+    def splits_on_disk(cls, data: Mapping) -> list:
+        lists = voc_base(Path(data.get("root") or "."), "VOC2010", cls.layout) / "ImageSets" / "SegmentationContext"
+        return [s for s in ("train", "val") if (lists / f"{s}.txt").is_file()] or ["train"]
 
 
 def _listed_pairs(list_file: Path, image_dir: Path, label_dir: Path) -> Listing:
@@ -564,9 +604,16 @@ class Cityscapes(SegmentationDataset):
         if not image_dir.is_dir():
             raise SceneparseError(f"{image_dir} does not exist", f"expected layout: {self.layout}")
         label_ids = builtin_meta("cityscapes")["label_ids"]
-        ignored = tuple(v for v in range(self.NUM_LABEL_IDS) if v not in label_ids)
+        # 255 too: sceneparse's own ignore value, which some tools write for unlabelled pixels
+        ignored = (*(v for v in range(self.NUM_LABEL_IDS) if v not in label_ids), IGNORE_INDEX)
         mapper = LabelMapper(19, ignore_values=ignored, raw_ids=tuple(label_ids))
         self._init_builtin(_cityscapes_pairs(image_dir, label_dir), mapper, transforms, strict)
+
+    @classmethod
+    def splits_on_disk(cls, data: Mapping) -> list:
+        # not test: gtFine's test labels are placeholders (the benchmark server keeps the real ones)
+        root = Path(data.get("root") or ".")
+        return [s for s in ("train", "val") if (root / "leftImg8bit" / s).is_dir()] or ["train"]
 
 
 def _cityscapes_pairs(image_dir: Path, label_dir: Path) -> Listing:
@@ -612,6 +659,11 @@ class COCOStuff(SegmentationDataset):
         dropped = tuple(v for v in range(182) if v not in label_ids)
         mapper = LabelMapper(171, ignore_values=(*dropped, IGNORE_INDEX), raw_ids=tuple(label_ids))
         self._init_builtin(listing, mapper, transforms, strict)
+
+    @classmethod
+    def splits_on_disk(cls, data: Mapping) -> list:
+        root = Path(data.get("root") or ".")
+        return [s for s in ("train", "val") if (root / "images" / f"{s}2017").is_dir()] or ["train"]
 
 
 # --------------------------------------------------------------------------- Folder
@@ -733,6 +785,19 @@ class Folder(SegmentationDataset):
             listing, spec.names, spec.palette, mapper, transforms, label_colors=spec.label_colors, strict=strict
         )
 
+    @classmethod
+    def from_config(cls, data: Mapping, split: str | None, transforms=None, strict: bool = True):
+        return cls(data.get("root"), split, classes_file=data.get("classes_file"), transforms=transforms,
+                   strict=strict)
+
+    @classmethod
+    def splits_on_disk(cls, data: Mapping) -> list:
+        """Split subfolders, then list files, else everything as one split (None)."""
+        root = Path(data.get("root") or ".")
+        images = root / "images"
+        subdirs = sorted(p.name for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
+        return subdirs or [s for s in ("train", "val", "test") if (root / f"{s}.txt").is_file()] or [None]
+
     def _scan(self, root: Path, split: str | None) -> Listing:
         if not (root / "images").is_dir():
             raise SceneparseError(f"{root / 'images'} does not exist", f"expected layout: {self.layout}")
@@ -760,7 +825,7 @@ class Folder(SegmentationDataset):
 def detect_kind(root: Path) -> str | None:
     """Guess a folder's dataset layout (a kind of `DATASETS`; None when unknown)."""
     root = Path(root)
-    if find_classes_file(root) is not None:  # the user's own data says so
+    if find_classes_file(root) is not None and (root / "images").is_dir():  # the user's own data says so
         return "folder"
     if any((root / "images" / s).is_dir() and (root / "annotations" / s).is_dir() for s in ("train2017", "val2017")):
         return "coco_stuff"

@@ -1,6 +1,8 @@
 """Built-in dataset metadata (class names, palettes) and the label conventions.
 
-`meta/<name>.json` holds `class_names` and `palette` (one RGB triple per class id 0..C-1).
+`meta/<name>.json` holds `class_names` and `palette` (one RGB triple per class id 0..C-1), a
+`name` and a `source`, and for datasets whose label files hold other ids (Cityscapes, COCO-Stuff)
+`label_ids`: the raw value of each class.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ IGNORE_INDEX = 255
 
 @lru_cache(maxsize=None)
 def builtin_meta(name: str) -> dict:
-    """`{"class_names": [...], "palette": [[r, g, b], ...]}` of a built-in dataset (ade20k, camvid)."""
+    """The metadata of a built-in dataset kind (`meta/<name>.json`: ade20k, camvid, voc, ...)."""
     text = resources.files("sceneparse.data").joinpath("meta", f"{name}.json").read_text("utf-8")
     meta = json.loads(text)
     assert len(meta["class_names"]) == len(meta["palette"]), name

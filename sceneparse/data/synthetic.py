@@ -9,6 +9,7 @@ context, not by one constant colour. A small CNN learns it in minutes on a CPU.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -117,6 +118,14 @@ class Synthetic(SegmentationDataset):
     kind = "synthetic"
     layout = "(generated in memory)"
     on_disk = False
+
+    @classmethod
+    def from_config(cls, data: Mapping, split: str | None, transforms=None, strict: bool = True):
+        count = data.get("num_images")
+        if isinstance(count, Mapping):  # {train: 100, val: 30}
+            count = count.get(split)
+        return cls(split, num_images=count, seed=data.get("seed") or 0, image_size=data.get("image_size") or 128,
+                   transforms=transforms)
 
     def __init__(self, split: str = "train", num_images: int | None = None, seed: int = 0,
                  image_size: int = 128, transforms=None):

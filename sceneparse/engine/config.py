@@ -200,6 +200,8 @@ def _check_sizes(cfg: DictConfig) -> None:
         (["data.scale_range"], len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1],
          "[low, high] with 0 < low <= high"),
         (["data.base_size"], d.base_size is None or d.base_size >= 1, "a positive short side, or null"),
+        (["data.base_size", "data.crop_size"], d.base_size is None or d.crop_size is not None,
+         "data.base_size with data.crop_size (it sets the rescaling of the crop recipe)"),
         (["data.color_jitter"], d.color_jitter >= 0, "a strength >= 0 (0: off)"),
         (["data.mean", "data.std"], len(d.mean) == len(d.std) == 3 and all(v > 0 for v in d.std),
          "three values each (RGB), std positive"),

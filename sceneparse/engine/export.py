@@ -358,8 +358,9 @@ def _check_shapes(h: int, w: int, dynamic: bool, multiple: int) -> list[tuple[in
         def odd(side: int) -> int:  # an odd side is never a multiple of the (even) pad multiple
             return max(multiple + 1, side // 2) | 1
 
-        def whole(side: int) -> int:
-            return max(2 * multiple, side // 2 // multiple * multiple)
+        def whole(side: int) -> int:  # a multiple of the pad multiple other than the example's side
+            size = max(2 * multiple, side // 2 // multiple * multiple)
+            return size if size != side else size + multiple
 
         shapes += [(2, 3, odd(h), odd(w)), (1, 3, whole(h), whole(w))]
     return shapes

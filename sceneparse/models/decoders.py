@@ -121,20 +121,28 @@ class PPM(Decoder):
         return self.conv_last(torch.cat(pyramid, 1))
 
 
-class PPMDeepSup(PPM):
-    """PPM plus CSAIL's auxiliary head: conv3x3-BN-ReLU (-> fc/4), Dropout2d, 1x1 classifier."""
+class _DeepSupOnConv4:
+    """Mixin: CSAIL's (PSPNet's) auxiliary head on features[-2] (conv3x3-BN-ReLU to fc/4,
+    Dropout2d(0.1), 1x1 classifier, with ppm_deepsup's submodule names), used in training only,
+    weighted by `train.deepsup_weight`. A decoder's __init__ calls `_add_deepsup` last."""
 
     min_features = 2
 
-    def __init__(self, channels: list[int], num_classes: int, pool_scales=(1, 2, 3, 6)):
-        super().__init__(channels, num_classes, pool_scales)
-        fc_dim = channels[-1]
-        self.cbr_deepsup = conv3x3_bn_relu(channels[-2], fc_dim // 4)
+    def _add_deepsup(self, channels: list[int], num_classes: int) -> None:
+        self.cbr_deepsup = conv3x3_bn_relu(channels[-2], channels[-1] // 4)
         self.dropout_deepsup = nn.Dropout2d(0.1)
-        self.conv_last_deepsup = nn.Conv2d(fc_dim // 4, num_classes, kernel_size=1)
+        self.conv_last_deepsup = nn.Conv2d(channels[-1] // 4, num_classes, kernel_size=1)
 
     def forward_aux(self, features: list[Tensor]) -> Tensor:
         return self.conv_last_deepsup(self.dropout_deepsup(self.cbr_deepsup(features[-2])))
+
+
+class PPMDeepSup(_DeepSupOnConv4, PPM):
+    """PPM plus CSAIL's auxiliary head (`_DeepSupOnConv4`)."""
+
+    def __init__(self, channels: list[int], num_classes: int, pool_scales=(1, 2, 3, 6)):
+        super().__init__(channels, num_classes, pool_scales)
+        self._add_deepsup(channels, num_classes)
 
 
 class UPerNet(Decoder):
@@ -297,23 +305,7 @@ class DeepLabV3Plus(Decoder):
         return self.conv_last(torch.cat([context, low], 1))
 
 
-class _DeepSupOnConv4(Decoder):
-    """Base for the heads trained with PSPNet's auxiliary loss: CSAIL's deep-supervision head on
-    features[-2] (conv3x3-BN-ReLU to fc/4, Dropout2d(0.1), 1x1 classifier; ppm_deepsup's names),
-    used in training only, weighted by `train.deepsup_weight`."""
-
-    min_features = 2
-
-    def _add_deepsup(self, channels: list[int], num_classes: int) -> None:
-        self.cbr_deepsup = conv3x3_bn_relu(channels[-2], channels[-1] // 4)
-        self.dropout_deepsup = nn.Dropout2d(0.1)
-        self.conv_last_deepsup = nn.Conv2d(channels[-1] // 4, num_classes, kernel_size=1)
-
-    def forward_aux(self, features: list[Tensor]) -> Tensor:
-        return self.conv_last_deepsup(self.dropout_deepsup(self.cbr_deepsup(features[-2])))
-
-
-class DANet(_DeepSupOnConv4):
+class DANet(_DeepSupOnConv4, Decoder):
     """DANet (Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019): two parallel
     branches on the deepest map, each a 3x3 conv-BN-ReLU to `dim` (fc/4 by default, the paper's
     512 for 2048-channel encoders), then position attention (`layers.PositionAttention`) or
@@ -406,7 +398,7 @@ class DenseASPP(Decoder):
         return self.conv_last(x)
 
 
-class EncNet(_DeepSupOnConv4):
+class EncNet(_DeepSupOnConv4, Decoder):
     """EncNet (Zhang et al., "Context Encoding for Semantic Segmentation", CVPR 2018): a 3x3
     conv-BN-ReLU to `dim` (fc/4 by default: 512 for 2048-channel encoders, as the authors' head)
     makes X; the context encoding module (1x1 conv-BN-ReLU, `layers.Encoding` with `codes`

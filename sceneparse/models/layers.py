@@ -57,9 +57,10 @@ class PositionAttention(nn.Module):
     """DANet's position attention module (Fu et al., CVPR 2019): every position j gathers the value
     map from all positions i, weighted by softmax over i of query(x)_j . key(x)_i (1x1 convs to
     `channels // 8`; the value conv keeps `channels`), scaled by `gamma` and added to x. `gamma`
-    starts at 0, so the module starts as the identity. The (H*W)^2 attention map is stored: about
-    4 (H*W)^2 bytes per image in float32, e.g. 1.1 GB for a 1024x2048 frame at output stride 8 (a
-    fused attention kernel cannot help: its query/key and value widths differ). Plain matrix
+    starts at 0, so the module starts as the identity. The (H*W)^2 attention map is stored, twice
+    while the softmax runs: 4 (H*W)^2 bytes per image and copy in float32, e.g. 4.3 GB for a
+    1024x2048 frame at output stride 8 (128x256 positions). A fused attention kernel cannot help:
+    its query/key and value widths differ. Evaluate DANet on large frames with `--window`. Plain matrix
     products rather than `scaled_dot_product_attention`: torch.export keeps H and W dynamic."""
 
     def __init__(self, channels: int):

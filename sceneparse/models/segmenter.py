@@ -51,7 +51,10 @@ class Segmenter(nn.Module):
 
         features = self.encoder(images)
         if self.training and self.has_aux:
-            logits, aux = self.decoder.forward_train(features)
+            # a registry decoder may share work between its two heads; any other runs both
+            forward_train = getattr(self.decoder, "forward_train", None)
+            logits, aux = (forward_train(features) if forward_train is not None
+                           else (self.decoder(features), self.decoder.forward_aux(features)))
             return SegmenterOutput(*(resize(x, padded_size)[..., :height, :width] for x in (logits, aux)))
         return resize(self.decoder(features), padded_size)[..., :height, :width]
 
