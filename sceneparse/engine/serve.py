@@ -6,8 +6,8 @@ a time (a second concurrent forward pass would only compete for the same cores o
 the peak memory). Decoding is sceneparse's own (`decode_image_bytes`: EXIF orientation, any
 format `sceneparse predict` reads), colours are `visualize.colorize`.
 
-Errors are JSON `{"error": message, "status": code}`: 400 for a body that is not an image, a bad query or a bad
-Content-Length, 404 for an unknown path, 405 for a wrong method, 408 for an upload that stalls,
+Errors are JSON `{"error": message, "status": code}`: 400 for a body that is not an image, a bad
+query or a bad Content-Length, 404 for an unknown path, 405 for a wrong method, 408 for an upload that stalls,
 411 without Content-Length (chunked uploads included), 413 for a body above `max_body_bytes` or an
 image above `max_pixels`, 500 for a failure inside the model. A refused request whose body was not
 read closes the connection (its bytes must not be parsed as the next request).
