@@ -1,5 +1,3 @@
-import sys
+from sceneparse.cli.main import entry
 
-from sceneparse.cli.main import main
-
-sys.exit(main())
+entry()

@@ -555,6 +555,9 @@ def test_worker_seeds_differ_per_worker_and_rank_and_repeat():
 
 if __name__ == "__main__":  # run by torchrun from the `ranks` fixture
     worker(Path(sys.argv[1]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as sceneparse.cli.main.entry: no interpreter teardown, which torch's C++ side can abort
 
 
 def test_parameters_that_never_reach_the_output_are_found_and_frozen_for_ddp(tmp_path, capsys):
@@ -582,3 +585,27 @@ def test_parameters_that_never_reach_the_output_are_found_and_frozen_for_ddp(tmp
         dist.destroy_process_group()
     assert "parameters never reach the model's output" in capsys.readouterr().err
     assert not any(p.requires_grad for n, p in model.named_parameters() if n in unreached)
+
+
+def test_a_rank_started_by_torchrun_leaves_without_interpreter_teardown(monkeypatch):
+    """`sceneparse` under torchrun exits through os._exit with main()'s code (the teardown it skips
+    sometimes aborted with "terminate called without an active exception", failing the job); run
+    alone it exits normally."""
+    from sceneparse.cli import main as cli
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exited) as hard:
+        cli.entry()
+    assert hard.value.args == (3,)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit) as soft:
+        cli.entry()
+    assert soft.value.code == 3

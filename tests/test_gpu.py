@@ -375,10 +375,6 @@ def test_checkpoint_round_trip_from_cuda_channels_last(tmp_path):
     assert torch.equal(torch.rand(4, device="cuda"), first)
 
 
-if __name__ == "__main__":  # run by torchrun from test_ddp_syncbn_and_nccl_in_one_process
-    worker(Path(sys.argv[1]))
-
-
 # ------------------------------------------------------------------------- every decoder on CUDA
 
 @needs_cuda
@@ -407,3 +403,7 @@ def test_every_head_trains_a_step_and_predicts_in_bf16_channels_last(decoder):
             bf16 = model(x)
     assert torch.isfinite(bf16).all()
     assert (bf16.argmax(1) == fp32.argmax(1)).float().mean() > 0.98
+
+
+if __name__ == "__main__":  # run by torchrun from test_ddp_syncbn_and_nccl_in_one_process
+    worker(Path(sys.argv[1]))
