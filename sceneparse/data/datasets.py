@@ -524,10 +524,15 @@ class VOC(SegmentationDataset):
 
 def voc_base(root: Path, year: str = "VOC2012", layout: str = VOC.layout) -> Path:
     """The VOC folder under a dataset root (ROOT/VOCdevkit/VOC2012, ROOT/VOC2012 or ROOT)."""
-    for base in (root / "VOCdevkit" / year, root / year, root):
+    for base in _voc_candidates(root, year):
         if (base / "JPEGImages").is_dir():
             return base
     raise SceneparseError(f"{root} has no {year} JPEGImages folder", f"expected layout: {layout}")
+
+
+def _voc_candidates(root: Path, year: str) -> tuple[Path, ...]:
+    """Where a VOC-style download may put its year folder: the tarball's layout, or one level in."""
+    return root / "VOCdevkit" / year, root / year, root
 
 
 class PascalContext(SegmentationDataset):
@@ -829,8 +834,8 @@ def detect_kind(root: Path) -> str | None:
         return "folder"
     if any((root / "images" / s).is_dir() and (root / "annotations" / s).is_dir() for s in ("train2017", "val2017")):
         return "coco_stuff"
-    context = any((b / "SegmentationClassContext").is_dir() for b in (root / "VOCdevkit" / "VOC2010", root / "VOC2010", root))
-    voc = any((b / "JPEGImages").is_dir() for b in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root))
+    context = any((b / "SegmentationClassContext").is_dir() for b in _voc_candidates(root, "VOC2010"))
+    voc = any((b / "JPEGImages").is_dir() for b in _voc_candidates(root, "VOC2012"))
     if context != voc:  # both (one VOCdevkit holding VOC2010 and VOC2012): the caller must say which
         return "pascal_context" if context else "voc"
     if context:
