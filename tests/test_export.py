@@ -104,13 +104,49 @@ def test_cli_pt2_argmax_float_input_writes_class_ids(checkpoint, tmp_path, capsy
     assert read_metadata(path)["output"]["name"] == "labels"
 
 
+@pytest.mark.parametrize("height, width", [(1, 1), (2, 3), (5, 7), (6, 6), (13, 17), (64, 50)])
+@pytest.mark.parametrize("cells", [1, 2, 3, 6, (2, 5)])
+def test_matrix_pool_equals_torchs_adaptive_average_pool(height, width, cells):
+    # sides smaller than, equal to, multiples of and coprime with the cell counts (overlapping cells)
+    x = torch.randn(2, 4, height, width, generator=torch.Generator().manual_seed(height * width))
+    expected = torch.nn.AdaptiveAvgPool2d(cells)(x)
+    got = export_mod.MatrixAdaptiveAvgPool2d(cells)(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 @needs_onnx
-def test_onnx_dynamic_with_adaptive_pooling_is_refused_with_the_way_out(tmp_path):
-    model = build_model("resnet18", "ppm", 3).eval()
+@pytest.mark.parametrize("encoder, decoder", [("resnet18dilated", "ppm_deepsup"), ("resnet18", "upernet")])
+def test_onnx_dynamic_export_of_pyramid_pooling_decoders_matches_eager_at_other_sizes(encoder, decoder, tmp_path):
+    # ONNX has no adaptive pooling: without the matrix form, the pyramid's cells would be baked in
+    # for the example's feature size (8 x 12 here, at output stride 8) and wrong at every other size.
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = build_model(encoder, decoder, 3).eval()
+    with torch.no_grad():  # running statistics away from 0/1, so the pyramid branches shape the output
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / f"{decoder}.onnx"
+    export_model(model, path, format="onnx", size=(64, 96), dynamic=True, log=quiet)
+    assert not any(isinstance(m, export_mod.MatrixAdaptiveAvgPool2d) for m in model.modules())  # caller's model kept
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = images(2, 104, 72, seed=5)  # 13 x 9 features: not the example's, and coprime with 2, 3 and 6 cells
+    ours = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+    with torch.no_grad():
+        expected = model(normalize(x, *export_mod._normalization(model)))  # ImageNet's: no checkpoint here
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_onnx
+def test_onnx_dynamic_with_adaptive_max_pooling_is_refused_with_the_way_out(tmp_path):
+    model = build_model("resnet18", "c1", 3).eval()
+    model.decoder.pyramid = torch.nn.AdaptiveMaxPool2d(3)  # a user's layer: no matrix form exists for max
     with pytest.raises(SceneparseError) as err:
-        export_model(model, tmp_path / "ppm.onnx", format="onnx", size=(64, 64), dynamic=True, log=quiet)
-    assert "adaptive average pooling" in err.value.message and "--format pt2" in err.value.hint
-    assert not (tmp_path / "ppm.onnx").exists()
+        export_model(model, tmp_path / "max.onnx", format="onnx", size=(64, 64), dynamic=True, log=quiet)
+    assert "adaptive max pooling" in err.value.message and "--format pt2" in err.value.hint
+    assert not (tmp_path / "max.onnx").exists()
 
 
 def _off_by_one(run):
@@ -196,6 +232,12 @@ def test_onnx_weights_side_file_is_moved_with_the_model(checkpoint, tmp_path, mo
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # finds its weights
+    assert session.run(None, {"image": images(1, 40, 40).numpy()})[0].shape == (1, 3, 40, 40)
+    # Exported again with its weights inside: the old side file, which nothing reads now, goes.
+    monkeypatch.undo()
+    export_model(load_model(checkpoint), path, format="onnx", size=(40, 40), log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.run(None, {"image": images(1, 40, 40).numpy()})[0].shape == (1, 3, 40, 40)
 
 

@@ -2,6 +2,7 @@
 `Predictor.predict`'s, and bad requests get JSON errors with the right HTTP status."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -43,15 +44,23 @@ def model(tmp_path_factory):
     return load_model(path)
 
 
-@pytest.fixture(scope="module")
-def server(model):
-    srv = make_server(model, "127.0.0.1", 0, quiet=True, max_body_bytes=MAX_BODY)
+@contextlib.contextmanager
+def running(srv):
+    """`srv` serving in a thread, shut down and closed at the end."""
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with running(make_server(model, "127.0.0.1", 0, quiet=True, max_body_bytes=MAX_BODY)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +169,13 @@ def raw(server, data: bytes) -> bytes:
     """All the server sends on one connection until it closes it (a connection left open: timeout)."""
     with socket.create_connection(server.server_address[:2], timeout=10) as sock:
         sock.sendall(data)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+        return read_to_close(sock)
+
+
+def read_to_close(sock) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
     return answer
 
 
@@ -233,6 +246,46 @@ def test_inference_runs_one_image_at_a_time(server, photos, monkeypatch):
     assert statuses == [200] * 4 and len(overlaps) == 4 and not any(overlaps)
 
 
+def slot_taken(slots) -> bool:
+    """Whether no slot is free (a free one is taken and given back at once)."""
+    if not slots.acquire(blocking=False):
+        return True
+    slots.release()
+    return False
+
+
+def test_a_request_beyond_max_concurrent_gets_503_while_health_answers(model, photos):
+    """With one slot, an upload stalled mid-body holds it: the next POST waits `slot_wait`, then
+    gets a JSON 503 with Retry-After and a closed connection; /health never waits; the slot comes
+    back when the upload finishes, and when its client goes away."""
+    data = photos["png"].read_bytes()
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n".encode()
+    with running(make_server(model, "127.0.0.1", 0, quiet=True, max_concurrent=1)) as srv:
+        assert srv.service.max_concurrent == 1 and json.loads(request(srv, "/health")[2])["max_concurrent"] == 1
+        for ending in ("finish", "disconnect"):
+            srv.service.slot_wait = 0.3  # seconds (5 by default)
+            with socket.create_connection(srv.server_address[:2], timeout=10) as upload:
+                upload.sendall(head + b"Connection: close\r\n\r\n" + data[:100])  # mid-body: it holds the slot
+                deadline = time.monotonic() + 5
+                while not slot_taken(srv.service.slots):
+                    assert time.monotonic() < deadline, "the upload never took its slot"
+                    time.sleep(0.01)
+                headers, _, body = raw(srv, head + b"\r\n" + data).partition(b"\r\n\r\n")  # the server must close
+                status_line, *lines = headers.decode().split("\r\n")
+                fields = dict(line.split(": ", 1) for line in lines)
+                assert status_line.startswith("HTTP/1.1 503") and fields["Retry-After"] == "1"
+                assert fields["Content-Type"] == "application/json" and fields["Connection"] == "close"
+                assert json.loads(body)["status"] == 503 and "busy" in json.loads(body)["error"]
+                assert request(srv, "/health")[0] == 200  # no slot needed
+                if ending == "finish":
+                    upload.sendall(data[100:])
+                    assert read_to_close(upload).startswith(b"HTTP/1.1 200")
+            srv.service.slot_wait = 10  # the next request gets the slot as soon as it is released
+            status, _, labels = request(srv, "/predict", data)
+            assert status == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(labels))),
+                                                     expected_labels(model, photos["png"]))
+
+
 def test_bind_errors_blame_the_port_or_the_host(server, model):
     with pytest.raises(SceneparseError) as err:  # the port is taken by `server`
         make_server(model, "127.0.0.1", server.server_address[1], quiet=True)
@@ -254,20 +307,23 @@ def test_ipv6_host_binds(model):
 def test_the_serve_command_passes_its_options_to_the_server(model, tmp_path, monkeypatch, capsys):
     """`sceneparse serve` (the CLI, up to serving): the flags reach the Predictor and the server,
     and bad ones are one message before any model is loaded."""
-    from sceneparse.cli.main import main
+    from sceneparse.cli.main import build_parser, main
 
     path = tmp_path / "m.pt"
     save_model(path, model, NAMES, PALETTE)
     served = []
     monkeypatch.setattr(serve_mod, "serve", lambda srv: (served.append(srv), srv.server_close()))
     assert main(["serve", "--model", str(path), "--port", "0", "--scales", "40", "60", "--flip",
-                 "--max-body-mb", "0.5", "--device", "cpu", "--quiet"]) == 0
+                 "--max-body-mb", "0.5", "--max-concurrent", "2", "--device", "cpu", "--quiet"]) == 0
     (srv,) = served
     predictor = srv.service.predictor
     assert predictor.scales == (40, 60) and predictor.flip and srv.service.max_body_bytes == 512 * 1024
-    assert srv.service.class_names == NAMES and srv.quiet
+    assert srv.service.class_names == NAMES and srv.quiet and srv.service.max_concurrent == 2
+    # the CLI spells its default out (`--help` imports no torch): it must be the server's
+    assert build_parser().parse_args(["serve", "--model", "m"]).max_concurrent == serve_mod.DEFAULT_MAX_CONCURRENT
     for bad, message in ((["--port", "70000"], "--port must be between 0 and 65535"),
                          (["--window", "8"], "--window must be at least 32 pixels"),
-                         (["--max-body-mb", "0"], "--max-body-mb must be positive")):
+                         (["--max-body-mb", "0"], "--max-body-mb must be positive"),
+                         (["--max-concurrent", "0"], "--max-concurrent must be positive")):
         assert main(["serve", "--model", str(tmp_path / "absent.pt"), *bad]) == 2
         assert message in capsys.readouterr().err

@@ -27,8 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
                    help="input size: fixed, or with --dynamic the example size (default 512 512)")
     p.add_argument("--dynamic", action="store_true",
-                   help="dynamic batch, height and width (ONNX: not for decoders with adaptive pooling, "
-                        "i.e. ppm, ppm_deepsup, upernet)")
+                   help="dynamic batch, height and width (the example input is --size)")
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default: the exporter's); an error if the exporter cannot convert the model to it")
     p.add_argument("--input-dtype", choices=["uint8", "float32"], default="uint8",

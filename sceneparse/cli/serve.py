@@ -14,7 +14,7 @@ def register(subparsers) -> None:
             "(JSON). POST /predict with the image file's bytes as the body (JPEG, PNG, ... as "
             "`sceneparse predict` reads): ?format=png (default; class ids, 8-bit PNG), json (size and "
             "per-class pixel fractions) or color (the palette's colours). Inference runs one image at a "
-            "time. Ctrl-C stops. See docs/deploy.md."
+            "time; --max-concurrent bounds the requests in progress. Ctrl-C stops. See docs/deploy.md."
         ),
     )
     p.add_argument("--model", required=True, help="checkpoint path or model-zoo name")
@@ -26,6 +26,10 @@ def register(subparsers) -> None:
     add_prediction_args(p)
     p.add_argument("--max-body-mb", type=float, default=20,
                    help="largest accepted request body in MiB; larger ones get HTTP 413 (default 20)")
+    p.add_argument("--max-concurrent", type=int, default=4, metavar="N",
+                   help="requests read, decoded and predicted at once, each holding its body and image in "
+                        "memory; one more waits up to 5 seconds for a slot, then gets HTTP 503 with "
+                        "Retry-After (default 4). GET /health never waits")
     p.add_argument("--quiet", action="store_true", help="no access log (errors are still logged)")
     p.set_defaults(func=run)
 
@@ -39,11 +43,14 @@ def run(args) -> int:
         raise SceneparseError(f"--port must be between 0 and 65535, got {args.port}")
     if args.max_body_mb <= 0:
         raise SceneparseError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    if args.max_concurrent < 1:
+        raise SceneparseError(f"--max-concurrent must be positive, got {args.max_concurrent}")
     check_prediction_args(args)
     device = resolve_device(args.device)
     model = load_model(args.model, device=device)
     server = make_server(model, args.host, args.port, scales=tuple(args.scales) if args.scales else (None,),
                          flip=args.flip, max_size=args.max_size, window=args.window, device=device,
-                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), quiet=args.quiet)
+                         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                         max_concurrent=args.max_concurrent, quiet=args.quiet)
     serve(server)
     return 0

@@ -118,17 +118,64 @@ def _require_onnx() -> None:
                                   f"{INSTALL_HINT} (or export with --format pt2, which needs only torch)") from None
 
 
-def _adaptive_pools(model: nn.Module) -> list[str]:
-    """Adaptive pooling layers whose output is not 1x1 (PPM's pyramid): ONNX has no operator for
-    them, so the exporter bakes the example input's feature size into the graph."""
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            size = module.output_size
-            sizes = size if isinstance(size, (tuple, list)) else (size, size)
-            if any(s not in (1, None) for s in sizes):
-                found.append(name)
-    return found
+class MatrixAdaptiveAvgPool2d(nn.Module):
+    """`nn.AdaptiveAvgPool2d(output_size)` computed as `rows @ x @ cols^T`, with averaging matrices
+    built from the input's own height and width inside the graph.
+
+    ONNX has no adaptive pooling operator: the exporter turns a pool to more than 1x1 cells (PPM's
+    2, 3 and 6) into a fixed-kernel AveragePool sized for the example input, so the graph is only
+    right at that size. These matrices keep H and W symbolic. Cells are PyTorch's own:
+    `[floor(i * H / n), ceil((i + 1) * H / n))`, so the result equals the layer it replaces (to float
+    rounding; the export's verification checks it against the eager model).
+    """
+
+    def __init__(self, output_size):
+        super().__init__()
+        size = output_size if isinstance(output_size, (tuple, list)) else (output_size, output_size)
+        if any(s is None for s in size):
+            raise ValueError("MatrixAdaptiveAvgPool2d needs both output sides (None keeps a side: not supported)")
+        self.output_size = tuple(int(s) for s in size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _averaging_matrix(self.output_size[0], x.shape[-2], x)
+        cols = _averaging_matrix(self.output_size[1], x.shape[-1], x)
+        return rows @ x @ cols.transpose(0, 1)
+
+
+def _averaging_matrix(cells: int, size, like: torch.Tensor) -> torch.Tensor:
+    """`cells x size`: row i averages the positions of cell i (1 / its width where inside, else 0)."""
+    i = torch.arange(cells, device=like.device)
+    start = i * size // cells
+    end = ((i + 1) * size + cells - 1) // cells
+    position = torch.arange(size, device=like.device)
+    inside = (position >= start[:, None]) & (position < end[:, None])
+    return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+
+def _is_multi_cell_pool(module: nn.Module) -> bool:
+    if not isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return False
+    size = module.output_size
+    sizes = size if isinstance(size, (tuple, list)) else (size, size)
+    return any(s not in (1, None) for s in sizes)
+
+
+def _adaptive_pools(model: nn.Module, kinds=(nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) -> list[str]:
+    """Adaptive pooling layers (of `kinds`) whose output is more than 1x1 (PPM's pyramid)."""
+    return [name for name, module in model.named_modules() if _is_multi_cell_pool(module) and isinstance(module, kinds)]
+
+
+def _with_matrix_pools(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose multi-cell adaptive average pools are MatrixAdaptiveAvgPool2d (the
+    caller's model stays as it was)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for name in _adaptive_pools(model, kinds=(nn.AdaptiveAvgPool2d,)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, MatrixAdaptiveAvgPool2d(parent.get_submodule(child).output_size))
+    return model
 
 
 def export_model(
@@ -167,11 +214,11 @@ def export_model(
         raise SceneparseError(f"--size must be positive, got {height} {width}")
     if format == "onnx":
         _require_onnx()
-        pools = _adaptive_pools(model)
+        pools = _adaptive_pools(model, kinds=(nn.AdaptiveMaxPool2d,))  # average pools are rewritten below
         if dynamic and pools:
             raise SceneparseError(
                 f"the {(model.config or {}).get('decoder', 'model')} decoder cannot be exported to ONNX with dynamic "
-                f"height/width: its adaptive average pooling ({', '.join(pools[:2])}{', ...' if len(pools) > 2 else ''}) "
+                f"height/width: its adaptive max pooling ({', '.join(pools[:2])}{', ...' if len(pools) > 2 else ''}) "
                 "has no ONNX operator, and the exporter would bake one input size into the graph",
                 "export ONNX at the fixed size your deployment resizes to (--size H W, without --dynamic), "
                 "or use --format pt2, which keeps sizes dynamic",
@@ -198,7 +245,9 @@ def export_model(
         staged = Path(folder) / output.name
         model = model.cpu().eval()
         mean, std = _normalization(model)
-        module = DeployModule(model, mean, std, argmax=argmax).eval()
+        # ONNX keeps H and W symbolic only with PPM's pyramid pools written as matrix products.
+        deployed = _with_matrix_pools(model) if format == "onnx" and dynamic else model
+        module = DeployModule(deployed, mean, std, argmax=argmax).eval()
         metadata = model_metadata(model, (height, width), dynamic, input_dtype, argmax)
         # torch.export specialises sizes 0 and 1: a dynamic batch needs an example batch of 2.
         example = _random_images(2 if dynamic else 1, height, width, input_dtype, seed=0)
@@ -235,9 +284,15 @@ def export_model(
                     f"{100 * check['argmax_agreement']:.2f}%; {output} was not written",
                     "report this with the command; meanwhile try the other --format, or a static export (no --dynamic)",
                 )
+        # The weights side file an earlier export of this name wrote belongs to the file replaced
+        # below; this one does not read it, so it goes too (when this export wrote none).
+        stale = output.parent / (output.name + ".data")
+        stale = stale if format == "onnx" and not (staged.parent / stale.name).exists() else None
         try:
             for path in sorted(staged.parent.iterdir(), key=lambda p: p == staged):  # a weights side file first
                 path.replace(output.parent / path.name)
+            if stale is not None:
+                stale.unlink(missing_ok=True)
         except OSError as err:
             raise _write_error(err, output, staged) from None
     return {"path": output, "format": format, "checks": checks, "metadata": metadata}

@@ -3,20 +3,25 @@
 Standard library only (`http.server.ThreadingHTTPServer`): one model, one Predictor, and a lock
 around inference, so requests are read and answered in parallel but the network runs one image at
 a time (a second concurrent forward pass would only compete for the same cores or GPU, and double
-the peak memory). Decoding is sceneparse's own (`decode_image_bytes`: EXIF orientation, any
-format `sceneparse predict` reads), colours are `visualize.colorize`.
+the peak memory). At most `max_concurrent` requests hold a body or an image at once (a slot each,
+from reading the body to sending the answer): without the bound, every simultaneous upload would
+keep its body and decoded image in memory while it waits for the lock. Decoding is sceneparse's
+own (`decode_image_bytes`: EXIF orientation, any format `sceneparse predict` reads), colours are
+`visualize.colorize`.
 
 Errors are JSON `{"error": message, "status": code}`: 400 for a body that is not an image, a bad
 query or a bad Content-Length, 404 for an unknown path, 405 for a wrong method, 408 for an upload that stalls,
 411 without Content-Length (chunked uploads included), 413 for a body above `max_body_bytes` or an
-image above `max_pixels`, 500 for a failure inside the model. A refused request whose body was not
-read closes the connection (its bytes must not be parsed as the next request).
+image above `max_pixels`, 500 for a failure inside the model, 503 (with Retry-After) when no slot
+frees within `slot_wait` seconds. A refused request whose body was not read closes the connection
+(its bytes must not be parsed as the next request). `GET /health` needs no slot.
 """
 from __future__ import annotations
 
 import errno
 import io
 import json
+import math
 import re
 import socket
 import sys
@@ -34,22 +39,28 @@ FORMATS = ("png", "json", "color")
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000  # ~ 8000 x 6000; a decoded image costs 3 bytes a pixel, more in the model
 DRAIN_LIMIT = 8 * 1024 * 1024  # unread body bytes we still read (and drop) after refusing a request
+# Requests holding a body or an image at once: a few, so that the next uploads are read and decoded
+# while the model runs; more would only be more images waiting for the lock.
+DEFAULT_MAX_CONCURRENT = 4
+SLOT_WAIT = 5.0  # seconds a request waits for a slot before its 503: short, as it holds a thread and a connection
 
 
 class RequestError(Exception):
     """A request the server refuses, with its HTTP status."""
 
-    def __init__(self, status: HTTPStatus, message: str):
+    def __init__(self, status: HTTPStatus, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 class SegmentationService:
-    """What the handler calls: the model, its Predictor, and the lock that serialises inference."""
+    """What the handler calls: the model, its Predictor, the lock that serialises inference and the
+    slots that bound the requests in progress."""
 
     def __init__(self, model, predictor, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_concurrent: int = DEFAULT_MAX_CONCURRENT):
         from sceneparse.data.meta import make_palette
 
         self.model = model
@@ -60,13 +71,17 @@ class SegmentationService:
         self.max_body_bytes = int(max_body_bytes)
         self.max_pixels = int(max_pixels)
         self.lock = threading.Lock()
+        self.max_concurrent = int(max_concurrent)
+        self.slots = threading.BoundedSemaphore(self.max_concurrent)
+        self.slot_wait = SLOT_WAIT
 
     def health(self) -> dict:
         p = self.predictor
         return {"status": "ok", "model": dict(getattr(self.model, "config", None) or {}),
                 "num_classes": self.num_classes, "class_names": self.class_names, "palette": self.palette,
                 "device": str(p.device), "scales": list(p.scales), "flip": p.flip,
-                "max_body_bytes": self.max_body_bytes, "formats": list(FORMATS)}
+                "max_body_bytes": self.max_body_bytes, "max_concurrent": self.max_concurrent,
+                "formats": list(FORMATS)}
 
     def segment(self, body: bytes) -> torch.Tensor:
         """Class ids `H x W` (int64, CPU) of an encoded image."""
@@ -135,18 +150,22 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may stall mid-request before its connection is dropped
 
     # ------------------------------------------------------------------ helpers
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, close: bool = False) -> None:
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, close: bool = False,
+              headers: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
 
-    def _error(self, status: HTTPStatus, message: str, close: bool = False) -> None:
-        self._send(status, json.dumps({"error": message, "status": int(status)}).encode(), "application/json", close)
+    def _error(self, status: HTTPStatus, message: str, close: bool = False, headers: dict | None = None) -> None:
+        self._send(status, json.dumps({"error": message, "status": int(status)}).encode(), "application/json",
+                   close, headers)
 
     def _json(self, obj: dict) -> None:
         self._send(HTTPStatus.OK, json.dumps(obj).encode(), "application/json")
@@ -200,9 +219,10 @@ class Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"no such path {path!r}; try GET /health or POST /predict")
 
     def do_POST(self) -> None:  # noqa: N802
+        service = self.server.service
         url = urlsplit(self.path)
         unread = _declared_length(self.headers)  # body bytes still in the socket, as far as we can drain them
-        body_read = False
+        body_read = slot = False
         try:
             if url.path != "/predict":
                 raise RequestError(HTTPStatus.NOT_FOUND, f"no such path {url.path!r}; try POST /predict")
@@ -210,6 +230,13 @@ class Handler(BaseHTTPRequestHandler):
             if fmt not in FORMATS:
                 raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
             length = self._length()
+            # A slot before the body is read: it bounds the bodies and images in memory at once.
+            slot = service.slots.acquire(timeout=service.slot_wait)
+            if not slot:
+                raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                   f"busy: {service.max_concurrent} requests in progress, none finished within "
+                                   f"{service.slot_wait:g} seconds; retry later",
+                                   {"Retry-After": str(max(1, math.ceil(service.slot_wait)))})
             try:
                 body = self.rfile.read(length)
             except TimeoutError:  # the client stalled (Handler.timeout): its doing, not the model's
@@ -220,20 +247,22 @@ class Handler(BaseHTTPRequestHandler):
             if len(body) < length:
                 raise RequestError(HTTPStatus.BAD_REQUEST, "the body ended before its Content-Length")
             body_read = True
-            labels = self.server.service.segment(body)
-            payload, content_type = self.server.service.respond(labels, fmt)
+            labels = service.segment(body)
+            payload, content_type = service.respond(labels, fmt)
         except RequestError as err:
-            # A body not read whole (refused early, chunked, stalled) would be parsed as the next
-            # request on this connection: close it.
-            self._error(err.status, err.message, close=not body_read)
+            # A body not read whole (refused early, chunked, stalled, busy) would be parsed as the
+            # next request on this connection: close it.
+            self._error(err.status, err.message, close=not body_read, headers=err.headers)
             self._drain(unread)
-            return
         except Exception as err:  # noqa: BLE001 - a bug or out of memory: answer, log, keep serving
             self.log_error("prediction failed: %s: %s", type(err).__name__, err)
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"prediction failed: {type(err).__name__}: {err}",
                         close=not body_read)
-            return
-        self._send(HTTPStatus.OK, payload, content_type)
+        else:
+            self._send(HTTPStatus.OK, payload, content_type)
+        finally:  # whatever happened, even a client gone mid-answer: a lost slot would be lost for good
+            if slot:
+                service.slots.release()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals as JSON too: a bad request line, and (its 501) a method
@@ -280,12 +309,13 @@ class SegmentationServer(ThreadingHTTPServer):
 def make_server(model, host: str = "127.0.0.1", port: int = 8080, *, scales=(None,), flip: bool = False,
                 max_size: int = 1000, window: int | None = 1024, device=None,
                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-                quiet: bool = False) -> SegmentationServer:
+                max_concurrent: int = DEFAULT_MAX_CONCURRENT, quiet: bool = False) -> SegmentationServer:
     """A server for `model` bound to host:port (port 0: any free port, see `server.url`), not yet serving."""
     from sceneparse.engine.infer import Predictor
 
     predictor = Predictor(model, scales=scales, flip=flip, max_size=max_size, device=device, window=window)
-    service = SegmentationService(model, predictor, max_body_bytes=max_body_bytes, max_pixels=max_pixels)
+    service = SegmentationService(model, predictor, max_body_bytes=max_body_bytes, max_pixels=max_pixels,
+                                  max_concurrent=max_concurrent)
     try:
         return SegmentationServer((host, port), service, quiet=quiet)
     except OSError as err:
