@@ -101,6 +101,38 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_failing_validation_loses_no_training_and_the_run_resumes_exactly(tmp_path, monkeypatch):
+    # Validation at 3 and 6, with DataLoader workers (which draw their seeds from the global RNG, as
+    # ppm_deepsup's dropout does). The second validation fails (a val image gone bad, say): last.pt
+    # must already hold iteration 6, and resuming must give the uninterrupted run's weights.
+    from sceneparse.engine import evaluate as evaluate_mod
+
+    validating = ["train.val_every=3", "train.checkpoint_every=100", "data.num_workers=2"]
+    straight = tmp_path / "straight"
+    train(config(straight, *validating))
+
+    out = tmp_path / "run"
+    real_evaluate, calls = evaluate_mod.evaluate, []
+
+    def failing_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SceneparseError("cannot read val/0003.png: file is truncated")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", failing_second_time)
+    with pytest.raises(SceneparseError, match="truncated"):
+        train(config(out, *validating))
+    assert torch.load(out / "last.pt", weights_only=True)["train_state"]["iteration"] == 6
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", real_evaluate)
+    assert train(config(out, *validating), resume=True)["iterations"] == 8
+    losses = [{k: v for k, v in r.items() if not k.startswith("val_")} for r in records(out) if "loss" in r]
+    assert losses == [{k: v for k, v in r.items() if not k.startswith("val_")} for r in records(straight) if "loss" in r]
+    ours, theirs = weights(out / "last.pt"), weights(straight / "last.pt")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_sigterm_saves_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     cfg_file = tmp_path / "cfg.yaml"

@@ -423,9 +423,12 @@ class Trainer:
                         if it >= self.schedule.horizon and not done:  # the time budget ran out here
                             done = True
                             validate_now, checkpoint_now = tc.val_every > 0, True
-                    if validate_now:
-                        self._validate(it)
+                    # Saved before validating, so a validation that fails (a bad val image, out of
+                    # memory, a kill) loses no training; saved again if it moved the best mIoU,
+                    # which last.pt carries for a resumed run to compare with.
                     if checkpoint_now or stopping:
+                        self._save_last(it, next_position)
+                    if validate_now and self._validate(it):
                         self._save_last(it, next_position)
                     if validate_now or checkpoint_now:
                         self.window_time = time.perf_counter()  # the speed measures training steps only
@@ -519,17 +522,22 @@ class Trainer:
             f"the last good checkpoint is {self.output_dir / 'last.pt'}",
         )
 
-    def _validate(self, iteration: int) -> None:
+    def _validate(self, iteration: int) -> bool:
         """Distributed evaluation (each rank a share of the images, confusion matrices summed):
-        every rank gets the same metrics, so `best_miou` agrees everywhere."""
+        every rank gets the same metrics, so `best_miou` agrees everywhere. Returns whether the
+        best mIoU improved."""
         from sceneparse.engine.evaluate import evaluate
 
         cfg, dc = self.cfg, self.cfg.data
         dist_utils.broadcast_buffers(self.model)  # every rank evaluates the model rank 0 saves
         core = dist_utils.unwrap(self.model)  # evaluate() switches to eval mode and back
-        metrics = evaluate(core, self.val_set, device=self.info.device, scales=list(cfg.eval.scales),
-                           flip=cfg.eval.flip, max_size=cfg.eval.max_size, mean=list(dc.mean),
-                           std=list(dc.std), num_workers=dc.num_workers)
+        # The random state is left as it was (a DataLoader draws its workers' seeds from it): the
+        # last.pt saved before this validation then resumes exactly as a run that validated.
+        cuda = [self.info.device] if self.info.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            metrics = evaluate(core, self.val_set, device=self.info.device, scales=list(cfg.eval.scales),
+                               flip=cfg.eval.flip, max_size=cfg.eval.max_size, mean=list(dc.mean),
+                               std=list(dc.std), num_workers=dc.num_workers)
         self.last_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         improved = metrics["mean_iou"] > self.best_miou
         self.best_miou = max(self.best_miou, metrics["mean_iou"])
@@ -541,6 +549,7 @@ class Trainer:
             if improved:
                 save_model(self.output_dir / "best.pt", self.model, self.class_names, self.palette,
                            self.normalization)
+        return improved
 
     def _save_last(self, iteration: int, next_position) -> None:
         """`last.pt` with the training state; every rank calls this (its RNG state is gathered) and
