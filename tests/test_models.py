@@ -75,6 +75,7 @@ def test_every_pair_trains_and_predicts_at_input_size(encoder, decoder):
         ("mobilenetv2dilated", [24, 32, 64, 160, 320], [4, 8, 8, 8, 8], 8),
         ("hrnetv2_w18", [18, 36, 72, 144, 270], [4, 8, 16, 32, 4], 32),
         ("timm:convnext_atto", [40, 80, 160, 320], [4, 8, 16, 32], 32),
+        ("timm:test_mambaout", [16, 32, 48, 64], [4, 8, 16, 32], 32),  # timm returns its maps N x H x W x C
     ],
 )
 def test_encoder_attributes_describe_its_feature_maps(name, channels, reductions, pad):
@@ -84,6 +85,25 @@ def test_encoder_attributes_describe_its_feature_maps(name, channels, reductions
         features = encoder(torch.randn(1, 3, 64, 96))
     assert [f.shape[1] for f in features] == channels
     assert [(f.shape[2], f.shape[3]) for f in features] == [(64 // r, 96 // r) for r in reductions]
+
+
+@pytest.mark.parametrize("name, options", [
+    ("timm:vit_tiny_patch16_224", {"depth": 3}),  # timm taps its last 3 blocks
+    ("timm:swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1), "embed_dim": 16}),
+])
+def test_timm_transformers_built_for_one_input_size_take_any_padded_size(name, options):
+    # ViT and Swin assert their 224 training size unless built with dynamic_img_size; Swin's
+    # maps also come N x H x W x C from timm. Through the Segmenter (which pads to 32) any size works.
+    model = build_model(name, "upernet", 3, encoder_options=options).eval()
+    with torch.no_grad():
+        for h, w in [(64, 96), (100, 130)]:
+            assert model(torch.randn(1, 3, h, w)).shape == (1, 3, h, w)
+    # a size option of the user's own is theirs: the fixed size comes back
+    fixed = build_model(name, "c1", 3, encoder_options={**options, "img_size": 64}).eval()
+    with torch.no_grad():
+        assert fixed(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+        with pytest.raises(AssertionError):
+            fixed(torch.randn(1, 3, 64, 96))
 
 
 def test_hrnet_fuses_bilinearly_at_exact_size():
@@ -267,6 +287,8 @@ def test_torchvision_mobilenet_v2_loads(tmp_path):
         ("timm:resnet18", "resnet18", "body.layer3.0.downsample.0.weight"),
         ("timm:convnext_atto", "convnext_atto", "body.stages_2.blocks.1.conv_dw.weight"),
         ("timm:mobilenetv2_100", "mobilenetv2_100", "body.blocks.5.2.conv_dw.weight"),
+        ("timm:test_vit", "test_vit", "body.model.blocks.1.attn.qkv.weight"),  # timm's feature getter
+        ("timm:test_mambaout", "test_mambaout", "body.stages_2.blocks.0.fc1.weight"),
     ],
 )
 def test_timm_state_dicts_load_dropping_only_the_head(tmp_path, encoder_name, timm_name, probe):
@@ -281,7 +303,7 @@ def test_timm_state_dicts_load_dropping_only_the_head(tmp_path, encoder_name, ti
     state = full.state_dict()
     encoder = build_encoder(encoder_name)
     load_encoder_weights(encoder, _save(tmp_path, state))
-    source_key = probe.removeprefix("body.").replace("stages_2", "stages.2")
+    source_key = probe.removeprefix("body.").removeprefix("model.").replace("stages_2", "stages.2")
     assert torch.equal(encoder.state_dict()[probe], state[source_key])
 
 

@@ -18,6 +18,7 @@ import torch
 from timm.models import hrnet as timm_hrnet
 from timm.models import resnet as timm_resnet
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
 from sceneparse.errors import SceneparseError
@@ -234,10 +235,18 @@ class HRNetV2Encoder(Encoder):
 
 # timm.create_model options that only the features_only wrapper understands.
 _FEATURES_ONLY_OPTIONS = {"out_indices", "feature_location", "feature_cls", "feature_cfg", "flatten_sequential"}
+# Options that set the input size of models built for one (ViT, Swin): given one, the user decides.
+_SIZE_OPTIONS = {"img_size", "dynamic_img_size", "strict_img_size", "dynamic_img_pad"}
 
 
 class TimmEncoder(Encoder):
-    """Any timm model with `features_only=True`; options go to `timm.create_model`."""
+    """Any timm model with `features_only=True`; options go to `timm.create_model`.
+
+    Two differences from timm's defaults, both because segmentation feeds images of every size
+    and decoders expect `N x C x H x W` maps: a model that takes `dynamic_img_size` (ViT, Swin, ...)
+    gets `dynamic_img_size=True` unless an option sets its size, and feature maps that a model
+    returns channels-last (`N x H x W x C`: Swin, MambaOut) come back channels-first.
+    """
 
     def __init__(self, model_name: str, **options):
         super().__init__()
@@ -248,16 +257,33 @@ class TimmEncoder(Encoder):
         self.model_name = model_name
         self.options = options
         try:
-            self.body = timm.create_model(model_name, pretrained=False, features_only=True, **options)
+            self.body = self._create(options)
         except TypeError as err:  # an option the model's constructor does not take
             raise SceneparseError(f"bad options for encoder timm:{model_name}: {err}",
                                   hint="check model.encoder_options against the timm model's arguments") from None
         self.channels = list(self.body.feature_info.channels())
         self.reductions = list(self.body.feature_info.reduction())
         self.pad_multiple = max(32, max(self.reductions))
+        self.channels_last_maps = getattr(self.body, "output_fmt", "NCHW") == "NHWC"
+        # timm's feature getter (models whose features come from `forward_intermediates`, e.g. ViT)
+        # keeps the whole model under `model.`; the other wrappers hold its modules directly.
+        self.key_prefix = "body.model." if isinstance(self.body, FeatureGetterNet) else "body."
+
+    def _create(self, options: dict) -> nn.Module:
+        create = partial(timm.create_model, self.model_name, pretrained=False, features_only=True)
+        if not _SIZE_OPTIONS & options.keys():
+            try:
+                return create(dynamic_img_size=True, **options)
+            except TypeError as err:  # a model with one input size for any image: it has no such option
+                if "dynamic_img_size" not in str(err):
+                    raise
+        return create(**options)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        return list(self.body(x))
+        features = list(self.body(x))
+        if self.channels_last_maps:  # a view: channels-first in shape, channels-last in memory
+            features = [f.permute(0, 3, 1, 2) for f in features]
+        return features
 
     @cached_property
     def head_prefixes(self) -> tuple[str, ...]:
@@ -266,21 +292,23 @@ class TimmEncoder(Encoder):
         model_options = {k: v for k, v in self.options.items() if k not in _FEATURES_ONLY_OPTIONS}
         with torch.device("meta"):
             full = timm.create_model(self.model_name, pretrained=False, **model_options)
-        ours = {key.split(".")[1] for key in self.state_dict()}
+        ours = {key[len(self.key_prefix):].split(".")[0] for key in self.state_dict()}
         dropped = [
             name for name, _ in full.named_children()
             if name not in ours and not any(o.startswith(f"{name}_") for o in ours)
         ]
         classifier = full.pretrained_cfg.get("classifier")
-        return tuple(f"{p}." for p in [*dropped, *([classifier] if classifier else [])])
+        return tuple(dict.fromkeys(f"{p}." for p in [*dropped, *([classifier] if classifier else [])]))
 
     def adapt_state_dict(self, state):
-        # timm's feature wrappers may flatten `stages.2` to `stages_2`; ours sit under `body.`.
+        # timm's feature wrappers may flatten `stages.2` to `stages_2`; ours sit under `body.`
+        # (`body.model.` for the feature getter).
         own = set(self.state_dict())
         renamed = {}
         for key, value in state.items():
             candidates = [key, key.replace(".", "_", 1)]
-            ours = next((f"body.{c}" for c in candidates if f"body.{c}" in own), f"body.{key}")
+            ours = next((f"{self.key_prefix}{c}" for c in candidates if f"{self.key_prefix}{c}" in own),
+                        f"{self.key_prefix}{key}")
             renamed[ours] = value
         return renamed
 
