@@ -143,6 +143,33 @@ def test_training_steps_do_not_sync_with_the_host(tmp_path, feed):
 
 
 @needs_cuda
+def test_losses_on_cuda_equal_the_cpu_without_host_syncs():
+    from sceneparse.engine.losses import CombinedLoss, FocalLoss, OhemCrossEntropy, SoftDiceLoss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 32, 48, generator=gen)
+    target = torch.randint(0, 5, (2, 32, 48), generator=gen)
+    target[:, :4] = 255
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5, 3.0])
+    losses = [OhemCrossEntropy(0.7, 500, weight), FocalLoss(2.0, weight),
+              CombinedLoss(OhemCrossEntropy(0.7, 500), SoftDiceLoss(weight), 0.5)]
+    for loss in losses:
+        expected = loss(logits, target)
+        on_gpu = loss.cuda()
+        x = logits.cuda().bfloat16().requires_grad_()
+        torch.cuda.set_sync_debug_mode("error")  # a .item() or a data-dependent shape would raise
+        try:
+            value = on_gpu(x, target.cuda())
+            value.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        bf16_on_cpu = loss.cpu()(logits.bfloat16().float(), target)
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.cpu(), bf16_on_cpu, rtol=1e-4, atol=1e-5)
+        assert abs(value.item() - expected.item()) < 0.05 * abs(expected.item()) + 1e-3  # bf16 rounding of logits
+
+
+@needs_cuda
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_bench_train_step_does_not_sync_with_the_host(amp):
     """Fused SGD takes GradScaler's scale and inf check as tensors: no sync in the step."""

@@ -369,6 +369,41 @@ def test_resume_takes_the_optimizer_settings_from_the_config(tmp_path):
         "encoder": 0.001, "encoder_no_decay": 0.0, "decoder": 0.001, "decoder_no_decay": 0.0}
 
 
+def test_loss_and_optimizer_settings_reach_the_training_step(tmp_path, monkeypatch):
+    """train.loss (OHEM + Dice, class weights) is the criterion of every step, and
+    train.optimizer=adamw is the optimizer: its state (exp_avg) is what last.pt holds."""
+    from sceneparse.engine import train as train_mod
+    from sceneparse.engine.losses import CombinedLoss, OhemCrossEntropy
+
+    seen = []
+    real = train_mod.segmentation_loss
+
+    def spy(output, masks, criterion, deepsup_weight):
+        seen.append(criterion)
+        return real(output, masks, criterion, deepsup_weight)
+
+    monkeypatch.setattr(train_mod, "segmentation_loss", spy)
+    cfg = tiny_config(tmp_path, "train.loss.name=ohem", "train.loss.ohem_min_kept=500", "train.loss.dice_weight=0.5",
+                      "train.class_weights=[0.5, 1, 2, 3, 4]", "train.optimizer=adamw", "train.lr_encoder=0.001",
+                      "train.lr_decoder=0.001", "train.iterations=4", "train.val_every=0")
+    train(cfg)
+    assert len(seen) == 4 and all(c is seen[0] for c in seen)
+    criterion = seen[0]
+    assert isinstance(criterion, CombinedLoss) and isinstance(criterion.main, OhemCrossEntropy)
+    assert criterion.main.min_kept == 500 and criterion.dice_weight == 0.5
+    assert torch.equal(criterion.weight, torch.tensor([0.5, 1, 2, 3, 4]))
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train_state"]["optimizer"]
+    assert all({"exp_avg", "exp_avg_sq"} <= set(s) for s in state["state"].values())
+    assert {g["betas"] for g in state["param_groups"]} == {(0.9, 0.999)}
+
+
+def test_resuming_with_another_optimizer_is_refused(tmp_path):
+    train(tiny_config(tmp_path, "train.iterations=4", "train.val_every=0"))  # sgd
+    with pytest.raises(SceneparseError) as err:
+        train(tiny_config(tmp_path, "train.iterations=8", "train.optimizer=adamw"), resume=True)
+    assert "trained with train.optimizer=sgd" in err.value.message and "train.optimizer=sgd" in err.value.hint
+
+
 def test_a_run_saved_without_fp16_resumes_with_fp16(tmp_path, monkeypatch):
     """Without fp16 the grad scaler saves an empty state; a resumed fp16 run starts a fresh scale."""
     train(tiny_config(tmp_path))

@@ -67,6 +67,18 @@ class DataConfig:
 
 
 @dataclass
+class LossConfig:
+    name: str = "cross_entropy"  # cross_entropy | ohem | focal (sceneparse.engine.losses)
+    label_smoothing: float = 0.0  # cross_entropy: 0..1
+    # ohem: cross-entropy over the pixels whose true class has probability <= ohem_threshold, and
+    # at least the ohem_min_kept hardest pixels of each batch (per process under torchrun)
+    ohem_threshold: float = 0.7
+    ohem_min_kept: int = 100_000
+    focal_gamma: float = 2.0  # focal: (1 - p)^gamma down-weights easy pixels; 0 is cross-entropy
+    dice_weight: float = 0.0  # any loss: + dice_weight x soft Dice over the classes in the batch
+
+
+@dataclass
 class TrainConfig:
     iterations: int = 100_000
     # Wall-clock seconds from the start of training's set-up (a resumed run counts the time already
@@ -82,6 +94,10 @@ class TrainConfig:
     warmup_iters: int = 0
     deepsup_weight: float = 0.4
     class_weights: Optional[Any] = None  # None | list of floats | "auto" (median frequency)
+    loss: LossConfig = field(default_factory=LossConfig)
+    # sgd: with momentum (CSAIL's recipe, convnets); adamw: betas (0.9, 0.999), `momentum` unused
+    # (transformer encoders: Swin, ViT, with a learning rate around 6e-5)
+    optimizer: str = "sgd"
     amp: str = "none"  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False
     compile: bool = False
@@ -115,6 +131,8 @@ CHOICES = {
     "data.batching": ("aspect", "crop"),
     "data.augment_on": ("workers", "device"),
     "train.amp": ("none", "bf16", "fp16"),
+    "train.optimizer": ("sgd", "adamw"),
+    "train.loss.name": ("cross_entropy", "ohem", "focal"),
     "train.on_nonfinite": ("stop", "skip"),
 }
 
@@ -192,7 +210,7 @@ def _check_choices(cfg: DictConfig) -> None:
 def _check_sizes(cfg: DictConfig) -> None:
     """Sizes, ranges and factors whose types alone let wrong values through (they would fail at
     the first batch or validation, or train on 1-pixel images)."""
-    d = cfg.data
+    d, loss = cfg.data, cfg.train.loss
     checks = [  # (keys shown, whether the values are fine, what is expected)
         (["data.scales"], all(s >= 1 for s in d.scales), "positive short sides (or [] with data.crop_size)"),
         (["eval.scales"], len(cfg.eval.scales) > 0 and all(s is None or s >= 1 for s in cfg.eval.scales),
@@ -205,6 +223,11 @@ def _check_sizes(cfg: DictConfig) -> None:
         (["data.color_jitter"], d.color_jitter >= 0, "a strength >= 0 (0: off)"),
         (["data.mean", "data.std"], len(d.mean) == len(d.std) == 3 and all(v > 0 for v in d.std),
          "three values each (RGB), std positive"),
+        (["train.loss.label_smoothing"], 0 <= loss.label_smoothing <= 1, "a value in 0..1"),
+        (["train.loss.ohem_threshold"], 0 < loss.ohem_threshold <= 1, "a probability in (0, 1]"),
+        (["train.loss.ohem_min_kept"], loss.ohem_min_kept >= 1, "a positive pixel count"),
+        (["train.loss.focal_gamma", "train.loss.dice_weight"], loss.focal_gamma >= 0 and loss.dice_weight >= 0,
+         "values >= 0"),
     ]
     for keys, fine, expected in checks:
         if not fine:

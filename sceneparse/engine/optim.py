@@ -1,4 +1,4 @@
-"""SGD parameter groups (encoder/decoder learning rates, no weight decay on norms and biases) and poly LR."""
+"""Optimizer parameter groups (encoder/decoder learning rates, no weight decay on norms and biases) and poly LR."""
 from __future__ import annotations
 
 import torch
@@ -38,17 +38,20 @@ class PolySchedule:
         return poly
 
 
+# train.optimizer -> the optimizer over the parameter groups (each group has its lr and weight decay)
+OPTIMIZERS = {
+    "sgd": lambda groups, cfg, fused: torch.optim.SGD(groups, lr=cfg.lr_decoder, momentum=cfg.momentum, fused=fused),
+    "adamw": lambda groups, cfg, fused: torch.optim.AdamW(groups, lr=cfg.lr_decoder, fused=fused),
+}
+
+
 def build_optimizer(model: torch.nn.Module, train_cfg, fused: bool = False
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD over `param_groups` and the poly schedule. `fused=True` (CUDA parameters only, checked
+    """`train.optimizer` (SGD or AdamW) over `param_groups` and the poly schedule. `fused=True` (CUDA parameters only, checked
     at the first step, so the model may move to the GPU after this) updates all parameters in one
     kernel launch."""
-    optimizer = torch.optim.SGD(
-        param_groups(model, train_cfg.lr_encoder, train_cfg.lr_decoder, train_cfg.weight_decay),
-        lr=train_cfg.lr_decoder,
-        momentum=train_cfg.momentum,
-        fused=fused,
-    )
+    groups = param_groups(model, train_cfg.lr_encoder, train_cfg.lr_decoder, train_cfg.weight_decay)
+    optimizer = OPTIMIZERS[train_cfg.optimizer](groups, train_cfg, fused)
     # One schedule object shared by all groups: moving its horizon moves every group's rate.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, PolySchedule(train_cfg.iterations, train_cfg.poly_power, train_cfg.warmup_iters)

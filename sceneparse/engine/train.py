@@ -2,7 +2,8 @@
 
 CSAIL's recipe: SGD with momentum, poly learning rate (power 0.9, optional linear warmup),
 separate encoder/decoder learning rates, no weight decay on norms and biases, cross-entropy that
-ignores IGNORE_INDEX pixels plus 0.4 x the deep-supervision (auxiliary) loss.
+ignores IGNORE_INDEX pixels (or `train.loss`: OHEM, focal, plus Dice; `engine.losses`) plus 0.4 x the
+deep-supervision (auxiliary) loss.
 
 Reproducible and resumable: what each step sees is a pure function of (seed, iteration)
 (`engine.feed`), and checkpoints hold the optimizer, scheduler, grad scaler, data position, RNG
@@ -154,8 +155,9 @@ def median_frequency_weights(dataset, num_classes: int, num_workers: int = 0) ->
 
 
 def build_criterion(cfg: DictConfig, raw_train_set: Callable, num_classes: int, device) -> nn.Module:
-    """Cross-entropy ignoring IGNORE_INDEX; `raw_train_set()` (untransformed) only for class_weights=auto."""
-    from sceneparse.data import IGNORE_INDEX
+    """The `train.loss` (cross-entropy by default) ignoring IGNORE_INDEX, with `train.class_weights`;
+    `raw_train_set()` (untransformed) only for class_weights=auto."""
+    from sceneparse.engine.losses import build_loss
 
     weights = cfg.train.class_weights
     if weights == "auto":
@@ -169,9 +171,7 @@ def build_criterion(cfg: DictConfig, raw_train_set: Callable, num_classes: int, 
             raise SceneparseError(
                 f"train.class_weights has {len(weights)} values but there are {num_classes} classes"
             )
-    if weights is not None:
-        weights = weights.to(device)
-    return nn.CrossEntropyLoss(weight=weights, ignore_index=IGNORE_INDEX)
+    return build_loss(cfg.train.loss, weights).to(device)
 
 
 def segmentation_loss(output, masks: torch.Tensor, criterion: nn.Module, deepsup_weight: float) -> torch.Tensor:
@@ -366,6 +366,13 @@ class Trainer:
         its settings (learning rates, momentum, weight decay) from the config, as for every other
         setting: `train.lr_decoder=0.005 --resume` takes effect.
         """
+        saved = ((state.get("config") or {}).get("train") or {}).get("optimizer", "sgd")  # older files: SGD
+        if saved != self.cfg.train.optimizer:  # another optimizer's state would fail at its first step
+            raise SceneparseError(
+                f"the run in {self.output_dir} was trained with train.optimizer={saved}, this config says "
+                f"{self.cfg.train.optimizer}: an optimizer's state does not carry over to another",
+                f"resume with train.optimizer={saved}, or start a new run from the weights of best.pt "
+                f"(model.weights=...) with {self.cfg.train.optimizer}")
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         for group, own in zip(self.optimizer.param_groups, settings):

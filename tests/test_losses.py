@@ -1,0 +1,139 @@
+"""Training losses (`train.loss`): OHEM, focal and soft Dice checked by hand, cross-entropy's
+options reaching torch's loss, the settings checked at load, and `train.optimizer`."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sceneparse.engine.config import load_config
+from sceneparse.engine.losses import CombinedLoss, FocalLoss, OhemCrossEntropy, SoftDiceLoss, build_loss
+from sceneparse.errors import SceneparseError
+
+IGNORE = 255
+
+
+def two_class_logits(p_class0: list[float]) -> torch.Tensor:
+    """1 x 2 x 1 x N logits whose softmax gives class 0 the probabilities `p_class0`."""
+    p = torch.tensor(p_class0, dtype=torch.float64)
+    return torch.stack([p.log(), (1 - p).log()]).float().view(1, 2, 1, -1)
+
+
+def test_ohem_keeps_pixels_at_or_below_the_threshold():
+    # true class 0 everywhere: probabilities 0.9 (easy), 0.6 and 0.3 (hard), one pixel ignored
+    logits = two_class_logits([0.9, 0.6, 0.3, 0.5])
+    target = torch.tensor([[[0, 0, 0, IGNORE]]])
+    loss = OhemCrossEntropy(threshold=0.7, min_kept=1)(logits, target)
+    assert loss.item() == pytest.approx(-(math.log(0.6) + math.log(0.3)) / 2, rel=1e-5)
+
+
+def test_ohem_keeps_at_least_min_kept_hardest_pixels():
+    logits = two_class_logits([0.95, 0.9, 0.8, 0.3])
+    target = torch.tensor([[[0, 0, 0, 0]]])
+    # one pixel below 0.7, but three wanted: the three least probable (0.3, 0.8, 0.9)
+    loss = OhemCrossEntropy(threshold=0.7, min_kept=3)(logits, target)
+    assert loss.item() == pytest.approx(-(math.log(0.3) + math.log(0.8) + math.log(0.9)) / 3, rel=1e-5)
+    # more wanted than there are valid pixels: all of them (the ignored one never)
+    target = torch.tensor([[[0, 0, IGNORE, 0]]])
+    loss = OhemCrossEntropy(threshold=0.7, min_kept=100)(logits, target)
+    assert loss.item() == pytest.approx(-(math.log(0.95) + math.log(0.9) + math.log(0.3)) / 3, rel=1e-5)
+
+
+def test_ohem_with_class_weights_is_a_weighted_mean_of_the_kept_pixels():
+    logits = two_class_logits([0.6, 0.2, 0.99])  # class-0 probabilities; for class-1 pixels 1 - p
+    target = torch.tensor([[[0, 1, 1]]])  # true-class probabilities 0.6, 0.8, 0.01
+    weight = torch.tensor([2.0, 0.5])
+    loss = OhemCrossEntropy(threshold=0.7, min_kept=1, weight=weight)(logits, target)
+    expected = (2.0 * -math.log(0.6) + 0.5 * -math.log(0.01)) / (2.0 + 0.5)  # 0.8 is easy
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", [OhemCrossEntropy(), FocalLoss(), SoftDiceLoss()])
+def test_a_batch_with_no_valid_pixel_gives_zero_with_a_gradient(loss):
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    value = loss(logits, torch.full((1, 2, 2), IGNORE))
+    value.backward()
+    assert value.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_focal_with_gamma_zero_is_weighted_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6, generator=gen)
+    target = torch.randint(0, 4, (2, 5, 6), generator=gen)
+    target[0, 0] = IGNORE
+    weight = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    expected = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE)(logits, target)
+    assert FocalLoss(gamma=0.0, weight=weight)(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_focal_by_hand():
+    logits = two_class_logits([0.9, 0.4])
+    target = torch.tensor([[[0, 0]]])
+    expected = (-(0.1 ** 2) * math.log(0.9) - (0.6 ** 2) * math.log(0.4)) / 2
+    assert FocalLoss(gamma=2.0)(logits, target).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_soft_dice_by_hand_over_the_classes_present():
+    # 3 classes; pixels (true class, softmax): (0, [.7 .2 .1]), (0, [.4 .5 .1]), (1, [.2 .6 .2]);
+    # class 2 absent from the labels: not averaged in. A fourth pixel is ignored.
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    logits = probs.log().T.float().reshape(1, 3, 1, 4)
+    target = torch.tensor([[[0, 0, 1, IGNORE]]])
+    dice0 = 2 * (0.7 + 0.4) / ((0.7 + 0.4 + 0.2) + 2)
+    dice1 = 2 * 0.6 / ((0.2 + 0.5 + 0.6) + 1)
+    assert SoftDiceLoss()(logits, target).item() == pytest.approx(1 - (dice0 + dice1) / 2, rel=1e-5)
+    weighted = SoftDiceLoss(weight=torch.tensor([3.0, 1.0, 5.0]))(logits, target)
+    assert weighted.item() == pytest.approx(1 - (3 * dice0 + dice1) / 4, rel=1e-5)
+
+
+def test_bf16_logits_are_computed_in_float32():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 5, 8, 8, generator=gen)
+    target = torch.randint(0, 5, (1, 8, 8), generator=gen)
+    for loss in (OhemCrossEntropy(min_kept=10), FocalLoss(), SoftDiceLoss()):
+        low = loss(logits.bfloat16(), target)
+        assert low.dtype == torch.float32
+        assert low.item() == pytest.approx(loss(logits.bfloat16().float(), target).item(), rel=1e-6)
+
+
+def loss_settings(*overrides):
+    return load_config(None, [f"train.loss.{o}" for o in overrides]).train.loss
+
+
+def test_build_loss_makes_what_the_settings_say():
+    weight = torch.tensor([1.0, 2.0])
+    ce = build_loss(loss_settings("label_smoothing=0.1"), weight)
+    assert isinstance(ce, torch.nn.CrossEntropyLoss) and ce.label_smoothing == 0.1 and ce.ignore_index == IGNORE
+    assert torch.equal(ce.weight, weight)
+    ohem = build_loss(loss_settings("name=ohem", "ohem_threshold=0.5", "ohem_min_kept=7"))
+    assert isinstance(ohem, OhemCrossEntropy) and (ohem.threshold, ohem.min_kept) == (0.5, 7)
+    focal = build_loss(loss_settings("name=focal", "focal_gamma=1.5", "dice_weight=0.5"), weight)
+    assert isinstance(focal, CombinedLoss) and isinstance(focal.main, FocalLoss) and focal.main.gamma == 1.5
+    assert torch.equal(focal.weight, weight)
+    logits = torch.randn(1, 2, 3, 3)
+    target = torch.randint(0, 2, (1, 3, 3))
+    expected = FocalLoss(1.5, weight)(logits, target) + 0.5 * SoftDiceLoss(weight)(logits, target)
+    assert focal(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.loss.name=dice", "train.loss.name='dice' is not one of cross_entropy, ohem, focal"),
+    ("train.loss.label_smoothing=1.5", "train.loss.label_smoothing=1.5: expected a value in 0..1"),
+    ("train.loss.ohem_threshold=0", "expected a probability in (0, 1]"),
+    ("train.loss.ohem_min_kept=0", "expected a positive pixel count"),
+    ("train.loss.dice_weight=-1", "expected values >= 0"),
+    ("train.optimizer=adam", "train.optimizer='adam' is not one of sgd, adamw"),
+])
+def test_bad_loss_and_optimizer_settings_are_refused_at_load(override, message):
+    with pytest.raises(SceneparseError) as err:
+        load_config(None, [override])
+    assert message in err.value.message
+
+
+def test_config_files_can_set_the_loss_as_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(OmegaConf.to_yaml({"train": {"loss": {"name": "ohem", "ohem_min_kept": 5000}}}))
+    loss = load_config(path).train.loss
+    assert (loss.name, loss.ohem_min_kept, loss.ohem_threshold) == ("ohem", 5000, 0.7)
