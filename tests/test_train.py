@@ -404,6 +404,52 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path):
     assert "trained with train.optimizer=sgd" in err.value.message and "train.optimizer=sgd" in err.value.hint
 
 
+def test_a_new_run_starts_from_a_checkpoints_weights(tmp_path, capsys):
+    """model.weights: fine-tuning. With learning rates 0 the parameters stay the checkpoint's
+    (BatchNorm's running statistics still move in training mode: buffers are not compared)."""
+    train(tiny_config(tmp_path / "a"))
+    source = tmp_path / "a" / "run" / "last.pt"
+    train(tiny_config(tmp_path / "b", f"model.weights={source}", "train.lr_encoder=0", "train.lr_decoder=0",
+                      "train.weight_decay=0", "train.iterations=2", "train.val_every=0"))
+    assert f"starting from the weights of {source}" in capsys.readouterr().err
+    before = torch.load(source, weights_only=True)["model"]["state_dict"]
+    after = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["model"]["state_dict"]
+    names = [n for n, _ in build_model("timm:test_efficientnet", "c1_deepsup", 5).named_parameters()]
+    assert names and all(torch.equal(before[n], after[n]) for n in names)
+    fresh = train(tiny_config(tmp_path / "c", "train.iterations=2", "train.val_every=0"))  # no weights: differs
+    other = torch.load(fresh["last"], weights_only=True)["model"]["state_dict"]
+    assert not all(torch.equal(before[n], other[n]) for n in names)
+
+
+def test_initial_weights_with_another_class_count_start_the_classifiers_fresh(tmp_path):
+    from sceneparse.engine.checkpoint import load_initial_weights, save_model
+
+    torch.manual_seed(0)
+    source = build_model("timm:test_efficientnet", "c1_deepsup", 5)
+    save_model(tmp_path / "five.pt", source, [f"c{i}" for i in range(5)], [[i, i, i] for i in range(5)])
+    target = build_model("timm:test_efficientnet", "c1_deepsup", 3)
+    initial = {k: v.clone() for k, v in target.state_dict().items()}
+    loaded = load_initial_weights(target, tmp_path / "five.pt")
+    classifiers = ["decoder.conv_last.weight", "decoder.conv_last.bias",
+                   "decoder.conv_last_deepsup.weight", "decoder.conv_last_deepsup.bias"]
+    assert sorted(loaded["fresh"]) == sorted(classifiers)
+    for key, value in target.state_dict().items():
+        expected = initial[key] if key in classifiers else source.state_dict()[key]
+        assert torch.equal(value, expected), key
+
+
+def test_initial_weights_of_another_architecture_are_refused_naming_the_difference(tmp_path):
+    from sceneparse.engine.checkpoint import load_initial_weights, save_model
+
+    save_model(tmp_path / "c1.pt", build_model("timm:test_efficientnet", "c1", 3), ["a", "b", "c"],
+               [[0, 0, 0]] * 3)
+    with pytest.raises(SceneparseError) as err:
+        load_initial_weights(build_model("timm:test_efficientnet", "c1_deepsup", 3), tmp_path / "c1.pt")
+    assert "decoder differ" in err.value.message and "model.decoder='c1'" in err.value.hint
+    with pytest.raises(SceneparseError, match="both set"):
+        tiny_config(tmp_path, f"model.weights={tmp_path / 'c1.pt'}", "model.encoder_weights=x.pth")
+
+
 def test_a_run_saved_without_fp16_resumes_with_fp16(tmp_path, monkeypatch):
     """Without fp16 the grad scaler saves an empty state; a resumed fp16 run starts a fresh scale."""
     train(tiny_config(tmp_path))

@@ -162,6 +162,30 @@ def load_model(path_or_name: str | Path, device: str | torch.device = "cpu"):
     return model_from_checkpoint(load_checkpoint(path), path, device)
 
 
+def load_initial_weights(model, source: str | Path) -> dict:
+    """Start `model` (a new Segmenter) from the weights of a sceneparse checkpoint (a path or a
+    zoo name): fine-tuning. The checkpoint must hold the same encoder, decoder and options; every
+    tensor must match, except that with another class count the class-specific tensors (the
+    classifiers' weights and biases, whose first dimension is the class count) keep the model's
+    fresh initialisation. Returns {"path", "fresh": those keys, "normalization": the checkpoint's}."""
+    path = resolve_model(source)
+    ckpt = load_checkpoint(path)
+    theirs, ours = dict(ckpt["model"]["config"]), dict(model.config)
+    differ = sorted(k for k in theirs.keys() | ours.keys() if k != "num_classes" and theirs.get(k) != ours.get(k))
+    if differ:
+        shown = ", ".join(f"model.{k}={theirs.get(k)!r}" for k in differ)
+        raise SceneparseError(
+            f"{path} holds another model than the config: {', '.join(differ)} differ",
+            f"set {shown} (the checkpoint's), or use model.encoder_weights for an ImageNet backbone")
+    state, own = ckpt["model"]["state_dict"], model.state_dict()
+    old, new = int(theirs["num_classes"]), int(ours["num_classes"])
+    fresh = [k for k, v in state.items() if old != new and k in own and v.ndim >= 1
+             and v.shape[0] == old and own[k].shape[0] == new and v.shape[1:] == own[k].shape[1:]]
+    state = {**state, **{k: own[k] for k in fresh}}
+    load_state_dict_strict(model, state, f"{path}: the weights of {theirs.get('encoder')}+{theirs.get('decoder')}")
+    return {"path": path, "fresh": fresh, "normalization": dict(ckpt.get("normalization") or DEFAULT_NORMALIZATION)}
+
+
 # ----------------------------------------------------------------- RNG state, weights_only-safe
 def rng_state() -> dict:
     """Every RNG a training step touches, as tensors/lists/ints (what weights_only=True can read)."""

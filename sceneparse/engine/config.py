@@ -26,6 +26,9 @@ class ModelConfig:
     decoder: str = "ppm_deepsup"
     num_classes: Optional[int] = None  # None: taken from the dataset
     encoder_weights: Optional[str] = None  # path or URL of ImageNet weights, None: random init
+    # A sceneparse checkpoint (path or zoo name) whose weights start a new run (fine-tuning): the
+    # same encoder, decoder and options; with another class count the classifiers start fresh.
+    weights: Optional[str] = None
     encoder_options: Dict[str, Any] = field(default_factory=dict)  # build_model(encoder_options=...)
     decoder_options: Dict[str, Any] = field(default_factory=dict)  # e.g. {pool_scales: [1, 2, 3, 6]}
 
@@ -188,6 +191,9 @@ def _check_choices(cfg: DictConfig) -> None:
         raise SceneparseError("train.val_every (0: never) and data.num_workers must not be negative")
     if cfg.train.time_budget_s is not None and cfg.train.time_budget_s <= 0:
         raise SceneparseError(f"train.time_budget_s={cfg.train.time_budget_s!r} must be positive (or null: no budget)")
+    if cfg.model.weights and cfg.model.encoder_weights:
+        raise SceneparseError("model.weights and model.encoder_weights are both set: the checkpoint's weights would "
+                              "replace the encoder's", "keep one: model.encoder_weights=null to fine-tune the checkpoint")
     crop = cfg.data.crop_size
     if cfg.data.augment_on == "device" and crop is None:
         raise SceneparseError(

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sceneparse.engine import distributed as dist_utils
-from sceneparse.engine.checkpoint import load_checkpoint, rng_state, save_model, set_rng_state
+from sceneparse.engine.checkpoint import load_checkpoint, load_initial_weights, rng_state, save_model, set_rng_state
 from sceneparse.engine.config import dataset_settings, save_config
 from sceneparse.engine.feed import TrainBatches, build_data, epoch_batches_fn, next_batch, training_feed
 from sceneparse.engine.logger import RunLogger
@@ -128,7 +128,7 @@ def _resumable_checkpoint(path: Path) -> dict:
     if "train_state" not in ckpt:
         raise SceneparseError(
             f"{path} holds weights only (no training state) and cannot be resumed",
-            "resume from the run's last.pt, or start a new run from these weights",
+            f"resume from the run's last.pt, or start a new run from these weights: model.weights={path}",
         )
     return ckpt
 
@@ -321,12 +321,14 @@ class Trainer:
                             encoder_options=OmegaConf.to_container(cfg.model.encoder_options),
                             decoder_options=OmegaConf.to_container(cfg.model.decoder_options))
         if ckpt is None:
+            # Rank 0 alone reads (and maybe downloads or converts) the weights: DDP then copies its
+            # model to every rank, and concurrent writes into one cache file would clash. A bad file
+            # fails all ranks.
             if cfg.model.encoder_weights:
-                # Rank 0 alone reads (and maybe downloads) the weights: DDP then copies its model to
-                # every rank, and concurrent downloads into one cache file would clash. A bad file
-                # fails all ranks.
                 dist_utils.run_on_main(lambda: load_encoder_weights(model.encoder, cfg.model.encoder_weights),
                                        self.info)
+            if cfg.model.weights:
+                dist_utils.run_on_main(lambda: self._start_from(model, cfg.model.weights), self.info)
             return model
         if ckpt["model"]["config"] != dict(model.config):
             raise SceneparseError(
@@ -336,6 +338,18 @@ class Trainer:
             )
         model.load_state_dict(ckpt["model"]["state_dict"])
         return model
+
+    def _start_from(self, model: nn.Module, source: str) -> None:
+        """Fine-tuning: the weights of the checkpoint `source`, told on the console."""
+        loaded = load_initial_weights(model, source)
+        note = f"starting from the weights of {loaded['path']}"
+        if loaded["fresh"]:
+            note += f"; new class layers (another class count): {', '.join(loaded['fresh'])}"
+        print(note, file=sys.stderr)
+        ours = {"mean": list(self.cfg.data.mean), "std": list(self.cfg.data.std)}
+        if loaded["normalization"] != ours:  # not an error: it may be deliberate
+            print(f"note: {loaded['path']} was trained with normalization {loaded['normalization']}, this run "
+                  f"uses data.mean={ours['mean']} data.std={ours['std']}", file=sys.stderr)
 
     def _set_schedule(self, ckpt: dict | None) -> None:
         """The poly schedule as the config says, and the time budget's clock (a resumed run's
