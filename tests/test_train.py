@@ -445,7 +445,7 @@ def test_initial_weights_of_another_architecture_are_refused_naming_the_differen
                [[0, 0, 0]] * 3)
     with pytest.raises(SceneparseError) as err:
         load_initial_weights(build_model("timm:test_efficientnet", "c1_deepsup", 3), tmp_path / "c1.pt")
-    assert "decoder differ" in err.value.message and "model.decoder='c1'" in err.value.hint
+    assert "differ in decoder" in err.value.message and "model.decoder='c1'" in err.value.hint
     with pytest.raises(SceneparseError, match="both set"):
         tiny_config(tmp_path, f"model.weights={tmp_path / 'c1.pt'}", "model.encoder_weights=x.pth")
 

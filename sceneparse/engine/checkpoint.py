@@ -175,7 +175,7 @@ def load_initial_weights(model, source: str | Path) -> dict:
     if differ:
         shown = ", ".join(f"model.{k}={theirs.get(k)!r}" for k in differ)
         raise SceneparseError(
-            f"{path} holds another model than the config: {', '.join(differ)} differ",
+            f"{path} holds another model than the config (they differ in {', '.join(differ)})",
             f"set {shown} (the checkpoint's), or use model.encoder_weights for an ImageNet backbone")
     state, own = ckpt["model"]["state_dict"], model.state_dict()
     old, new = int(theirs["num_classes"]), int(ours["num_classes"])
