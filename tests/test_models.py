@@ -307,6 +307,29 @@ def test_timm_state_dicts_load_dropping_only_the_head(tmp_path, encoder_name, ti
     assert torch.equal(encoder.state_dict()[probe], state[source_key])
 
 
+def test_timm_safetensors_weights_load_whatever_the_file_is_called(tmp_path):
+    # timm's weights on the Hugging Face hub are `model.safetensors`; a cached download may have another name
+    from safetensors.torch import save_file
+
+    full = timm.create_model("test_vit")
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, tmp_path / "weights.bin")
+    encoder = build_encoder("timm:test_vit")
+    load_encoder_weights(encoder, tmp_path / "weights.bin")
+    assert torch.equal(encoder.state_dict()["body.model.pos_embed"], full.state_dict()["pos_embed"])
+
+
+def test_transformer_position_tables_take_no_weight_decay():
+    from sceneparse.engine.optim import param_groups
+
+    model = build_model("timm:swin_tiny_patch4_window7_224", "c1", 3,
+                        encoder_options={"depths": (1, 2, 1, 1), "num_heads": (1, 1, 1, 1), "embed_dim": 16})
+    tables = {id(p) for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")}
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, 0.1, 0.1, 0.01)}
+    assert len(tables) == 5 and tables <= groups["encoder_no_decay"] and not tables & groups["encoder"]
+    vit = build_encoder("timm:vit_tiny_patch16_224", depth=3)
+    assert vit.no_weight_decay == {"body.model.pos_embed", "body.model.cls_token"}
+
+
 def test_mismatched_backbone_files_are_rejected(tmp_path):
     from timm.models.resnet import BasicBlock, ResNet
 

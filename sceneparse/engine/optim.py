@@ -8,14 +8,17 @@ def param_groups(model: torch.nn.Module, lr_encoder: float, lr_decoder: float, w
     """Four groups: {encoder, decoder} x {decayed weights, norm weights and biases (no decay)}.
 
     Every 1-d parameter is a bias or a norm scale/shift, which CSAIL (and most recipes) leave
-    out of weight decay.
+    out of weight decay; so are the parameters an encoder lists in `no_weight_decay` (a
+    transformer's position embeddings and tables, as timm declares them).
     """
     groups = []
     for part, lr in (("encoder", lr_encoder), ("decoder", lr_decoder)):
+        module = getattr(model, part)
+        exempt = getattr(module, "no_weight_decay", frozenset())
         decay, no_decay = [], []
-        for p in getattr(model, part).parameters():
+        for name, p in module.named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
+                (no_decay if p.ndim <= 1 or name in exempt else decay).append(p)
         groups.append({"name": f"{part}", "params": decay, "lr": lr, "weight_decay": weight_decay})
         groups.append({"name": f"{part}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
     return [g for g in groups if g["params"]]

@@ -33,6 +33,9 @@ class Encoder(nn.Module):
     pad_multiple: int
     # Key prefixes of a classification checkpoint that are the classifier head (never loaded).
     head_prefixes: tuple[str, ...] = ()
+    # Our names of parameters that take no weight decay beyond norms and biases (which never do):
+    # position embeddings and relative position tables of transformers, as their model declares.
+    no_weight_decay: frozenset[str] = frozenset()
 
     def adapt_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Rename a state_dict in another known layout (CSAIL's, timm's) to ours."""
@@ -285,13 +288,25 @@ class TimmEncoder(Encoder):
             features = [f.permute(0, 3, 1, 2) for f in features]
         return features
 
+    def _full_model_on_meta(self) -> nn.Module:
+        """The whole timm model (classifier included) without memory: for its names."""
+        model_options = {k: v for k, v in self.options.items() if k not in _FEATURES_ONLY_OPTIONS}
+        with torch.device("meta"):
+            return timm.create_model(self.model_name, pretrained=False, **model_options)
+
+    @cached_property
+    def no_weight_decay(self) -> frozenset[str]:
+        # timm's own list (`model.no_weight_decay()`: full names or, for ViT, top-level names), in our names
+        full = self._full_model_on_meta()
+        declared = full.no_weight_decay() if hasattr(full, "no_weight_decay") else ()
+        own = {name for name, _ in self.named_parameters()}
+        return frozenset(k for k in self.adapt_state_dict(dict.fromkeys(declared)) if k in own)
+
     @cached_property
     def head_prefixes(self) -> tuple[str, ...]:
         # The classifier named by timm, plus top-level modules of the full model that the feature
         # extractor dropped (layers after the last tap, e.g. a final 1x1 conv or head norm).
-        model_options = {k: v for k, v in self.options.items() if k not in _FEATURES_ONLY_OPTIONS}
-        with torch.device("meta"):
-            full = timm.create_model(self.model_name, pretrained=False, **model_options)
+        full = self._full_model_on_meta()
         ours = {key[len(self.key_prefix):].split(".")[0] for key in self.state_dict()}
         dropped = [
             name for name, _ in full.named_children()

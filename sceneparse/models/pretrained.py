@@ -1,7 +1,8 @@
 """Strict loading of weight files into encoders (ImageNet backbones) and modules in general.
 
 `load_encoder_weights(encoder, source)` accepts CSAIL's ImageNet backbones (`resnet{18,50,101}-
-imagenet.pth`, `mobilenet_v2.pth.tar`, `hrnetv2_w48-imagenet.pth`) and timm's own state_dicts.
+imagenet.pth`, `mobilenet_v2.pth.tar`, `hrnetv2_w48-imagenet.pth`) and timm's own state_dicts
+(torch files, or the `model.safetensors` files timm publishes on the Hugging Face hub).
 The classifier head is the only thing dropped; every other difference is an error that names
 the keys, because a silently half-loaded backbone trains, just badly.
 """
@@ -31,7 +32,8 @@ def read_state_dict(source: str | os.PathLike, what: str = "weights file") -> di
     if not path.is_file():
         raise SceneparseError(f"{what} {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load_safetensors(path) if _is_safetensors(path) else torch.load(path, map_location="cpu",
+                                                                                weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or foreign files
         raise UnreadableFileError(
             f"cannot read {what} {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
@@ -44,6 +46,20 @@ def read_state_dict(source: str | os.PathLike, what: str = "weights file") -> di
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file (how timm's weights on the Hugging Face hub come): an 8-byte header
+    length, then the JSON header. Told by content, as a downloaded file's name may not say."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file  # installed with timm
+
+    return load_file(str(path), device="cpu")
 
 
 def _summary(label: str, items: list[str]) -> str:
