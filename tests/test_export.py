@@ -140,13 +140,14 @@ def test_onnx_dynamic_export_of_pyramid_pooling_decoders_matches_eager_at_other_
 
 
 @needs_onnx
-def test_onnx_dynamic_with_adaptive_max_pooling_is_refused_with_the_way_out(tmp_path):
+@pytest.mark.parametrize("pool", [torch.nn.AdaptiveMaxPool2d(3), torch.nn.AdaptiveAvgPool2d((None, 3))])
+def test_onnx_dynamic_with_other_adaptive_pooling_is_refused_with_the_way_out(tmp_path, pool):
     model = build_model("resnet18", "c1", 3).eval()
-    model.decoder.pyramid = torch.nn.AdaptiveMaxPool2d(3)  # a user's layer: no matrix form exists for max
+    model.decoder.pyramid = pool  # a user's layer with no matrix form (max, or a side kept at the input's)
     with pytest.raises(SceneparseError) as err:
-        export_model(model, tmp_path / "max.onnx", format="onnx", size=(64, 64), dynamic=True, log=quiet)
-    assert "adaptive max pooling" in err.value.message and "--format pt2" in err.value.hint
-    assert not (tmp_path / "max.onnx").exists()
+        export_model(model, tmp_path / "p.onnx", format="onnx", size=(64, 64), dynamic=True, log=quiet)
+    assert "decoder.pyramid" in err.value.message and "--format pt2" in err.value.hint
+    assert not (tmp_path / "p.onnx").exists()
 
 
 def _off_by_one(run):

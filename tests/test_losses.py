@@ -75,6 +75,16 @@ def test_focal_by_hand():
     assert FocalLoss(gamma=2.0)(logits, target).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_gradients_stay_finite_on_saturated_and_ignored_pixels(gamma):
+    # p rounds to 1 in float32 at a margin of 30: (1 - p)^gamma has an infinite slope there for gamma < 1
+    logits = torch.tensor([[30.0, 0.0], [30.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 3).requires_grad_()
+    target = torch.tensor([[[0, IGNORE, 0]]])
+    FocalLoss(gamma=gamma)(logits, target).backward()
+    assert torch.isfinite(logits.grad).all()
+    assert torch.equal(logits.grad[..., 1], torch.zeros(1, 2, 1))  # the ignored pixel
+
+
 def test_soft_dice_by_hand_over_the_classes_present():
     # 3 classes; pixels (true class, softmax): (0, [.7 .2 .1]), (0, [.4 .5 .1]), (1, [.2 .6 .2]);
     # class 2 absent from the labels: not averaged in. A fourth pixel is ignored.

@@ -127,10 +127,29 @@ def test_a_failing_validation_loses_no_training_and_the_run_resumes_exactly(tmp_
 
     monkeypatch.setattr(evaluate_mod, "evaluate", real_evaluate)
     assert train(config(out, *validating), resume=True)["iterations"] == 8
-    losses = [{k: v for k, v in r.items() if not k.startswith("val_")} for r in records(out) if "loss" in r]
-    assert losses == [{k: v for k, v in r.items() if not k.startswith("val_")} for r in records(straight) if "loss" in r]
+    # the same training, and the same validations: the one that failed ran first on resuming
+    assert records(out) == records(straight)
+    assert [r["iter"] for r in records(out) if "val_miou" in r] == [3, 6, 8]
     ours, theirs = weights(out / "last.pt"), weights(straight / "last.pt")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_final_validation_that_failed_runs_on_resuming(tmp_path, monkeypatch):
+    from sceneparse.engine import evaluate as evaluate_mod
+
+    out, real_evaluate = tmp_path / "run", evaluate_mod.evaluate
+
+    def failing(*args, **kwargs):
+        raise SceneparseError("cannot read val/0003.png: file is truncated")
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", failing)
+    with pytest.raises(SceneparseError, match="truncated"):
+        train(config(out, "train.val_every=8"))
+    monkeypatch.setattr(evaluate_mod, "evaluate", real_evaluate)
+    result = train(config(out, "train.val_every=8"), resume=True)
+    assert result["iterations"] == 8 and result["best_miou"] is not None and (out / "best.pt").exists()
+    assert [r["iter"] for r in records(out) if "val_miou" in r] == [8]
+    assert not torch.load(out / "last.pt", weights_only=True)["train_state"]["pending_validation"]
 
 
 def test_sigterm_saves_and_says_how_to_resume(tmp_path):

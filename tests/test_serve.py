@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import select
 import socket
 import struct
 import threading
@@ -284,6 +285,41 @@ def test_a_request_beyond_max_concurrent_gets_503_while_health_answers(model, ph
             status, _, labels = request(srv, "/predict", data)
             assert status == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(labels))),
                                                      expected_labels(model, photos["png"]))
+
+
+def test_a_busy_server_refuses_before_100_continue_and_a_trickling_upload_loses_its_slot(model, photos, monkeypatch):
+    """With `Expect: 100-continue` the 503 comes instead of "100 Continue" (the client never sends
+    its body); an upload slower than the deadline allows gets a 408 and frees its slot."""
+    data = photos["png"].read_bytes()
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n".encode()
+    monkeypatch.setattr(serve_mod, "UPLOAD_GRACE_S", 1.0)
+    monkeypatch.setattr(serve_mod, "MIN_UPLOAD_RATE", 10**9)  # the whole body within about 1 s
+    with running(make_server(model, "127.0.0.1", 0, quiet=True, max_concurrent=1)) as srv:
+        srv.service.slot_wait = 0.3
+        with socket.create_connection(srv.server_address[:2], timeout=10) as upload:
+            upload.sendall(head + b"\r\n" + data[:100])
+            deadline = time.monotonic() + 5
+            while not slot_taken(srv.service.slots):
+                assert time.monotonic() < deadline, "the upload never took its slot"
+                time.sleep(0.01)
+            answer = raw(srv, head + b"Expect: 100-continue\r\n\r\n")  # headers only: it waits for the 100
+            assert answer.startswith(b"HTTP/1.1 503") and b"100 Continue" not in answer
+            for i in range(100, 200):  # a byte every 0.05 s, never stalled but too slow, until the answer
+                if select.select([upload], [], [], 0.05)[0]:
+                    break
+                upload.sendall(data[i:i + 1])
+            answer = read_to_close(upload)
+            assert answer.startswith(b"HTTP/1.1 408") and b"took longer than" in answer
+        srv.service.slot_wait = 10
+        status, _, _ = request(srv, "/predict", data)
+        assert status == 200  # the slot came back
+        # with a free slot, "100 Continue" comes first and the upload goes through
+        with socket.create_connection(srv.server_address[:2], timeout=10) as sock:
+            sock.sendall(head + b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+            assert sock.recv(25).startswith(b"HTTP/1.1 100 Continue")
+            sock.sendall(data)
+            assert b"HTTP/1.1 200" in read_to_close(sock)
+        assert not slot_taken(srv.service.slots)
 
 
 def test_bind_errors_blame_the_port_or_the_host(server, model):

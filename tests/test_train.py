@@ -399,9 +399,18 @@ def test_loss_and_optimizer_settings_reach_the_training_step(tmp_path, monkeypat
 
 def test_resuming_with_another_optimizer_is_refused(tmp_path):
     train(tiny_config(tmp_path, "train.iterations=4", "train.val_every=0"))  # sgd
+    last = tmp_path / "run" / "last.pt"
     with pytest.raises(SceneparseError) as err:
         train(tiny_config(tmp_path, "train.iterations=8", "train.optimizer=adamw"), resume=True)
-    assert "trained with train.optimizer=sgd" in err.value.message and "train.optimizer=sgd" in err.value.hint
+    assert f"{last} was trained with train.optimizer=sgd" in err.value.message
+    assert "resume with train.optimizer=sgd" in err.value.hint and f"model.weights={last}" in err.value.hint
+    # a last.pt from before train.optimizer existed was trained with SGD
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["train_state"]["config"]["train"]["optimizer"]
+    torch.save(ckpt, last)
+    with pytest.raises(SceneparseError, match="trained with train.optimizer=sgd"):
+        train(tiny_config(tmp_path, "train.iterations=8", "train.optimizer=adamw"), resume=True)
+    assert train(tiny_config(tmp_path, "train.iterations=8", "train.val_every=0"), resume=True)["iterations"] == 8
 
 
 def test_a_new_run_starts_from_a_checkpoints_weights(tmp_path, capsys):
@@ -445,9 +454,14 @@ def test_initial_weights_of_another_architecture_are_refused_naming_the_differen
                [[0, 0, 0]] * 3)
     with pytest.raises(SceneparseError) as err:
         load_initial_weights(build_model("timm:test_efficientnet", "c1_deepsup", 3), tmp_path / "c1.pt")
-    assert "differ in decoder" in err.value.message and "model.decoder='c1'" in err.value.hint
+    assert "differ in decoder" in err.value.message and "'model.decoder=\"c1\"'" in err.value.hint
     with pytest.raises(SceneparseError, match="both set"):
         tiny_config(tmp_path, f"model.weights={tmp_path / 'c1.pt'}", "model.encoder_weights=x.pth")
+    # options given as a tuple in Python and as a list in YAML are the same model
+    save_model(tmp_path / "ppm.pt", build_model("timm:test_efficientnet", "ppm", 3, decoder_options={
+        "pool_scales": (1, 2, 3)}), ["a", "b", "c"], [[0, 0, 0]] * 3)
+    same = build_model("timm:test_efficientnet", "ppm", 3, decoder_options={"pool_scales": [1, 2, 3]})
+    assert load_initial_weights(same, tmp_path / "ppm.pt")["fresh"] == []
 
 
 def test_a_run_saved_without_fp16_resumes_with_fp16(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ the folder, so the previous checkpoint stays intact until the new one is complet
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -162,6 +163,13 @@ def load_model(path_or_name: str | Path, device: str | torch.device = "cpu"):
     return model_from_checkpoint(load_checkpoint(path), path, device)
 
 
+def _comparable(config: dict) -> dict:
+    """A model config as plain JSON values, options always present: build_model leaves empty
+    options out, and the Python API may give tuples where a YAML file gives lists."""
+    config = json.loads(json.dumps(dict(config)))
+    return {"encoder_options": {}, "decoder_options": {}, **config}
+
+
 def load_initial_weights(model, source: str | Path) -> dict:
     """Start `model` (a new Segmenter) from the weights of a sceneparse checkpoint (a path or a
     zoo name): fine-tuning. The checkpoint must hold the same encoder, decoder and options; every
@@ -170,10 +178,10 @@ def load_initial_weights(model, source: str | Path) -> dict:
     fresh initialisation. Returns {"path", "fresh": those keys, "normalization": the checkpoint's}."""
     path = resolve_model(source)
     ckpt = load_checkpoint(path)
-    theirs, ours = dict(ckpt["model"]["config"]), dict(model.config)
+    theirs, ours = _comparable(ckpt["model"]["config"]), _comparable(model.config)
     differ = sorted(k for k in theirs.keys() | ours.keys() if k != "num_classes" and theirs.get(k) != ours.get(k))
     if differ:
-        shown = ", ".join(f"model.{k}={theirs.get(k)!r}" for k in differ)
+        shown = " ".join(f"'model.{k}={json.dumps(theirs.get(k))}'" for k in differ)
         raise SceneparseError(
             f"{path} holds another model than the config (they differ in {', '.join(differ)})",
             f"set {shown} (the checkpoint's), or use model.encoder_weights for an ImageNet backbone")

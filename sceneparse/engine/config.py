@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sceneparse.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sceneparse.engine.losses import LOSSES
+from sceneparse.engine.optim import OPTIMIZERS
 from sceneparse.errors import SceneparseError
 
 
@@ -134,8 +136,8 @@ CHOICES = {
     "data.batching": ("aspect", "crop"),
     "data.augment_on": ("workers", "device"),
     "train.amp": ("none", "bf16", "fp16"),
-    "train.optimizer": ("sgd", "adamw"),
-    "train.loss.name": ("cross_entropy", "ohem", "focal"),
+    "train.optimizer": tuple(OPTIMIZERS),
+    "train.loss.name": tuple(LOSSES),
     "train.on_nonfinite": ("stop", "skip"),
 }
 
@@ -192,8 +194,12 @@ def _check_choices(cfg: DictConfig) -> None:
     if cfg.train.time_budget_s is not None and cfg.train.time_budget_s <= 0:
         raise SceneparseError(f"train.time_budget_s={cfg.train.time_budget_s!r} must be positive (or null: no budget)")
     if cfg.model.weights and cfg.model.encoder_weights:
-        raise SceneparseError("model.weights and model.encoder_weights are both set: the checkpoint's weights would "
-                              "replace the encoder's", "keep one: model.encoder_weights=null to fine-tune the checkpoint")
+        raise SceneparseError("model.weights and model.encoder_weights are both set: the checkpoint's weights "
+                              "would replace the encoder's",
+                              "keep one: model.encoder_weights=null to fine-tune the checkpoint")
+    if cfg.train.loss.label_smoothing and cfg.train.loss.name != "cross_entropy":
+        raise SceneparseError(f"train.loss.label_smoothing applies to train.loss.name=cross_entropy, "
+                              f"not {cfg.train.loss.name}", "set train.loss.label_smoothing=0, or use cross_entropy")
     crop = cfg.data.crop_size
     if cfg.data.augment_on == "device" and crop is None:
         raise SceneparseError(

@@ -160,9 +160,18 @@ def _is_multi_cell_pool(module: nn.Module) -> bool:
     return any(s not in (1, None) for s in sizes)
 
 
-def _adaptive_pools(model: nn.Module, kinds=(nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) -> list[str]:
-    """Adaptive pooling layers (of `kinds`) whose output is more than 1x1 (PPM's pyramid)."""
-    return [name for name, module in model.named_modules() if _is_multi_cell_pool(module) and isinstance(module, kinds)]
+def _rewritable(module: nn.Module) -> bool:
+    """An average pool to a fixed number of cells each way: MatrixAdaptiveAvgPool2d can replace it."""
+    size = module.output_size
+    sizes = size if isinstance(size, (tuple, list)) else (size,)
+    return isinstance(module, nn.AdaptiveAvgPool2d) and None not in sizes
+
+
+def _adaptive_pools(model: nn.Module, rewritable: bool) -> list[str]:
+    """Adaptive pooling layers whose output is more than 1x1 (PPM's pyramid): those the matrix form
+    can replace, or (`rewritable=False`) the others (max pooling, a side left at the input's size)."""
+    return [name for name, module in model.named_modules()
+            if _is_multi_cell_pool(module) and _rewritable(module) == rewritable]
 
 
 def _with_matrix_pools(model: nn.Module) -> nn.Module:
@@ -171,7 +180,7 @@ def _with_matrix_pools(model: nn.Module) -> nn.Module:
     import copy
 
     model = copy.deepcopy(model)
-    for name in _adaptive_pools(model, kinds=(nn.AdaptiveAvgPool2d,)):
+    for name in _adaptive_pools(model, rewritable=True):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, MatrixAdaptiveAvgPool2d(parent.get_submodule(child).output_size))
@@ -214,11 +223,11 @@ def export_model(
         raise SceneparseError(f"--size must be positive, got {height} {width}")
     if format == "onnx":
         _require_onnx()
-        pools = _adaptive_pools(model, kinds=(nn.AdaptiveMaxPool2d,))  # average pools are rewritten below
+        pools = _adaptive_pools(model, rewritable=False)  # the others are rewritten below
         if dynamic and pools:
             raise SceneparseError(
                 f"the {(model.config or {}).get('decoder', 'model')} decoder cannot be exported to ONNX with dynamic "
-                f"height/width: its adaptive max pooling ({', '.join(pools[:2])}{', ...' if len(pools) > 2 else ''}) "
+                f"height/width: its adaptive pooling ({', '.join(pools[:2])}{', ...' if len(pools) > 2 else ''}) "
                 "has no ONNX operator, and the exporter would bake one input size into the graph",
                 "export ONNX at the fixed size your deployment resizes to (--size H W, without --dynamic), "
                 "or use --format pt2, which keeps sizes dynamic",

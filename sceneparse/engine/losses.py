@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from sceneparse.data.meta import IGNORE_INDEX
 
+
 def _weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
     # 0 (with a gradient) when no pixel is kept, instead of 0/0
     return (values * weights).sum() / weights.sum().clamp(min=torch.finfo(values.dtype).tiny)
@@ -74,8 +75,12 @@ class FocalLoss(_PixelLoss):
         self.gamma = float(gamma)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        _, log_p, weight, _, _ = self._per_pixel(logits, target)
-        return _weighted_mean(-((1 - log_p.exp()) ** self.gamma) * log_p, weight)
+        _, log_p, weight, valid, _ = self._per_pixel(logits, target)
+        # 1 - p, accurate near p = 1, and kept off 0 (on ignored pixels too, which are multiplied
+        # by weight 0 only afterwards): the gradient of q^gamma is infinite at q = 0 for gamma < 1,
+        # and inf x 0 is NaN
+        q = torch.where(valid, -torch.expm1(log_p), torch.ones_like(log_p)).clamp(min=torch.finfo(log_p.dtype).tiny)
+        return _weighted_mean(-(q ** self.gamma) * log_p, weight)
 
 
 class SoftDiceLoss(_PixelLoss):
@@ -84,14 +89,15 @@ class SoftDiceLoss(_PixelLoss):
     absent from both would score a free 1). Class weights, if given, weight the mean over classes."""
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        log_probs, _, _, valid, safe = self._per_pixel(logits, target)
-        probs = log_probs.exp() * valid.unsqueeze(1)
-        onehot = torch.zeros_like(probs).scatter_(1, safe.unsqueeze(1), 1.0) * valid.unsqueeze(1)
-        dims = (0, *range(2, probs.ndim))
-        intersection = (probs * onehot).sum(dims)
-        truth = onehot.sum(dims)
-        dice = 2 * intersection / (probs.sum(dims) + truth).clamp(min=1e-6)
-        present = (truth > 0).to(probs.dtype)
+        log_probs, log_p, _, valid, safe = self._per_pixel(logits, target)
+        # Per-class sums without a one-hot N x C x H x W tensor (150 classes at 512x512 would make
+        # each such tensor 150 MB an image): P.T and |T| by class index, |P| by one contraction.
+        on = valid.to(log_p.dtype)
+        intersection = log_p.new_zeros(log_probs.shape[1]).scatter_add_(0, safe.flatten(), (log_p.exp() * on).flatten())
+        truth = log_p.new_zeros(log_probs.shape[1]).scatter_add_(0, safe.flatten(), on.flatten())
+        predicted = torch.einsum("nc...,n...->c", log_probs.exp(), on)
+        dice = 2 * intersection / (predicted + truth).clamp(min=1e-6)
+        present = (truth > 0).to(log_p.dtype)
         weight = present * (self.weight if self.weight is not None else 1.0)
         return _weighted_mean(1 - dice, weight)  # = 1 - mean dice; 0 when no class is present
 
@@ -111,8 +117,7 @@ class CombinedLoss(nn.Module):
         return self.main(logits, target) + self.dice_weight * self.dice(logits, target)
 
 
-# name -> the main loss from the `train.loss` settings, the class weights and the ignore index
-# (engine/config.py's CHOICES lists the same names, for the config check)
+# train.loss.name -> the main loss from the `train.loss` settings, the class weights and the ignore index
 LOSSES = {
     "cross_entropy": lambda cfg, weight, ignore: nn.CrossEntropyLoss(
         weight=weight, ignore_index=ignore, label_smoothing=float(cfg.label_smoothing)),

@@ -50,9 +50,9 @@ OPTIMIZERS = {
 
 def build_optimizer(model: torch.nn.Module, train_cfg, fused: bool = False
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """`train.optimizer` (SGD or AdamW) over `param_groups` and the poly schedule. `fused=True` (CUDA parameters only, checked
-    at the first step, so the model may move to the GPU after this) updates all parameters in one
-    kernel launch."""
+    """`train.optimizer` (SGD or AdamW) over `param_groups` and the poly schedule. `fused=True`
+    (CUDA parameters only, checked at the first step, so the model may move to the GPU after this)
+    updates all parameters in one kernel launch."""
     groups = param_groups(model, train_cfg.lr_encoder, train_cfg.lr_decoder, train_cfg.weight_decay)
     optimizer = OPTIMIZERS[train_cfg.optimizer](groups, train_cfg, fused)
     # One schedule object shared by all groups: moving its horizon moves every group's rate.

@@ -10,11 +10,13 @@ own (`decode_image_bytes`: EXIF orientation, any format `sceneparse predict` rea
 `visualize.colorize`.
 
 Errors are JSON `{"error": message, "status": code}`: 400 for a body that is not an image, a bad
-query or a bad Content-Length, 404 for an unknown path, 405 for a wrong method, 408 for an upload that stalls,
-411 without Content-Length (chunked uploads included), 413 for a body above `max_body_bytes` or an
-image above `max_pixels`, 500 for a failure inside the model, 503 (with Retry-After) when no slot
-frees within `slot_wait` seconds. A refused request whose body was not read closes the connection
-(its bytes must not be parsed as the next request). `GET /health` needs no slot.
+query or a bad Content-Length, 404 for an unknown path, 405 for a wrong method, 408 for an upload
+that stalls or is too slow (UPLOAD_GRACE_S, MIN_UPLOAD_RATE), 411 without Content-Length (chunked
+uploads included), 413 for a body above `max_body_bytes` or an image above `max_pixels`, 500 for a
+failure inside the model, 503 (with Retry-After) when no slot frees within `slot_wait` seconds
+(checked before "100 Continue" when the client asks for it). A refused request whose body was not
+read closes the connection (its bytes must not be parsed as the next request). `GET /health`
+needs no slot.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -43,6 +46,10 @@ DRAIN_LIMIT = 8 * 1024 * 1024  # unread body bytes we still read (and drop) afte
 # while the model runs; more would only be more images waiting for the lock.
 DEFAULT_MAX_CONCURRENT = 4
 SLOT_WAIT = 5.0  # seconds a request waits for a slot before its 503: short, as it holds a thread and a connection
+# An upload holding a slot must finish within UPLOAD_GRACE_S + its size / MIN_UPLOAD_RATE seconds
+# (20 MB: 330 s), else 408: a client trickling bytes would otherwise keep its slot for ever.
+UPLOAD_GRACE_S = 10.0
+MIN_UPLOAD_RATE = 64 * 1024  # bytes a second
 
 
 class RequestError(Exception):
@@ -148,6 +155,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and `Expect: 100-continue` (curl's for bodies > 1 MB)
     server_version = "sceneparse"
     timeout = 60  # seconds a client may stall mid-request before its connection is dropped
+    slot_held = False  # whether this connection's current request holds a slot
 
     # ------------------------------------------------------------------ helpers
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, close: bool = False,
@@ -199,15 +207,64 @@ class Handler(BaseHTTPRequestHandler):
                 break
             left -= len(chunk)
 
+    def _take_slot(self) -> None:
+        """A slot for this request (held until do_POST ends), or a 503 after `slot_wait` seconds."""
+        service = self.server.service
+        if not service.slots.acquire(timeout=service.slot_wait):
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE,
+                               f"busy: {service.max_concurrent} requests in progress, none finished within "
+                               f"{service.slot_wait:g} seconds; retry later",
+                               {"Retry-After": str(max(1, math.ceil(service.slot_wait)))})
+        self.slot_held = True
+
+    def _read_body(self, length: int) -> bytes:
+        """The body, read as it arrives, within the upload deadline (UPLOAD_GRACE_S, MIN_UPLOAD_RATE)."""
+        allowed = UPLOAD_GRACE_S + length / MIN_UPLOAD_RATE
+        deadline, chunks, got = time.monotonic() + allowed, [], 0
+        too_slow = RequestError(HTTPStatus.REQUEST_TIMEOUT,
+                                f"the upload took longer than {allowed:.0f} seconds for {length} bytes "
+                                f"(this server needs {MIN_UPLOAD_RATE // 1024} KiB/s)")
+        try:
+            while got < length:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise too_slow
+                self.connection.settimeout(min(self.timeout, left))
+                try:
+                    chunk = self.rfile.read1(min(length - got, 1 << 20))  # what has arrived, at most one recv
+                except TimeoutError:  # no data for `timeout` seconds, or none before the deadline
+                    if left < self.timeout:
+                        raise too_slow from None
+                    raise RequestError(HTTPStatus.REQUEST_TIMEOUT,
+                                       f"the body stalled: no data for {self.timeout:g} seconds") from None
+                if not chunk:
+                    break  # the client closed: the caller sees a short body
+                chunks.append(chunk)
+                got += len(chunk)
+        finally:
+            self.connection.settimeout(self.timeout)
+        return b"".join(chunks)
+
     # ------------------------------------------------------------------ http.server hooks
     def handle_expect_100(self) -> bool:
-        # Refuse an oversized upload before the client sends it.
+        # Refuse an oversized upload, or one that would find no slot, before the client sends it.
+        self.slot_held = False
         try:
             self._length()
+            if self.command == "POST" and urlsplit(self.path).path == "/predict":
+                self._take_slot()
+            return super().handle_expect_100()
         except RequestError as err:
-            self._error(err.status, err.message, close=True)
+            self._error(err.status, err.message, close=True, headers=err.headers)
             return False
-        return super().handle_expect_100()
+        except BaseException:  # the client left before "100 Continue": the slot goes back
+            self._release_slot()
+            raise
+
+    def _release_slot(self) -> None:
+        if self.slot_held:
+            self.slot_held = False
+            self.server.service.slots.release()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         path = urlsplit(self.path).path
@@ -222,7 +279,7 @@ class Handler(BaseHTTPRequestHandler):
         service = self.server.service
         url = urlsplit(self.path)
         unread = _declared_length(self.headers)  # body bytes still in the socket, as far as we can drain them
-        body_read = slot = False
+        body_read = False
         try:
             if url.path != "/predict":
                 raise RequestError(HTTPStatus.NOT_FOUND, f"no such path {url.path!r}; try POST /predict")
@@ -230,20 +287,12 @@ class Handler(BaseHTTPRequestHandler):
             if fmt not in FORMATS:
                 raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
             length = self._length()
-            # A slot before the body is read: it bounds the bodies and images in memory at once.
-            slot = service.slots.acquire(timeout=service.slot_wait)
-            if not slot:
-                raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE,
-                                   f"busy: {service.max_concurrent} requests in progress, none finished within "
-                                   f"{service.slot_wait:g} seconds; retry later",
-                                   {"Retry-After": str(max(1, math.ceil(service.slot_wait)))})
-            try:
-                body = self.rfile.read(length)
-            except TimeoutError:  # the client stalled (Handler.timeout): its doing, not the model's
-                unread = 0  # draining would only wait for it again
-                raise RequestError(HTTPStatus.REQUEST_TIMEOUT,
-                                   f"the body stalled: no data for {self.timeout} seconds") from None
-            unread = 0
+            # A slot before the body is read (taken already if the client asked for "100 Continue"):
+            # it bounds the bodies and images in memory at once.
+            if not self.slot_held:
+                self._take_slot()
+            unread = 0  # a body stalled or too slow is not drained: that would only wait for it again
+            body = self._read_body(length)
             if len(body) < length:
                 raise RequestError(HTTPStatus.BAD_REQUEST, "the body ended before its Content-Length")
             body_read = True
@@ -261,8 +310,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._send(HTTPStatus.OK, payload, content_type)
         finally:  # whatever happened, even a client gone mid-answer: a lost slot would be lost for good
-            if slot:
-                service.slots.release()
+            self._release_slot()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals as JSON too: a bad request line, and (its 501) a method

@@ -1,9 +1,9 @@
 """The training loop: `train(cfg) -> dict`, also `sceneparse train CONFIG [key=value ...]`.
 
-CSAIL's recipe: SGD with momentum, poly learning rate (power 0.9, optional linear warmup),
-separate encoder/decoder learning rates, no weight decay on norms and biases, cross-entropy that
-ignores IGNORE_INDEX pixels (or `train.loss`: OHEM, focal, plus Dice; `engine.losses`) plus 0.4 x the
-deep-supervision (auxiliary) loss.
+CSAIL's recipe by default: SGD with momentum (or `train.optimizer: adamw`), poly learning rate
+(power 0.9, optional linear warmup), separate encoder/decoder learning rates, no weight decay on
+norms and biases, cross-entropy that ignores IGNORE_INDEX pixels (or `train.loss`: OHEM, focal,
+plus Dice; `engine.losses`) plus 0.4 x the deep-supervision (auxiliary) loss.
 
 Reproducible and resumable: what each step sees is a pure function of (seed, iteration)
 (`engine.feed`), and checkpoints hold the optimizer, scheduler, grad scaler, data position, RNG
@@ -283,8 +283,9 @@ class Trainer:
             # own random numbers (dropout), else every rank would drop the same units.
             _seed_everything(dist_utils.rank_seed(tc.seed, info.rank))
         self.start_iter, self.position, self.best_miou, self.skipped = 0, (0, 0), float("-inf"), 0
+        self.pending_validation = False
         if ckpt is not None:
-            started -= self._restore(ckpt["train_state"])
+            started -= self._restore(ckpt["train_state"], resume_path)
         if info.is_main:
             save_config(cfg, output_dir / "config.yaml")
 
@@ -373,7 +374,7 @@ class Trainer:
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base_lr * factor
 
-    def _restore(self, state: dict) -> float:
+    def _restore(self, state: dict, path: Path) -> float:
         """Optimizer, scheduler, scaler, position, RNGs from a `last.pt`; returns the time it had spent.
 
         The optimizer's state (momentum buffers) and the schedule's position come from the file;
@@ -383,10 +384,10 @@ class Trainer:
         saved = ((state.get("config") or {}).get("train") or {}).get("optimizer", "sgd")  # older files: SGD
         if saved != self.cfg.train.optimizer:  # another optimizer's state would fail at its first step
             raise SceneparseError(
-                f"the run in {self.output_dir} was trained with train.optimizer={saved}, this config says "
+                f"{path} was trained with train.optimizer={saved}, this config says "
                 f"{self.cfg.train.optimizer}: an optimizer's state does not carry over to another",
-                f"resume with train.optimizer={saved}, or start a new run from the weights of best.pt "
-                f"(model.weights=...) with {self.cfg.train.optimizer}")
+                f"resume with train.optimizer={saved}; or start a new run from its weights with "
+                f"{self.cfg.train.optimizer}: model.weights={path} model.encoder_weights=null and another output_dir")
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         for group, own in zip(self.optimizer.param_groups, settings):
@@ -396,6 +397,7 @@ class Trainer:
         if state["scaler"]:  # empty when saved without fp16 (then a resumed fp16 run starts a fresh scale)
             self.scaler.load_state_dict(state["scaler"])
         self.start_iter, self.position = state["iteration"], tuple(state["data_position"])
+        self.pending_validation = bool(state.get("pending_validation")) and self.cfg.train.val_every > 0
         self.best_miou, self.skipped = state["best_miou"], state["skipped"]
         # Each rank's own RNG streams (dropout draws differ per rank); rank 0's when the process
         # count changed or the checkpoint predates per-rank states.
@@ -424,6 +426,10 @@ class Trainer:
             self.budget.measured(it)
         with _StopSignal() as stop:
             try:
+                if self.pending_validation:  # the run stopped during this validation
+                    self._validate(it)
+                    self._save_last(it, next_position)
+                    self.window_time = time.perf_counter()
                 while it < self.schedule.horizon:
                     images, masks, paths = next_batch(self.batches, it + 1, self.output_dir / "last.pt",
                                                        self.resume_command)
@@ -445,11 +451,12 @@ class Trainer:
                             done = True
                             validate_now, checkpoint_now = tc.val_every > 0, True
                     # Saved before validating, so a validation that fails (a bad val image, out of
-                    # memory, a kill) loses no training; saved again if it moved the best mIoU,
-                    # which last.pt carries for a resumed run to compare with.
+                    # memory, a kill) loses no training: that last.pt says the validation is still
+                    # due, and a run resumed from it validates first. Saved again once validated.
                     if checkpoint_now or stopping:
-                        self._save_last(it, next_position)
-                    if validate_now and self._validate(it):
+                        self._save_last(it, next_position, pending_validation=validate_now)
+                    if validate_now:
+                        self._validate(it)
                         self._save_last(it, next_position)
                     if validate_now or checkpoint_now:
                         self.window_time = time.perf_counter()  # the speed measures training steps only
@@ -543,10 +550,9 @@ class Trainer:
             f"the last good checkpoint is {self.output_dir / 'last.pt'}",
         )
 
-    def _validate(self, iteration: int) -> bool:
+    def _validate(self, iteration: int) -> None:
         """Distributed evaluation (each rank a share of the images, confusion matrices summed):
-        every rank gets the same metrics, so `best_miou` agrees everywhere. Returns whether the
-        best mIoU improved."""
+        every rank gets the same metrics, so `best_miou` agrees everywhere."""
         from sceneparse.engine.evaluate import evaluate
 
         cfg, dc = self.cfg, self.cfg.data
@@ -570,18 +576,19 @@ class Trainer:
             if improved:
                 save_model(self.output_dir / "best.pt", self.model, self.class_names, self.palette,
                            self.normalization)
-        return improved
 
-    def _save_last(self, iteration: int, next_position) -> None:
+    def _save_last(self, iteration: int, next_position, pending_validation: bool = False) -> None:
         """`last.pt` with the training state; every rank calls this (its RNG state is gathered) and
         returns once rank 0 has written the file. A rank that went on (to stop, say) could exit
-        first, and torchrun would then kill rank 0 in the middle of the write."""
+        first, and torchrun would then kill rank 0 in the middle of the write.
+        `pending_validation`: the validation of `iteration` is still to run (a resumed run runs it)."""
         rng_states = dist_utils.all_gather_object(rng_state())
-        dist_utils.run_on_main(lambda: self._write_last(iteration, next_position, rng_states), self.info)
+        dist_utils.run_on_main(lambda: self._write_last(iteration, next_position, rng_states, pending_validation),
+                               self.info)
 
-    def _write_last(self, iteration: int, next_position, rng_states: list) -> None:
+    def _write_last(self, iteration: int, next_position, rng_states: list, pending_validation: bool) -> None:
         state = {
-            "iteration": iteration, "data_position": list(next_position),
+            "iteration": iteration, "data_position": list(next_position), "pending_validation": pending_validation,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "best_miou": self.best_miou, "skipped": self.skipped,
             "rng": rng_states[0], "rng_per_rank": rng_states, "config": OmegaConf.to_container(self.cfg),
