@@ -190,8 +190,8 @@ def train_runs(info: D.DistInfo, out_dir: Path) -> dict:
         if last:
             times["written"].append(time.time())
 
-    def timed_save_last(self, *args):
-        real_save_last(self, *args)
+    def timed_save_last(self, *args, **kwargs):
+        real_save_last(self, *args, **kwargs)
         times["left"].append(time.time())
 
     train_mod.save_model, train_mod.Trainer._save_last = slow_save, timed_save_last
