@@ -123,6 +123,12 @@ def test_missing_truncated_garbage_and_foreign_files(tmp_path):
     with pytest.raises(SceneparseError, match="garbage.pt is not a readable checkpoint"):
         load_checkpoint(garbage)
 
+    pickled = tmp_path / "pickled.pt"  # Python objects: torch's own message would advise weights_only=False
+    torch.save({"model": object()}, pickled)
+    with pytest.raises(SceneparseError) as err:
+        load_checkpoint(pickled)
+    assert "holds Python objects beyond tensors" in err.value.message and "weights_only" not in err.value.message
+
     foreign = tmp_path / "encoder_epoch_20.pth"  # what CSAIL publishes: a bare state_dict
     torch.save(tiny_model().state_dict(), foreign)
     with pytest.raises(SceneparseError, match="encoder_epoch_20.pth is not a sceneparse checkpoint"):

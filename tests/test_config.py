@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from sceneparse.engine.config import dataset_settings, load_config
 from sceneparse.errors import SceneparseError
@@ -110,8 +111,6 @@ def test_dataset_settings_flattens_synthetic_options():
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_shipped_config_loads_and_builds_its_model(path):
-    from omegaconf import OmegaConf
-
     from sceneparse.data import build_dataset
     from sceneparse.models import build_model
 
@@ -126,3 +125,15 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
                             encoder_options=OmegaConf.to_container(cfg.model.encoder_options),
                             decoder_options=OmegaConf.to_container(cfg.model.decoder_options))
     assert model.num_classes == num_classes
+
+
+def test_an_empty_mapping_override_empties_the_files_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {encoder: timm:test_resnet, encoder_options: {out_indices: [0, 1, 2]}}\n")
+    assert OmegaConf.to_container(load_config(path).model.encoder_options) == {"out_indices": [0, 1, 2]}
+    assert OmegaConf.to_container(load_config(path, ["model.encoder_options={}"]).model.encoder_options) == {}
+    merged = load_config(path, ["model.encoder_options={drop_rate: 0.1}"]).model.encoder_options  # others merge
+    assert OmegaConf.to_container(merged) == {"out_indices": [0, 1, 2], "drop_rate": 0.1}
+    with pytest.raises(SceneparseError) as err:
+        load_config(path, ["model.encoder_options=null"])
+    assert "is a section" in err.value.message and "{} empties it" in err.value.hint

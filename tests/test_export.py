@@ -150,6 +150,18 @@ def test_onnx_dynamic_with_other_adaptive_pooling_is_refused_with_the_way_out(tm
     assert not (tmp_path / "p.onnx").exists()
 
 
+def test_a_failed_capture_is_one_line_without_the_tracers_guards(checkpoint, tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("Constraints violated (height, width)!\n- Not all values of height satisfy "
+                           "the generated guard ((8*((31 + L['image'].size()[2]) // 32)")
+
+    monkeypatch.setattr(torch.export, "export", failing)
+    with pytest.raises(SceneparseError) as err:
+        export_model(load_model(checkpoint), tmp_path / "m.pt2", format="pt2", size=(64, 64), dynamic=True, log=quiet)
+    assert err.value.message.endswith("RuntimeError: Constraints violated (height, width)!")
+    assert err.value.hint == "try without --dynamic (a fixed --size)"
+
+
 def _off_by_one(run):
     return lambda x: run(x) + 1.0
 

@@ -133,7 +133,9 @@ def test_build_loss_makes_what_the_settings_say():
     ("train.loss.label_smoothing=1.5", "train.loss.label_smoothing=1.5: expected a value in 0..1"),
     ("train.loss.ohem_threshold=0", "expected a probability in (0, 1]"),
     ("train.loss.ohem_min_kept=0", "expected a positive pixel count"),
-    ("train.loss.dice_weight=-1", "expected values >= 0"),
+    ("train.loss.dice_weight=-1", "train.loss.dice_weight=-1.0: expected a weight >= 0"),
+    ("train.loss.focal_gamma=-1", "train.loss.focal_gamma=-1.0: expected a value >= 0"),
+    ("train.loss=ohem", "train.loss is a section, not a value"),
     ("train.optimizer=adam", "train.optimizer='adam' is not one of sgd, adamw"),
 ])
 def test_bad_loss_and_optimizer_settings_are_refused_at_load(override, message):

@@ -210,6 +210,15 @@ def test_chunked_upload_is_411_and_closes_the_connection(server):
     assert answer.count(b"HTTP/1.1 ") == 1
 
 
+def test_a_form_upload_is_400_saying_to_send_the_bytes(server, photos):
+    body = b"--b\r\nContent-Disposition: form-data; name=file\r\n\r\n" + photos["png"].read_bytes() + b"\r\n--b--\r\n"
+    req = urllib.request.Request(server.url + "/predict", data=body, method="POST",
+                                 headers={"Content-Type": "multipart/form-data; boundary=b"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400 and "--data-binary" in json.loads(err.value.read())["error"]
+
+
 def test_negative_content_length_is_400(server):
     answer = raw(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400") and b"bad Content-Length" in answer
@@ -320,6 +329,28 @@ def test_a_busy_server_refuses_before_100_continue_and_a_trickling_upload_loses_
             sock.sendall(data)
             assert b"HTTP/1.1 200" in read_to_close(sock)
         assert not slot_taken(srv.service.slots)
+
+
+def test_a_client_gone_before_its_answer_leaves_no_traceback(model, photos, monkeypatch, capfd):
+    class SlowPredictor:  # long enough for the client to reset the connection first
+        def predict(self, image):
+            time.sleep(0.5)
+            return torch.zeros(image.shape[-2:], dtype=torch.int64)
+
+    data = photos["png"].read_bytes()
+    with running(make_server(model, "127.0.0.1", 0, quiet=True)) as srv:
+        real = srv.service.predictor
+        srv.service.predictor = SlowPredictor()
+        sock = socket.create_connection(srv.server_address[:2], timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        time.sleep(0.1)
+        sock.close()
+        time.sleep(1.0)  # the answer meets the reset connection
+        srv.service.predictor = real
+        assert request(srv, "/predict", data)[0] == 200  # still serving
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err
 
 
 def test_bind_errors_blame_the_port_or_the_host(server, model):

@@ -156,6 +156,7 @@ def test_previous_run_in_output_folder_is_refused_unless_overwrite_or_resume(tmp
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text("{}\n")
+    (out / "last.pt").write_bytes(b"a checkpoint")
     (out / "notes.txt").write_text("mine")
     with pytest.raises(SceneparseError, match="already holds a run") as info:
         prepare_output(out, overwrite=False, resuming=False)
@@ -164,10 +165,20 @@ def test_previous_run_in_output_folder_is_refused_unless_overwrite_or_resume(tmp
     assert (out / "metrics.jsonl").exists()
     prepare_output(out, overwrite=True, resuming=False)
     assert not (out / "metrics.jsonl").exists() and (out / "notes.txt").read_text() == "mine"
+    # a run that stopped before its first checkpoint has nothing to continue: it is replaced
+    (out / "config.yaml").write_text("model: {}\n")
+    prepare_output(out, overwrite=False, resuming=False)
+    assert not (out / "config.yaml").exists() and (out / "notes.txt").read_text() == "mine"
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(SceneparseError, match="cannot write to output folder"):
         prepare_output(blocker / "run", overwrite=False, resuming=False)
+
+
+def test_a_run_refused_at_set_up_can_be_run_again_corrected(tmp_path, capsys):
+    with pytest.raises(SceneparseError, match="smaller than one batch"):
+        train(tiny_config(tmp_path, "data.batch_size=200"))
+    assert train(tiny_config(tmp_path, "train.iterations=2", "train.val_every=0"))["iterations"] == 2
 
 
 def test_train_command_overwrites_a_previous_run_only_when_told(tmp_path, capsys):

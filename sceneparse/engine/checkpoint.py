@@ -27,7 +27,7 @@ import torch
 from sceneparse.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sceneparse.engine.distributed import unwrap as _unwrap  # the Segmenter inside DDP/compile
 from sceneparse.errors import SceneparseError
-from sceneparse.models.pretrained import load_state_dict_strict
+from sceneparse.models.pretrained import load_error_reason, load_state_dict_strict
 
 FORMAT = "sceneparse-checkpoint/1"
 DEFAULT_NORMALIZATION = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
@@ -111,7 +111,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, garbage bytes, pickled code objects...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = load_error_reason(err)
         raise SceneparseError(
             f"{path} is not a readable checkpoint (corrupt, truncated or not a torch file): {first}",
             hint="use another checkpoint, e.g. best.pt or last.pt from the same run",

@@ -238,8 +238,8 @@ def _check_sizes(cfg: DictConfig) -> None:
         (["train.loss.label_smoothing"], 0 <= loss.label_smoothing <= 1, "a value in 0..1"),
         (["train.loss.ohem_threshold"], 0 < loss.ohem_threshold <= 1, "a probability in (0, 1]"),
         (["train.loss.ohem_min_kept"], loss.ohem_min_kept >= 1, "a positive pixel count"),
-        (["train.loss.focal_gamma", "train.loss.dice_weight"], loss.focal_gamma >= 0 and loss.dice_weight >= 0,
-         "values >= 0"),
+        (["train.loss.focal_gamma"], loss.focal_gamma >= 0, "a value >= 0 (0: cross-entropy)"),
+        (["train.loss.dice_weight"], loss.dice_weight >= 0, "a weight >= 0 (0: no Dice term)"),
     ]
     for keys, fine, expected in checks:
         if not fine:
@@ -272,16 +272,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if "=" not in item:
             raise SceneparseError(f"override {item!r} is not key=value", hint="e.g. train.iterations=1000")
         key, value = item.split("=", 1)
+        section = OmegaConf.select(cfg, key, default=None)
+        if isinstance(section, DictConfig) and not value.strip().startswith("{"):
+            keys = f"; its keys: {', '.join(section)}" if len(section) else ""
+            raise SceneparseError(f"override {item!r}: {key} is a section, not a value",
+                                  f"set one of its keys ({key}.KEY=VALUE), or '{key}={{...}}' ({{}} empties it){keys}")
         try:
-            dotlist = OmegaConf.from_dotlist([f"{key}={value}"])
-            cfg = OmegaConf.merge(cfg, dotlist)
+            if value.strip() == "{}":  # an empty mapping replaces one (merging it would change nothing)
+                OmegaConf.update(cfg, key, {}, merge=False)
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
         except OmegaConfBaseException as err:
             raise _friendly(err, default_config(), f"override {item!r}") from None
         except yaml.YAMLError as err:  # the value is parsed as YAML: a list or mapping cut short
             raise SceneparseError(
                 f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err})",
                 "a shell splits an unquoted override at its spaces: quote the whole override, e.g. "
-                "'model.decoder_options={pool_scales: [1, 2, 3, 6]}' or 'data.scales=[300, 450]'",
+                "'model.decoder_options={pool_scales: [1, 2, 3, 6]}' or 'data.scales=[300, 450]'; "
+                "and YAML mappings need a space after each ':' ({a: 1}, not {a:1})",
             ) from None
     _check_choices(cfg)
     return cfg

@@ -335,8 +335,9 @@ def _capture(module: nn.Module, example: torch.Tensor, dynamic: bool, multiple: 
         with torch.no_grad():
             return torch.export.export(module, (example,), dynamic_shapes=shapes)
     except Exception as err:  # noqa: BLE001 - shown to the user with the way out
-        # the first two lines: what failed, and (for a shape constraint) the guard that broke it
-        first = " ".join([line.strip() for line in str(err).splitlines() if line.strip()][:2]) or type(err).__name__
+        # the first line says what failed; the next ones are the tracer's symbolic guards
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = first if len(first) <= 200 else first[:200] + "..."
         raise SceneparseError(f"torch.export could not capture the model: {type(err).__name__}: {first}",
                               "try without --dynamic (a fixed --size)" if dynamic else None) from None
 

@@ -20,6 +20,7 @@ needs no slot.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -160,16 +161,20 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ helpers
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, close: bool = False,
               headers: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if close:
-            self.send_header("Connection", "close")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(body)
+        except ConnectionError:  # the client left before its answer: nothing to tell it, no traceback
             self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
+            self.log_message("client went away before the answer (%s)", int(status))
 
     def _error(self, status: HTTPStatus, message: str, close: bool = False, headers: dict | None = None) -> None:
         self._send(status, json.dumps({"error": message, "status": int(status)}).encode(), "application/json",
@@ -201,11 +206,12 @@ class Handler(BaseHTTPRequestHandler):
         """Read and drop an unread body (up to DRAIN_LIMIT), so that closing the socket does not
         reset the connection before the client has read our error."""
         left = min(length, DRAIN_LIMIT)
-        while left > 0:
-            chunk = self.rfile.read(min(left, 65536))
-            if not chunk:
-                break
-            left -= len(chunk)
+        with contextlib.suppress(ConnectionError, TimeoutError):  # a client gone or stalled: nothing to drain
+            while left > 0:
+                chunk = self.rfile.read(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
     def _take_slot(self) -> None:
         """A slot for this request (held until do_POST ends), or a 503 after `slot_wait` seconds."""
@@ -286,6 +292,9 @@ class Handler(BaseHTTPRequestHandler):
             fmt = parse_qs(url.query).get("format", ["png"])[-1]
             if fmt not in FORMATS:
                 raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+            if self.headers.get_content_type() == "multipart/form-data":  # curl -F: the commonest client slip
+                raise RequestError(HTTPStatus.BAD_REQUEST, "send the image file's bytes as the body "
+                                   "(curl --data-binary @photo.jpg), not a form upload (curl -F)")
             length = self._length()
             # A slot before the body is read (taken already if the client asked for "100 Continue"):
             # it bounds the bodies and images in memory at once.

@@ -36,7 +36,7 @@ def read_state_dict(source: str | os.PathLike, what: str = "weights file") -> di
                                                                                 weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or foreign files
         raise UnreadableFileError(
-            f"cannot read {what} {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            f"cannot read {what} {path}: {load_error_reason(err)}",
             hint="the file is truncated, corrupt or not a PyTorch weights file; download it again",
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -46,6 +46,15 @@ def read_state_dict(source: str | os.PathLike, what: str = "weights file") -> di
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def load_error_reason(err: Exception) -> str:
+    """What a failed `torch.load(..., weights_only=True)` says, in a line: without torch's advice to
+    retry with weights_only=False, which would run whatever code the file holds."""
+    text = str(err).strip()
+    if text.startswith("Weights only load failed"):
+        return "it holds Python objects beyond tensors, or is not a torch file (torch's weights-only loader refused it)"
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _is_safetensors(path: Path) -> bool:
