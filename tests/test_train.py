@@ -169,6 +169,9 @@ def test_previous_run_in_output_folder_is_refused_unless_overwrite_or_resume(tmp
     (out / "config.yaml").write_text("model: {}\n")
     prepare_output(out, overwrite=False, resuming=False)
     assert not (out / "config.yaml").exists() and (out / "notes.txt").read_text() == "mine"
+    (out / "best.pt").write_bytes(b"weights")  # but a best.pt is worth keeping, last.pt or not
+    with pytest.raises(SceneparseError, match="already holds a run"):
+        prepare_output(out, overwrite=False, resuming=False)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(SceneparseError, match="cannot write to output folder"):

@@ -101,8 +101,8 @@ class TimeBudget:
 def prepare_output(output_dir: Path, overwrite: bool, resuming: bool) -> None:
     """Refuse to mix two runs in one folder; make sure we can write there before training."""
     previous = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if previous and "last.pt" not in previous and not resuming:
-        # a run that stopped before its first checkpoint (a set-up error, say): nothing to continue
+    if previous and not {"last.pt", "best.pt"} & set(previous) and not resuming:
+        # a run that stopped before its first checkpoint (a set-up error, say): nothing to keep
         print(f"note: {output_dir} holds an earlier run that saved no checkpoint ({', '.join(previous)}); "
               "starting afresh", file=sys.stderr)
         overwrite = True
