@@ -1,6 +1,7 @@
-"""FCN, DeepLab, DANet, DenseASPP, EncNet and BiSeNet decoders: torchvision's heads as an
-independent reference, FCN's fusion, DANet's attentions and EncNet's encoding by hand, DenseASPP's
-reach, which maps each decoder reads, export, channels_last, and the batch-of-one declarations."""
+"""FCN, DeepLab, DANet, DenseASPP, EncNet, BiSeNet, U-Net, FPN, SegFormer and OCRNet decoders:
+torchvision's heads as an independent reference, FCN's fusion, DANet's attentions, EncNet's
+encoding, the U-Net/FPN/SegFormer wiring and OCR's attention by hand, DenseASPP's reach, which maps
+each decoder reads, export, channels_last, and the batch-of-one declarations."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -16,7 +17,8 @@ from torchvision.models.segmentation.fcn import FCNHead
 from sceneparse.errors import SceneparseError
 from sceneparse.models import DECODERS, build_decoder, build_model
 
-NEW_DECODERS = ["fcn32s", "fcn16s", "fcn8s", "deeplabv3", "deeplabv3plus", "danet", "denseaspp", "encnet", "bisenet"]
+NEW_DECODERS = ["fcn32s", "fcn16s", "fcn8s", "deeplabv3", "deeplabv3plus", "danet", "denseaspp", "encnet", "bisenet",
+                "unet", "fpn", "segformer", "ocrnet"]
 
 
 @torch.no_grad()
@@ -140,13 +142,16 @@ def test_pools_to_1x1_says_which_decoders_leave_batchnorm_one_value_per_channel(
     # With one image, does some BatchNorm see a single value per channel? PPM's and ASPP's see a
     # 1x1 map (torch then refuses); UPerNet's the 1x1 map upsampled first (a constant map: torch
     # runs, but with zero variance the branch learns nothing and the running variance collapses).
+    torch.manual_seed(0)
     model = build_model("resnet18dilated", decoder, num_classes=3, decoder_options=options).train()
     single = []
 
     def check(module, args):
         values = args[0].transpose(0, 1).flatten(1)  # channels x (N*H*W); equal up to the conv's rounding
         spread = values.amax(1) - values.amin(1)
-        single.append(bool((spread <= 1e-4 * values.abs().amax(1)).all()))
+        # rounding measured against the whole map's scale: a channel near zero (the conv's sum
+        # cancelling) has rounding noise large beside its own values
+        single.append(bool((spread <= 1e-4 * values.abs().amax()).all()))
 
     for m in model.modules():
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):  # 1d: EncNet's, over the codewords
@@ -170,9 +175,10 @@ def test_train_refuses_a_batch_of_one_for_deeplab():
     for decoder in ("deeplabv3", "deeplabv3plus", "bisenet"):
         with pytest.raises(SceneparseError, match=f"data.batch_size=1 cannot train the {decoder} decoder") as err:
             _check_batch_of_one(cfg(decoder), info)
-        assert "(c1, c1_deepsup, fcn32s, fcn16s, fcn8s, danet, denseaspp, encnet)" in err.value.hint
+        assert ("(c1, c1_deepsup, fcn32s, fcn16s, fcn8s, danet, denseaspp, encnet, unet, fpn, segformer, ocrnet)"
+                in err.value.hint)
         _check_batch_of_one(cfg(decoder, batch_size=2), info)
-    for decoder in ("c1", "fcn8s", "danet", "denseaspp", "encnet"):
+    for decoder in ("c1", "fcn8s", "danet", "denseaspp", "encnet", "unet", "fpn", "segformer", "ocrnet"):
         _check_batch_of_one(cfg(decoder), info)
     _check_batch_of_one(cfg("upernet", pool_scales=[2, 3, 6]), info)
     with pytest.raises(SceneparseError, match="cannot train the upernet decoder"):
@@ -416,3 +422,176 @@ def test_channel_attention_stays_finite_under_float16_autocast():
         out = cam(x.half())
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), cam(x), rtol=2e-3, atol=2e-2)
+
+
+# --- U-Net, FPN, SegFormer, OCRNet ----------------------------------------------------------------
+
+
+def _cbr_by_hand(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """conv (no bias) + BatchNorm in eval mode + ReLU, with the functional ops."""
+    conv, bn = seq[0], seq[1]
+    y = F.conv2d(x, conv.weight, padding=conv.padding, dilation=conv.dilation)
+    y = (y - bn.running_mean[:, None, None]) / (bn.running_var[:, None, None] + bn.eps).sqrt()
+    return torch.relu(y * bn.weight[:, None, None] + bn.bias[:, None, None])
+
+
+# resnet18's sizes (each map half the one before), a dilated encoder's (the deepest two equal) and
+# hrnetv2's (the deepest map is the 1/4 concatenation)
+SIZES = {"plain": [(16, 20), (8, 10), (4, 5)], "dilated": [(16, 20), (8, 10), (8, 10)],
+         "hrnet": [(8, 10), (4, 5), (8, 10)]}
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES)
+def test_unet_concatenates_each_skip_at_the_finer_size_by_hand(sizes):
+    channels = [4, 6, 8]
+    torch.manual_seed(0)
+    unet = build_decoder("unet", channels, 3, decoder_channels=[10, 5]).eval()
+    _randomise(unet, seed=8)
+    features = [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, sizes)]
+
+    def finer(a, b):  # (a, b) both at the finer of their sizes
+        size = max(a.shape[-2:], b.shape[-2:])
+        return _up(a, torch.empty(size)), _up(b, torch.empty(size))
+
+    with torch.no_grad():
+        x = features[2]
+        for block, skip in zip(unet.blocks, [features[1], features[0]]):
+            x = _cbr_by_hand(block[1], _cbr_by_hand(block[0], torch.cat(finer(x, skip), 1)))
+        expected = _score(unet.conv_last, x)
+        got = unet(features)
+    assert got.shape[-2:] == max(sizes)  # the finest map's size
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert [b[0][0].in_channels for b in unet.blocks] == [8 + 6, 10 + 4]
+
+
+def test_unet_default_widths_and_a_wrong_count_of_widths():
+    assert [b[1][0].out_channels for b in build_decoder("unet", [24, 32, 64, 160, 320], 3).blocks] == [256, 128, 64, 32]
+    with pytest.raises(SceneparseError, match="one block per skip map: 3 for this encoder's 4 maps") as err:
+        build_decoder("unet", [8, 16, 32, 64], 3, decoder_channels=[64, 32])
+    assert "decoder_channels=[256, 128, 64]" in err.value.hint
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES)
+def test_fpn_top_down_pyramid_and_upsampling_blocks_by_hand(sizes):
+    channels = [4, 6, 8]
+    torch.manual_seed(0)
+    fpn = build_decoder("fpn", channels, 3, pyramid_dim=8, segmentation_dim=16).eval()
+    _randomise(fpn, seed=9)
+    assert [len(blocks) for blocks in fpn.levels] == [1, 1, 2]  # Panoptic FPN: 1/4, 1/8, 1/16 x2 ...
+    assert fpn.levels[0][0][1].num_groups == 16  # gcd(32, 16)
+    features = [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, sizes)]
+
+    def at_finer(x, size):
+        return _up(x, torch.empty(size)) if size[0] > x.shape[-2] else x
+
+    def block(seq, x):  # conv, GroupNorm, ReLU
+        return torch.relu(seq[1](F.conv2d(x, seq[0].weight, padding=1)))
+
+    with torch.no_grad():
+        lateral = [_score(conv, f) for conv, f in zip(fpn.lateral, features)]
+        p2 = lateral[2]
+        size1 = max(p2.shape[-2:], lateral[1].shape[-2:])
+        p1 = at_finer(lateral[1], size1) + at_finer(p2, size1)
+        size0 = max(p1.shape[-2:], lateral[0].shape[-2:])
+        p0 = at_finer(lateral[0], size0) + at_finer(p1, size0)
+        s = [f.shape[-2:] for f in features]
+        level0 = block(fpn.levels[0][0], p0)
+        level1 = at_finer(block(fpn.levels[1][0], p1), s[0])
+        level2 = at_finer(block(fpn.levels[2][1], at_finer(block(fpn.levels[2][0], p2), s[1])), s[0])
+        finest = max(x.shape[-2:] for x in (level0, level1, level2))
+        summed = sum(at_finer(x, finest) for x in (level0, level1, level2))
+        expected = _score(fpn.conv_last[1], summed)
+        got = fpn(features)
+    assert got.shape[-2:] == max(sizes)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES)
+def test_segformer_head_projects_resizes_and_fuses_by_hand(sizes):
+    channels = [4, 6, 8]
+    torch.manual_seed(0)
+    head = build_decoder("segformer", channels, 3, embed_dim=5).eval()
+    _randomise(head, seed=10)
+    features = [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, sizes)]
+    finest = torch.empty(max(sizes))
+    with torch.no_grad():
+        projected = [_up(_score(conv, f), finest) for conv, f in zip(head.project, features)]
+        fused = _cbr_by_hand(head.fuse, torch.cat(projected[::-1], 1))  # deepest first, as the authors'
+        expected = _score(head.conv_last[1], fused)
+        torch.testing.assert_close(head(features), expected, rtol=1e-5, atol=1e-5)
+    assert head.fuse[0].in_channels == 3 * 5
+
+
+def test_object_attention_by_hand():
+    from sceneparse.models.layers import ObjectAttention
+
+    torch.manual_seed(0)
+    block = ObjectAttention(channels=6, key_dim=4).eval()
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # BN statistics that are not the identity, with shifts that let most ReLUs pass
+        for m in block.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(3)  # default init's weights give near-equal scores
+            if isinstance(m, nn.BatchNorm2d):
+                for t, low, high in [(m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 1.5),
+                                     (m.weight, 0.5, 1.5), (m.bias, 0.0, 0.5)]:
+                    t.copy_(torch.rand(t.shape, generator=gen) * (high - low) + low)
+    x, objects = torch.randn(2, 6, 3, 4) * 2, torch.randn(2, 6, 5) * 2  # 5 object regions
+
+    def cbr(seq, v):  # 1x1 conv-BN-ReLU(s) on one vector
+        for i in range(0, len(seq), 3):
+            conv, bn = seq[i], seq[i + 1]
+            v = conv.weight[:, :, 0, 0] @ v
+            v = torch.relu((v - bn.running_mean) / (bn.running_var + bn.eps).sqrt() * bn.weight + bn.bias)
+        return v
+
+    with torch.no_grad():
+        got = block(x, objects)
+        expected, spreads = torch.empty_like(x), []
+        for n in range(2):
+            keys = [cbr(block.key, objects[n, :, k]) for k in range(5)]
+            values = [cbr(block.value, objects[n, :, k]) for k in range(5)]
+            for h in range(3):
+                for w in range(4):
+                    query = cbr(block.query, x[n, :, h, w])
+                    scores = torch.stack([query @ key / 2.0 for key in keys])  # / sqrt(4)
+                    spreads.append(scores.std())
+                    weights = scores.exp() / scores.exp().sum()
+                    expected[n, :, h, w] = cbr(block.out, sum(wk * v for wk, v in zip(weights, values)))
+    assert torch.stack(spreads).mean() > 0.5  # the scores differ between regions: the softmax matters
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ocrnet_gathers_one_representation_per_class_by_hand():
+    torch.manual_seed(0)
+    ocr = build_decoder("ocrnet", [6, 8], 3, ocr_dim=10, key_dim=4).eval()
+    _randomise(ocr, seed=12)
+    features = [torch.randn(2, 6, 8, 10), torch.randn(2, 8, 4, 5)]
+    captured = {}
+    ocr.object_attention.register_forward_hook(lambda m, args, out: captured.update(objects=args[1]))
+    with torch.no_grad():
+        regions = ocr.regions(features[-1])  # N x K x h x w
+        pixels = _cbr_by_hand(ocr.pixels, features[-1])
+        expected_objects = torch.empty(2, 10, 3)
+        for n in range(2):
+            for k in range(3):
+                weights = regions[n, k].flatten().exp() / regions[n, k].flatten().exp().sum()
+                expected_objects[n, :, k] = (pixels[n].flatten(1) * weights).sum(1)
+        out = ocr(features)
+        torch.testing.assert_close(captured["objects"], expected_objects, rtol=1e-5, atol=1e-5)
+        context = ocr.object_attention(pixels, expected_objects)
+        fused = _cbr_by_hand(ocr.fuse, torch.cat([context, pixels], 1))
+        torch.testing.assert_close(out, _score(ocr.conv_last, fused), rtol=1e-5, atol=1e-5)
+        # the auxiliary output is the regions; a training pass computes them once for both heads
+        torch.testing.assert_close(ocr.forward_aux(features), regions)
+        logits, aux = ocr.forward_train(features)
+        torch.testing.assert_close(logits, out)
+        torch.testing.assert_close(aux, regions)
+        # only the deepest map is read
+        assert torch.equal(ocr([features[0] + 1, features[1]]), out)
+
+    model = build_model("resnet18dilated", "ocrnet", num_classes=3, decoder_options={"ocr_dim": 16, "key_dim": 8})
+    with torch.no_grad():
+        model.train()(torch.randn(2, 3, 64, 64))
+    counts = {int(m.num_batches_tracked) for m in model.decoder.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert counts == {1}

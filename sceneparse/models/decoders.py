@@ -1,5 +1,5 @@
 """Decoders: CSAIL's (with CSAIL's semantics and exact submodule names), FCN, DeepLab, DANet,
-DenseASPP, EncNet and BiSeNet.
+DenseASPP, EncNet, BiSeNet, U-Net, FPN, SegFormer's head and OCRNet.
 
 Every decoder is built from the encoder's channel list (`channels`, shallow to deep) and returns
 raw logits at the resolution of the feature maps it reads; the Segmenter upsamples them. Because
@@ -11,11 +11,13 @@ encoder can be paired with any decoder.
 
 FCN (fcn32s/16s/8s) and DeepLab (deeplabv3, deeplabv3plus) are not CSAIL's; deeplabv3's head
 is laid out as torchvision's `DeepLabHead`, fcn32s's as torchvision's `FCNHead`. DANet, DenseASPP,
-EncNet and BiSeNet are written from their papers; each docstring says where and why they differ.
+EncNet, BiSeNet and OCRNet are written from their papers; U-Net, FPN and SegFormer's head follow
+segmentation_models.pytorch's any-encoder versions. Each docstring says where and why they differ.
 """
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +27,7 @@ from sceneparse.models.layers import (
     ASPP,
     ChannelAttention,
     Encoding,
+    ObjectAttention,
     PositionAttention,
     conv1x1_bn_relu,
     conv3x3_bn_relu,
@@ -544,6 +547,197 @@ class BiSeNet(Decoder):
         return self.conv_last_aux(self.cbr_aux(context))
 
 
+def _finest(maps: list[Tensor]) -> tuple[int, int]:
+    """The largest height x width among `maps` (the finest resolution)."""
+    return tuple(max((m.shape[-2:] for m in maps), key=lambda size: size[0] * size[1]))
+
+
+def _at_finer(x: Tensor, size) -> Tensor:
+    """x resized to `size` if that is finer than x's own size; never shrunk."""
+    return resize(x, size) if size[0] * size[1] > x.shape[-2] * x.shape[-1] else x
+
+
+def _concat_at_finer(a: Tensor, b: Tensor) -> Tensor:
+    """[a, b] concatenated at the finer of their two sizes, the coarser one resized bilinearly."""
+    size = _finest([a, b])
+    return torch.cat([_at_finer(a, size), _at_finer(b, size)], 1)
+
+
+class UNet(Decoder):
+    """U-Net's expanding path (Ronneberger et al., MICCAI 2015) on any encoder, laid out as
+    segmentation_models.pytorch's `Unet` decoder: from the deepest map toward the finest, each
+    block brings the running map to the next shallower map's size, concatenates the two (the skip
+    connection) and applies two 3x3 conv-BN-ReLU; then the 1x1 classifier.
+
+    One block per skip map (len(channels) - 1); `decoder_channels` gives their widths, deepest
+    first, halving from 256 by default (256, 128, 64 for CSAIL's four-map encoders). Differences:
+    the up-sampling is bilinear (the paper's is a learned 2x2 up-convolution, SMP's nearest), so a
+    dilated encoder's equal-sized maps and hrnetv2's order (its deepest map is the 1/4
+    concatenation) merge at the finer size, never shrinking either; and the path ends at the
+    encoder's finest map (1/4 with CSAIL's encoders; `timm:` encoders with `out_indices` starting
+    at 0 give a 1/2 map to end at), the Segmenter's bilinear resize doing the rest. No pooling:
+    batches of one image train.
+    """
+
+    classifier = "conv_last"
+    min_features = 2
+
+    def __init__(self, channels: list[int], num_classes: int, decoder_channels=None):
+        super().__init__()
+        skips = channels[-2::-1]  # shallower maps, deepest first
+        if decoder_channels is None:
+            decoder_channels = [max(256 >> i, 16) for i in range(len(skips))]
+        if len(decoder_channels) != len(skips):
+            raise SceneparseError(
+                f"unet has one block per skip map: {len(skips)} for this encoder's {len(channels)} maps, "
+                f"but decoder_channels has {len(decoder_channels)} widths",
+                hint=f"give {len(skips)} widths, deepest first, e.g. decoder_options.decoder_channels="
+                f"{[max(256 >> i, 16) for i in range(len(skips))]}, or leave it out",
+            )
+        self.num_classes = num_classes
+        widths = [channels[-1], *decoder_channels]
+        self.blocks = nn.ModuleList(
+            nn.Sequential(conv3x3_bn_relu(w_in + skip, w_out), conv3x3_bn_relu(w_out, w_out))
+            for w_in, skip, w_out in zip(widths, skips, widths[1:])
+        )
+        self.conv_last = nn.Conv2d(widths[-1], num_classes, kernel_size=1)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        x = features[-1]
+        for block, skip in zip(self.blocks, features[-2::-1]):
+            x = block(_concat_at_finer(x, skip))
+        return self.conv_last(x)
+
+
+class FPN(Decoder):
+    """The semantic-segmentation branch of Panoptic FPN (Kirillov et al., CVPR 2019), as
+    segmentation_models.pytorch's `FPN`: a feature pyramid (1x1 lateral convs to `pyramid_dim`
+    256, top-down, each coarser level resized and added), then each level through 3x3
+    conv-GroupNorm-ReLU blocks to `segmentation_dim` 128, each block followed by a 2x bilinear
+    up-sampling, as many blocks as it takes to reach the finest level (at least one); the levels
+    are summed, then Dropout2d(0.2) and the 1x1 classifier.
+
+    Level i (0 = features[0]) has max(1, i) blocks, fixed when built, and block k resizes to
+    features[i - k]'s size when that is finer: with a plain encoder exactly the paper's 2x steps;
+    with a dilated one's equal-sized maps some blocks keep the size; hrnetv2's deepest map (its
+    1/4 concatenation) is summed at the finer size in the top-down path, never shrunk. Additions
+    and up-sampling are bilinear (the paper's top-down is nearest). GroupNorm has 32 groups (the
+    paper's), or fewer when `segmentation_dim` is not a multiple of 32. No BatchNorm, no pooling.
+    """
+
+    classifier = "conv_last.1"
+    min_features = 1
+
+    def __init__(self, channels: list[int], num_classes: int, pyramid_dim: int = 256,
+                 segmentation_dim: int = 128):
+        super().__init__()
+        self.num_classes = num_classes
+        self.lateral = nn.ModuleList(nn.Conv2d(c, pyramid_dim, kernel_size=1) for c in channels)
+
+        def block(c_in):
+            return nn.Sequential(
+                nn.Conv2d(c_in, segmentation_dim, kernel_size=3, padding=1, bias=False),
+                nn.GroupNorm(math.gcd(32, segmentation_dim), segmentation_dim),
+                nn.ReLU(inplace=True),
+            )
+
+        self.levels = nn.ModuleList(
+            nn.ModuleList(block(pyramid_dim if k == 0 else segmentation_dim) for k in range(max(1, i)))
+            for i in range(len(channels))
+        )
+        self.conv_last = nn.Sequential(nn.Dropout2d(0.2), nn.Conv2d(segmentation_dim, num_classes, kernel_size=1))
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        p = self.lateral[-1](features[-1])
+        pyramid = [p]  # top-down: deepest first
+        for i in reversed(range(len(features) - 1)):
+            p = _add_at_finer(self.lateral[i](features[i]), p)
+            pyramid.append(p)
+        pyramid.reverse()
+
+        out = []
+        for i, (x, blocks) in enumerate(zip(pyramid, self.levels)):
+            for k, block in enumerate(blocks, start=1):
+                x = _at_finer(block(x), features[max(i - k, 0)].shape[-2:])
+            out.append(x)
+        size = _finest(out)
+        return self.conv_last(sum(_at_finer(x, size) for x in out))
+
+
+class SegFormerHead(Decoder):
+    """SegFormer's all-MLP decoder (Xie et al., NeurIPS 2021) on any encoder, as
+    segmentation_models.pytorch's `Segformer` decoder does: each map's channels are projected to
+    `embed_dim` (a per-pixel linear layer, i.e. a 1x1 conv), resized to the finest map's size,
+    concatenated (deepest first, as the authors'), fused by a 1x1 conv-BN-ReLU, then Dropout2d(0.1)
+    and the 1x1 classifier. `embed_dim` 256 is the paper's for MiT-B0/B1, 768 for B2 to B5. The
+    paper pairs it with its Mix Transformer encoder; here it reads any encoder's maps (e.g. a
+    `timm:` transformer). No pooling: batches of one image train."""
+
+    classifier = "conv_last.1"
+    min_features = 1
+
+    def __init__(self, channels: list[int], num_classes: int, embed_dim: int = 256):
+        super().__init__()
+        self.num_classes = num_classes
+        self.project = nn.ModuleList(nn.Conv2d(c, embed_dim, kernel_size=1) for c in channels)
+        self.fuse = nn.Sequential(*conv1x1_bn_relu(len(channels) * embed_dim, embed_dim))
+        self.conv_last = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(embed_dim, num_classes, kernel_size=1))
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        size = _finest(features)
+        projected = [_at_finer(proj(f), size) for proj, f in zip(self.project, features)]
+        return self.conv_last(self.fuse(torch.cat(projected[::-1], 1)))
+
+
+class OCRNet(Decoder):
+    """OCRNet (Yuan et al., "Object-Contextual Representations for Semantic Segmentation", ECCV
+    2020), as the authors' HRNet-OCR head, on features[-1] (hrnetv2's concatenation, as theirs):
+    1. soft object regions: a 1x1 conv-BN-ReLU and a 1x1 classifier give coarse class logits (the
+       auxiliary output, trained by the auxiliary loss: the authors weight it 0.4, as
+       `train.deepsup_weight`'s default);
+    2. the pixel representation: a 3x3 conv-BN-ReLU to `ocr_dim` 512;
+    3. one representation per class: the pixel representations averaged with each class's region
+       logits softmaxed over the positions as weights;
+    4. each pixel attends over those K representations (`layers.ObjectAttention`, keys `key_dim`
+       256), and the context it gathers is concatenated with its own representation, fused by a
+       1x1 conv-BN-ReLU to `ocr_dim` and Dropout2d(0.05), then the 1x1 classifier.
+    The main output needs the regions, so inference computes both heads; a training step computes
+    the regions once for both outputs (`forward_train`). MMSegmentation's ResNet variant takes the
+    regions from stage 3 (an FCN head on features[-2]); here both heads read features[-1] for
+    every encoder. The object representations pass BatchNorm as K values per image: batches of
+    one image train (with at least two classes).
+    """
+
+    classifier = "conv_last"
+
+    def __init__(self, channels: list[int], num_classes: int, ocr_dim: int = 512, key_dim: int = 256):
+        super().__init__()
+        fc_dim = channels[-1]
+        self.num_classes = num_classes
+        self.regions = nn.Sequential(*conv1x1_bn_relu(fc_dim, fc_dim), nn.Conv2d(fc_dim, num_classes, kernel_size=1))
+        self.pixels = conv3x3_bn_relu(fc_dim, ocr_dim)
+        self.object_attention = ObjectAttention(ocr_dim, key_dim)
+        self.fuse = nn.Sequential(*conv1x1_bn_relu(2 * ocr_dim, ocr_dim), nn.Dropout2d(0.05))
+        self.conv_last = nn.Conv2d(ocr_dim, num_classes, kernel_size=1)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        return self._ocr(features, self.regions(features[-1]))
+
+    def forward_aux(self, features: list[Tensor]) -> Tensor:
+        return self.regions(features[-1])
+
+    def forward_train(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        regions = self.regions(features[-1])
+        return self._ocr(features, regions), regions
+
+    def _ocr(self, features: list[Tensor], regions: Tensor) -> Tensor:
+        pixels = self.pixels(features[-1])
+        weights = torch.softmax(regions.flatten(2), dim=-1)  # N x K x HW: each class over the positions
+        objects = pixels.flatten(2) @ weights.transpose(1, 2)  # N x C x K
+        context = self.object_attention(pixels, objects)
+        return self.conv_last(self.fuse(torch.cat([context, pixels], 1)))
+
+
 DECODERS: dict[str, type[Decoder]] = {
     "c1": C1,
     "c1_deepsup": C1DeepSup,
@@ -559,6 +753,10 @@ DECODERS: dict[str, type[Decoder]] = {
     "denseaspp": DenseASPP,
     "encnet": EncNet,
     "bisenet": BiSeNet,
+    "unet": UNet,
+    "fpn": FPN,
+    "segformer": SegFormerHead,
+    "ocrnet": OCRNet,
 }
 
 

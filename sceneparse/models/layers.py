@@ -121,3 +121,33 @@ class Encoding(nn.Module):
         assignment = torch.softmax(-self.smoothing * distances, dim=-1)
         # sum_i a_ik (x_i - d_k) = sum_i a_ik x_i - (sum_i a_ik) d_k
         return assignment.transpose(1, 2) @ x - assignment.sum(1).unsqueeze(-1) * d  # N x K x C
+
+
+class ObjectAttention(nn.Module):
+    """OCRNet's object-contextual attention (Yuan et al., "Object-Contextual Representations for
+    Semantic Segmentation", ECCV 2020; the authors' `ObjectAttentionBlock2D`): each pixel attends
+    over the K object-region representations. Query: two 1x1 conv-BN-ReLU of the pixel map to
+    `key_dim`; key: the same on the object representations; value: one 1x1 conv-BN-ReLU of them;
+    softmax over the K regions of query . key / sqrt(key_dim); the weighted values go back to the
+    pixel map's width by a 1x1 conv-BN-ReLU. `objects` is N x C x K (one C-vector per region)."""
+
+    def __init__(self, channels: int, key_dim: int):
+        super().__init__()
+
+        def two(c_in):  # 1x1 conv-BN-ReLU twice
+            return nn.Sequential(*conv1x1_bn_relu(c_in, key_dim), *conv1x1_bn_relu(key_dim, key_dim))
+
+        self.key_dim = key_dim
+        self.query = two(channels)
+        self.key = two(channels)
+        self.value = nn.Sequential(*conv1x1_bn_relu(channels, key_dim))
+        self.out = nn.Sequential(*conv1x1_bn_relu(key_dim, channels))
+
+    def forward(self, x: Tensor, objects: Tensor) -> Tensor:
+        objects = objects.unsqueeze(-1)  # N x C x K x 1: BatchNorm2d sees the K regions as positions
+        q = self.query(x).flatten(2).transpose(1, 2)  # N x HW x key
+        k = self.key(objects).flatten(2)  # N x key x K
+        v = self.value(objects).flatten(2).transpose(1, 2)  # N x K x key
+        attention = torch.softmax(q @ k * self.key_dim ** -0.5, dim=-1)  # N x HW x K
+        context = (attention @ v).transpose(1, 2).reshape(x.shape[0], self.key_dim, *x.shape[-2:])
+        return self.out(context)
