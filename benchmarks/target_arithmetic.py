@@ -54,7 +54,8 @@ def training_flops(encoder: str = "resnet50dilated", decoder: str = "ppm_deepsup
 
 # The CamVid recipe's candidates (docs/camvid.md): encoder, decoder, decoder options.
 CAMVID_MODELS = [
-    ("resnet18", "upernet", {"fpn_dim": 128}), ("hrnetv2_w18", "c1", {}), ("resnet18dilated", "c1_deepsup", {}),
+    ("resnet18", "upernet", {"fpn_dim": 128}), ("hrnetv2_w18", "c1", {}), ("resnet18", "unet", {}),
+    ("resnet18dilated", "c1_deepsup", {}),
     ("resnet50", "upernet", {"fpn_dim": 256}), ("resnet18dilated", "ppm_deepsup", {}),
     ("resnet50dilated", "ppm_deepsup", {}),
 ]

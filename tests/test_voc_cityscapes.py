@@ -284,7 +284,8 @@ def test_voc_config_trains_and_evaluates_on_the_real_samples(tmp_path, capsys, c
     assert len(report["classes"]) == 21 and report["classes"][0]["name"] == "background"
 
 
-def test_cityscapes_config_trains_and_evaluates_on_the_real_sample(tmp_path, capsys):
+@pytest.mark.parametrize("config", ["resnet50dilated-ppm_deepsup.yaml", "hrnetv2-ocrnet.yaml"])
+def test_cityscapes_config_trains_and_evaluates_on_the_real_sample(tmp_path, capsys, config):
     sample = need_shared("cityscapes_sample")
     root = tmp_path / "cityscapes"
     frame = "frankfurt_000000_000294"
@@ -294,8 +295,8 @@ def test_cityscapes_config_trains_and_evaluates_on_the_real_sample(tmp_path, cap
             for name in names:  # the one real frame, twice for a training batch of two
                 os.symlink(sample / kind / "val" / "frankfurt" / f"{frame}_{tail}.png",
                            root / kind / split / "frankfurt" / f"{name}_{tail}.png")
-    report = _train_then_eval(CONFIGS / "cityscapes" / "resnet50dilated-ppm_deepsup.yaml", root,
-                              tmp_path / "run", capsys, "data.crop_size=[64,128]")
+    report = _train_then_eval(CONFIGS / "cityscapes" / config, root,
+                              tmp_path / "run", capsys, "data.crop_size=[64,128]", "data.batch_size=2")
     assert report["dataset"]["kind"] == "cityscapes" and report["num_images"] == 1
     assert len(report["classes"]) == 19 and report["classes"][13]["name"] == "car"
 
