@@ -53,6 +53,27 @@ def test_round_trip_restores_weights_metadata_and_eval_mode(tmp_path):
         assert torch.equal(model(x), loaded(x))
 
 
+def test_an_encnet_saved_before_its_se_head_existed_still_loads(tmp_path):
+    from sceneparse.engine.checkpoint import load_initial_weights
+
+    torch.manual_seed(0)
+    old = build_model("timm:test_efficientnet", "encnet", 3, decoder_options={"se_loss": False})
+    old.config = {k: v for k, v in old.config.items() if k != "decoder_options"}  # as saved then
+    path = save_model(tmp_path / "old.pt", old, NAMES, PALETTE)
+    loaded = load_model(path)
+    assert loaded.decoder.se_head is None and loaded.config["decoder_options"] == {"se_loss": False}
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(old.eval()(x), loaded(x))
+    # a new encnet has the head: fine-tuning from the old file names the setting that matches it
+    with pytest.raises(SceneparseError, match="differ in decoder_options") as err:
+        load_initial_weights(build_model("timm:test_efficientnet", "encnet", 3), path)
+    assert "'model.decoder_options={\"se_loss\": false}'" in err.value.hint
+    # one saved with the head loads with it
+    new = save_model(tmp_path / "new.pt", build_model("timm:test_efficientnet", "encnet", 3), NAMES, PALETTE)
+    assert load_model(new).decoder.se_head is not None
+
+
 def test_default_normalization_is_imagenet_and_a_loaded_models_own_is_kept(tmp_path):
     path = save_model(tmp_path / "m.pt", tiny_model(), NAMES, PALETTE)
     assert load_model(path).normalization == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

@@ -333,6 +333,32 @@ def test_encnet_scales_channels_by_the_encoded_context():
         torch.testing.assert_close(encnet(other)[0], encnet(features)[0])
 
 
+def test_encnet_predicts_class_presence_from_the_encoded_vector_in_training_only():
+    from sceneparse.models import SegmenterOutput
+
+    torch.manual_seed(0)
+    encnet = build_decoder("encnet", [8, 16, 32], 3, codes=4, dim=16).eval()
+    _randomise(encnet, seed=13)
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 32, 4, 5)]
+    with torch.no_grad():
+        encoded = encnet.encoding(encnet.cbr(features[2])).mean(1)  # N x dim
+        logits, aux, presence = encnet.forward_train(features)
+        torch.testing.assert_close(presence, encoded @ encnet.se_head.weight.t() + encnet.se_head.bias)
+        torch.testing.assert_close(logits, encnet(features))
+        torch.testing.assert_close(aux, encnet.forward_aux(features))
+    assert presence.shape == (2, 3)
+    assert len(build_decoder("encnet", [8, 16, 32], 3, se_loss=False).forward_train(features)) == 2
+
+    model = build_model("resnet18dilated", "encnet", num_classes=3).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert isinstance(out, SegmenterOutput) and out.presence.shape == (2, 3) and out.logits.shape == (2, 3, 64, 64)
+    plain = build_model("resnet18dilated", "encnet", num_classes=3, decoder_options={"se_loss": False}).train()
+    assert plain(torch.randn(2, 3, 64, 64)).presence is None
+    assert build_model("resnet18dilated", "ppm_deepsup", num_classes=3).train()(torch.randn(2, 3, 64, 64)).presence is None
+    with torch.no_grad():  # inference: logits only
+        assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
 def test_bisenet_reads_the_finest_and_the_two_deepest_maps():
     torch.manual_seed(0)
     channels = [8, 12, 16, 32]

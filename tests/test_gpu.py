@@ -144,7 +144,7 @@ def test_training_steps_do_not_sync_with_the_host(tmp_path, feed):
 
 @needs_cuda
 def test_losses_on_cuda_equal_the_cpu_without_host_syncs():
-    from sceneparse.engine.losses import CombinedLoss, FocalLoss, OhemCrossEntropy, SoftDiceLoss
+    from sceneparse.engine.losses import CombinedLoss, FocalLoss, LovaszSoftmaxLoss, OhemCrossEntropy, SoftDiceLoss
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 32, 48, generator=gen)
@@ -152,7 +152,8 @@ def test_losses_on_cuda_equal_the_cpu_without_host_syncs():
     target[:, :4] = 255
     weight = torch.tensor([0.5, 1.0, 2.0, 1.5, 3.0])
     losses = [OhemCrossEntropy(0.7, 500, weight), FocalLoss(2.0, weight),
-              CombinedLoss(OhemCrossEntropy(0.7, 500), SoftDiceLoss(weight), 0.5)]
+              CombinedLoss(OhemCrossEntropy(0.7, 500), SoftDiceLoss(weight), 0.5),
+              LovaszSoftmaxLoss(weight), CombinedLoss(FocalLoss(2.0), lovasz=LovaszSoftmaxLoss(), lovasz_weight=0.5)]
     for loss in losses:
         expected = loss(logits, target)
         on_gpu = loss.cuda()

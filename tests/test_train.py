@@ -118,9 +118,29 @@ def test_deep_supervision_loss_adds_weighted_aux():
     assert segmentation_loss(logits, target, ce, 0.4).item() == pytest.approx(ce(logits, target).item())
 
 
+def test_encnet_se_loss_is_binary_cross_entropy_on_the_classes_each_image_holds():
+    ce = nn.CrossEntropyLoss(ignore_index=255)
+    # image 0 holds class 0 only (and void, which counts for no class); image 1 classes 1 and 2
+    target = torch.tensor([[[0, 0], [255, 0]], [[1, 2], [1, 1]]])
+    logits, aux, presence = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2), torch.randn(2, 3)
+    present = [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
+    bce = 0.0
+    for n in range(2):
+        for k in range(3):
+            p = 1 / (1 + math.exp(-presence[n, k].item()))
+            bce -= (math.log(p) if present[n][k] else math.log(1 - p)) / 6
+    out = SegmenterOutput(logits, aux, presence)
+    expected = ce(logits, target).item() + 0.4 * ce(aux, target).item() + 0.25 * bce
+    assert segmentation_loss(out, target, ce, 0.4, 0.25).item() == pytest.approx(expected, rel=1e-6)
+    # at weight 0 the term is still in the graph (DDP needs every parameter to take part)
+    presence.requires_grad_(True)
+    segmentation_loss(SegmenterOutput(logits, aux, presence), target, ce, 0.4, 0.0).backward()
+    assert presence.grad is not None and torch.equal(presence.grad, torch.zeros(2, 3))
+
+
 @pytest.mark.parametrize("weights", ["[0.5, 1, 2, 3, 4]", "auto"])
 def test_loss_settings_and_warmup_reach_the_training_step(tmp_path, monkeypatch, weights):
-    """train.class_weights (a list, or median frequency from the training labels), deepsup_weight
+    """train.class_weights (a list, or median frequency from the training labels), deepsup_weight, se_weight
     and warmup_iters, seen by the step itself."""
     from sceneparse.data import build_dataset
     from sceneparse.engine import train as train_mod
@@ -129,19 +149,19 @@ def test_loss_settings_and_warmup_reach_the_training_step(tmp_path, monkeypatch,
     seen = []
     real = train_mod.segmentation_loss
 
-    def spy(output, masks, criterion, deepsup_weight):
-        seen.append((criterion.weight, deepsup_weight))
-        return real(output, masks, criterion, deepsup_weight)
+    def spy(output, masks, criterion, deepsup_weight, se_weight):
+        seen.append((criterion.weight, deepsup_weight, se_weight))
+        return real(output, masks, criterion, deepsup_weight, se_weight)
 
     monkeypatch.setattr(train_mod, "segmentation_loss", spy)
-    cfg = tiny_config(tmp_path, f"train.class_weights={weights}", "train.deepsup_weight=0.25",
+    cfg = tiny_config(tmp_path, f"train.class_weights={weights}", "train.deepsup_weight=0.25", "train.se_weight=0.3",
                       "train.warmup_iters=4", "train.log_every=1", "train.iterations=6", "train.val_every=0")
     train(cfg)
     if weights == "auto":
         expected = median_frequency_weights(build_dataset(dataset_settings(cfg.data), "train"), 5)
     else:
         expected = torch.tensor([0.5, 1, 2, 3, 4])
-    assert len(seen) == 6 and all(torch.equal(w, expected) and d == 0.25 for w, d in seen)
+    assert len(seen) == 6 and all(torch.equal(w, expected) and d == 0.25 and s == 0.3 for w, d, s in seen)
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # step i runs at schedule position i - 1: ramp (i / 4) times poly (1 - (i - 1) / 6)^0.9
     assert lrs == pytest.approx([0.05 * min(1, i / 4) * (1 - (i - 1) / 6) ** 0.9 for i in range(1, 7)])
@@ -392,9 +412,9 @@ def test_loss_and_optimizer_settings_reach_the_training_step(tmp_path, monkeypat
     seen = []
     real = train_mod.segmentation_loss
 
-    def spy(output, masks, criterion, deepsup_weight):
+    def spy(output, masks, criterion, *weights):
         seen.append(criterion)
-        return real(output, masks, criterion, deepsup_weight)
+        return real(output, masks, criterion, *weights)
 
     monkeypatch.setattr(train_mod, "segmentation_loss", spy)
     cfg = tiny_config(tmp_path, "train.loss.name=ohem", "train.loss.ohem_min_kept=500", "train.loss.dice_weight=0.5",

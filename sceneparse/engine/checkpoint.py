@@ -124,11 +124,21 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def model_config(ckpt: dict) -> dict:
+    """The build_model arguments a loaded checkpoint stores, brought up to date: an encnet saved
+    before the decoder had SE-loss's class-presence head (on by default since 2026-11-23) rebuilds
+    without one, so that its weights still load."""
+    config = dict(ckpt["model"]["config"])
+    if config.get("decoder") == "encnet" and "decoder.se_head.weight" not in ckpt["model"]["state_dict"]:
+        config["decoder_options"] = {"se_loss": False, **(config.get("decoder_options") or {})}
+    return config
+
+
 def model_from_checkpoint(ckpt: dict, path: str | Path = "<checkpoint>", device: str | torch.device = "cpu"):
     """Build the Segmenter a loaded checkpoint dict describes, load its weights (strictly)."""
     from sceneparse.models import build_model
 
-    config = dict(ckpt["model"]["config"])
+    config = model_config(ckpt)
     class_names = list(ckpt["class_names"])
     if config.get("num_classes") != len(class_names):
         raise SceneparseError(
@@ -178,7 +188,7 @@ def load_initial_weights(model, source: str | Path) -> dict:
     fresh initialisation. Returns {"path", "fresh": those keys, "normalization": the checkpoint's}."""
     path = resolve_model(source)
     ckpt = load_checkpoint(path)
-    theirs, ours = _comparable(ckpt["model"]["config"]), _comparable(model.config)
+    theirs, ours = _comparable(model_config(ckpt)), _comparable(model.config)
     differ = sorted(k for k in theirs.keys() | ours.keys() if k != "num_classes" and theirs.get(k) != ours.get(k))
     if differ:
         shown = " ".join(f"'model.{k}={json.dumps(theirs.get(k))}'" for k in differ)

@@ -73,7 +73,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "cross_entropy"  # cross_entropy | ohem | focal (sceneparse.engine.losses)
+    name: str = "cross_entropy"  # cross_entropy | ohem | focal | lovasz (sceneparse.engine.losses)
     label_smoothing: float = 0.0  # cross_entropy: 0..1
     # ohem: cross-entropy over the pixels whose true class has probability <= ohem_threshold, and
     # at least the ohem_min_kept hardest pixels of each batch (per process under torchrun)
@@ -81,6 +81,7 @@ class LossConfig:
     ohem_min_kept: int = 100_000
     focal_gamma: float = 2.0  # focal: (1 - p)^gamma down-weights easy pixels; 0 is cross-entropy
     dice_weight: float = 0.0  # any loss: + dice_weight x soft Dice over the classes in the batch
+    lovasz_weight: float = 0.0  # any loss but lovasz: + lovasz_weight x Lovasz-softmax (the batch's classes)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class TrainConfig:
     poly_power: float = 0.9
     warmup_iters: int = 0
     deepsup_weight: float = 0.4
+    se_weight: float = 0.2  # EncNet's SE-loss (class presence per image), when the decoder predicts it
     class_weights: Optional[Any] = None  # None | list of floats | "auto" (median frequency)
     loss: LossConfig = field(default_factory=LossConfig)
     # sgd: with momentum (CSAIL's recipe, convnets); adamw: betas (0.9, 0.999), `momentum` unused
@@ -200,6 +202,11 @@ def _check_choices(cfg: DictConfig) -> None:
     if cfg.train.loss.label_smoothing and cfg.train.loss.name != "cross_entropy":
         raise SceneparseError(f"train.loss.label_smoothing applies to train.loss.name=cross_entropy, "
                               f"not {cfg.train.loss.name}", "set train.loss.label_smoothing=0, or use cross_entropy")
+    if cfg.train.loss.lovasz_weight > 0 and cfg.train.loss.name == "lovasz":
+        # the loss is already Lovasz-softmax: the term would only rescale it
+        raise SceneparseError("train.loss.lovasz_weight adds a Lovasz term to another loss, and train.loss.name "
+                              "is lovasz already",
+                              "set train.loss.lovasz_weight=0, or e.g. train.loss.name=cross_entropy")
     crop = cfg.data.crop_size
     if cfg.data.augment_on == "device" and crop is None:
         raise SceneparseError(
@@ -235,11 +242,14 @@ def _check_sizes(cfg: DictConfig) -> None:
         (["data.color_jitter"], d.color_jitter >= 0, "a strength >= 0 (0: off)"),
         (["data.mean", "data.std"], len(d.mean) == len(d.std) == 3 and all(v > 0 for v in d.std),
          "three values each (RGB), std positive"),
+        (["train.deepsup_weight"], cfg.train.deepsup_weight >= 0, "a weight >= 0 (0: no auxiliary loss)"),
+        (["train.se_weight"], cfg.train.se_weight >= 0, "a weight >= 0 (0: no SE-loss)"),
         (["train.loss.label_smoothing"], 0 <= loss.label_smoothing <= 1, "a value in 0..1"),
         (["train.loss.ohem_threshold"], 0 < loss.ohem_threshold <= 1, "a probability in (0, 1]"),
         (["train.loss.ohem_min_kept"], loss.ohem_min_kept >= 1, "a positive pixel count"),
         (["train.loss.focal_gamma"], loss.focal_gamma >= 0, "a value >= 0 (0: cross-entropy)"),
         (["train.loss.dice_weight"], loss.dice_weight >= 0, "a weight >= 0 (0: no Dice term)"),
+        (["train.loss.lovasz_weight"], loss.lovasz_weight >= 0, "a weight >= 0 (0: no Lovasz term)"),
     ]
     for keys, fine, expected in checks:
         if not fine:

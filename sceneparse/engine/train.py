@@ -26,11 +26,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sceneparse.engine import distributed as dist_utils
-from sceneparse.engine.checkpoint import load_checkpoint, load_initial_weights, rng_state, save_model, set_rng_state
+from sceneparse.engine.checkpoint import (
+    load_checkpoint, load_initial_weights, model_config, rng_state, save_model, set_rng_state,
+)
 from sceneparse.engine.config import dataset_settings, save_config
 from sceneparse.engine.feed import TrainBatches, build_data, epoch_batches_fn, next_batch, training_feed
 from sceneparse.engine.logger import RunLogger
@@ -179,11 +182,26 @@ def build_criterion(cfg: DictConfig, raw_train_set: Callable, num_classes: int, 
     return build_loss(cfg.train.loss, weights).to(device)
 
 
-def segmentation_loss(output, masks: torch.Tensor, criterion: nn.Module, deepsup_weight: float) -> torch.Tensor:
-    """Main loss, plus `deepsup_weight` x the auxiliary head's loss for deep-supervision models."""
-    if hasattr(output, "aux"):  # SegmenterOutput(logits, aux)
-        return criterion(output.logits, masks) + deepsup_weight * criterion(output.aux, masks)
-    return criterion(output, masks)
+def segmentation_loss(output, masks: torch.Tensor, criterion: nn.Module, deepsup_weight: float,
+                      se_weight: float = 0.2) -> torch.Tensor:
+    """Main loss, plus `deepsup_weight` x the auxiliary head's loss for deep-supervision models, plus
+    `se_weight` x the class-presence loss for a model that predicts presence (EncNet's SE-loss)."""
+    if not hasattr(output, "aux"):  # a plain logits tensor
+        return criterion(output, masks)
+    loss = criterion(output.logits, masks) + deepsup_weight * criterion(output.aux, masks)
+    if output.presence is not None:  # added even at weight 0: DDP expects every parameter used
+        loss = loss + se_weight * presence_loss(output.presence, masks)
+    return loss
+
+
+def presence_loss(presence: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """EncNet's Semantic Encoding Loss: binary cross-entropy of the per-image logits `presence`
+    (N x C) against whether each class occurs in the image's label map (void pixels count for no
+    class). The target is built by a scatter on the device: no host synchronisation."""
+    num_classes = presence.shape[1]
+    index = masks.flatten(1).clamp(max=num_classes)  # void (255) -> the extra column, dropped
+    present = torch.zeros(masks.shape[0], num_classes + 1, device=masks.device).scatter_(1, index, 1.0)
+    return F.binary_cross_entropy_with_logits(presence.float(), present[:, :num_classes])
 
 
 def _autocast(amp: str, device: torch.device):
@@ -336,9 +354,9 @@ class Trainer:
             if cfg.model.weights:
                 dist_utils.run_on_main(lambda: self._start_from(model, cfg.model.weights), self.info)
             return model
-        if ckpt["model"]["config"] != dict(model.config):
+        if model_config(ckpt) != dict(model.config):
             raise SceneparseError(
-                f"{resume_path} holds a different model ({ckpt['model']['config']}) than the config "
+                f"{resume_path} holds a different model ({model_config(ckpt)}) than the config "
                 f"({dict(model.config)})",
                 "resume with the config the checkpoint was trained with",
             )
@@ -479,7 +497,7 @@ class Trainer:
         if tc.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(tc.amp, self.info.device):
-            loss = segmentation_loss(self.model(images), masks, self.criterion, tc.deepsup_weight)
+            loss = segmentation_loss(self.model(images), masks, self.criterion, tc.deepsup_weight, tc.se_weight)
         self.step_lrs = self._rates()
         self.optimizer.zero_grad(set_to_none=True)
         if tc.on_nonfinite == "skip" and _skip_step(loss):  # a sync per step, by request

@@ -46,9 +46,10 @@ class Decoder(nn.Module):
     classifier: str
     min_features = 1
 
-    def forward_train(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def forward_train(self, features: list[Tensor]) -> tuple[Tensor, ...]:
         """(logits, auxiliary logits) of a training step, for decoders with `forward_aux`; a decoder
-        whose two heads share work overrides it to do that work once."""
+        whose two heads share work overrides it to do that work once. A third item, if any, is
+        per-image class-presence logits (N x classes: EncNet's SE-loss)."""
         return self(features), self.forward_aux(features)
 
     @classmethod
@@ -410,10 +411,12 @@ class EncNet(_DeepSupOnConv4, Decoder):
     X * gamma goes through Dropout2d(0.1) to the 1x1 classifier. (The authors' code uses
     ReLU(X + X * gamma) = X * (1 + gamma); we keep the paper's X * gamma.)
 
-    Known difference: no Semantic Encoding Loss (SE-loss, a per-image class-presence BCE on a
-    linear layer of the encoded vector); the training loop takes one auxiliary pixel map, not a
-    per-image vector. The auxiliary FCN-style head on stage 3 that the authors also train is here
-    ppm_deepsup's on features[-2] (`forward_aux`). BatchNorm1d normalises each codeword's output
+    The Semantic Encoding Loss (`se_loss`, on by default as in the paper): a linear layer of the
+    encoded vector predicts which classes each image holds (`se_head`); a training step returns
+    those per-image logits as a third output (`forward_train`), trained with binary cross-entropy
+    against the classes present in the label map, weighted by `train.se_weight` (the authors'
+    0.2). Only training uses it. The auxiliary FCN-style head on stage 3 that the authors also
+    train is here ppm_deepsup's on features[-2] (`forward_aux`). BatchNorm1d normalises each codeword's output
     over the images and the channels (as the authors'), so one image still gives it many values:
     no 1x1 pooling for BatchNorm. The encoding sums over positions, as the paper: its scale
     follows the map's area, which BatchNorm's running statistics fix at the training crop size.
@@ -421,7 +424,8 @@ class EncNet(_DeepSupOnConv4, Decoder):
 
     classifier = "conv_last.1"
 
-    def __init__(self, channels: list[int], num_classes: int, codes: int = 32, dim: int | None = None):
+    def __init__(self, channels: list[int], num_classes: int, codes: int = 32, dim: int | None = None,
+                 se_loss: bool = True):
         super().__init__()
         fc_dim = channels[-1]
         dim = fc_dim // 4 if dim is None else dim
@@ -432,13 +436,24 @@ class EncNet(_DeepSupOnConv4, Decoder):
         )
         self.attention = nn.Sequential(nn.Linear(dim, dim), nn.Sigmoid())
         self.conv_last = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(dim, num_classes, kernel_size=1))
+        self.se_head = nn.Linear(dim, num_classes) if se_loss else None
         self._add_deepsup(channels, num_classes)
 
     def forward(self, features: list[Tensor]) -> Tensor:
+        return self._encoded(features)[0]
+
+    def forward_train(self, features: list[Tensor]) -> tuple[Tensor, ...]:
+        """(logits, auxiliary logits) and, with `se_loss`, the per-image class-presence logits."""
+        logits, encoded = self._encoded(features)
+        presence = () if self.se_head is None else (self.se_head(encoded),)
+        return (logits, self.forward_aux(features), *presence)
+
+    def _encoded(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The logits and the encoded vector (N x dim) they were scaled by."""
         x = self.cbr(features[-1])
         encoded = self.encoding(x).mean(1)  # N x dim
         gamma = self.attention(encoded)
-        return self.conv_last(x * gamma[:, :, None, None])
+        return self.conv_last(x * gamma[:, :, None, None]), encoded
 
 
 class _AttentionRefinement(nn.Module):

@@ -12,10 +12,12 @@ from sceneparse.models.layers import resize
 
 
 class SegmenterOutput(NamedTuple):
-    """Training-mode output of a deep-supervision model; both at the input size."""
+    """Training-mode output of a deep-supervision model: logits and aux at the input size, and the
+    per-image class-presence logits (N x classes) of a decoder that predicts them (EncNet's SE-loss)."""
 
     logits: Tensor
     aux: Tensor
+    presence: Tensor | None = None
 
 
 class Segmenter(nn.Module):
@@ -53,9 +55,10 @@ class Segmenter(nn.Module):
         if self.training and self.has_aux:
             # a registry decoder may share work between its two heads; any other runs both
             forward_train = getattr(self.decoder, "forward_train", None)
-            logits, aux = (forward_train(features) if forward_train is not None
-                           else (self.decoder(features), self.decoder.forward_aux(features)))
-            return SegmenterOutput(*(resize(x, padded_size)[..., :height, :width] for x in (logits, aux)))
+            logits, aux, *presence = (forward_train(features) if forward_train is not None
+                                      else (self.decoder(features), self.decoder.forward_aux(features)))
+            logits, aux = (resize(x, padded_size)[..., :height, :width] for x in (logits, aux))
+            return SegmenterOutput(logits, aux, *presence)
         return resize(self.decoder(features), padded_size)[..., :height, :width]
 
 
