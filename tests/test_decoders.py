@@ -354,7 +354,8 @@ def test_encnet_predicts_class_presence_from_the_encoded_vector_in_training_only
     assert isinstance(out, SegmenterOutput) and out.presence.shape == (2, 3) and out.logits.shape == (2, 3, 64, 64)
     plain = build_model("resnet18dilated", "encnet", num_classes=3, decoder_options={"se_loss": False}).train()
     assert plain(torch.randn(2, 3, 64, 64)).presence is None
-    assert build_model("resnet18dilated", "ppm_deepsup", num_classes=3).train()(torch.randn(2, 3, 64, 64)).presence is None
+    deepsup = build_model("resnet18dilated", "ppm_deepsup", num_classes=3).train()
+    assert deepsup(torch.randn(2, 3, 64, 64)).presence is None
     with torch.no_grad():  # inference: logits only
         assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
 

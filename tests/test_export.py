@@ -68,13 +68,19 @@ def test_onnx_dynamic_export_matches_eager_at_another_size_and_carries_metadata(
     assert out.shape == (2, 3, 45, 70)
     torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-4, atol=1e-4)
 
-    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    # the dynamic axes carry our names, the same in the input and the output (not the exporter's `s40`)
+    proto = onnx.load(str(path))
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*proto.graph.input, *proto.graph.output]}
+    assert dims == {"image": ["batch", 3, "height", "width"], "logits": ["batch", 3, "height", "width"]}
+
+    props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props["sceneparse.class_names"]) == NAMES
     assert json.loads(props["sceneparse.palette"]) == PALETTE
     meta = read_metadata(path)
     assert meta["normalization"]["mean"] == NORM["mean"] and meta["normalization"]["std"] == NORM["std"]
     assert meta["model_config"] == model.config and meta["dynamic"] is True
-    assert meta["opset"] == next(o.version for o in onnx.load(str(path)).opset_import if o.domain == "")
+    assert meta["opset"] == next(o.version for o in proto.opset_import if o.domain == "")
 
 
 def test_pt2_dynamic_export_matches_eager_at_another_size_and_carries_metadata(checkpoint, tmp_path):
@@ -160,6 +166,40 @@ def test_a_failed_capture_is_one_line_without_the_tracers_guards(checkpoint, tmp
         export_model(load_model(checkpoint), tmp_path / "m.pt2", format="pt2", size=(64, 64), dynamic=True, log=quiet)
     assert err.value.message.endswith("RuntimeError: Constraints violated (height, width)!")
     assert err.value.hint == "try without --dynamic (a fixed --size)"
+
+
+SMALL_SWIN = {"depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "embed_dim": 16}  # as test_ade20k_swin
+
+
+@pytest.mark.parametrize("name", ["m.pt2", "m.onnx"])
+def test_cli_dynamic_swin_is_refused_before_the_capture_with_the_way_out(tmp_path, capsys, monkeypatch, name):
+    # torch.export fails on Swin's windows only after minutes of trying: the refusal comes first
+    torch.manual_seed(0)
+    model = build_model("timm:swin_tiny_patch4_window7_224", "c1", 3, encoder_options=SMALL_SWIN)
+    save_model(tmp_path / "swin.pt", model, NAMES, PALETTE, NORM)
+    out = tmp_path / "out" / name
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.export, "export", lambda *a, **k: pytest.fail("torch.export tried a dynamic Swin"))
+        code = main(["export", "--model", str(tmp_path / "swin.pt"), "--output", str(out), "--dynamic",
+                     "--size", "64", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "timm:swin_tiny_patch4_window7_224 encoder cannot be exported with dynamic height/width" in err
+    assert "--size H W, without --dynamic" in err
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    if name.endswith(".pt2"):  # the way out: the same model at a fixed size
+        assert main(["export", "--model", str(tmp_path / "swin.pt"), "--output", str(out), "--size", "64", "64"]) == 0
+        assert [p.name for p in out.parent.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("encoder", ["timm:swinv2_tiny_window8_256", "timm:swinv2_cr_tiny_224"])
+def test_dynamic_swin_v2_is_refused_before_the_capture(tmp_path, monkeypatch, encoder):
+    model = build_model(encoder, "c1", 3, encoder_options=SMALL_SWIN)
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: pytest.fail("torch.export tried a dynamic Swin"))
+    with pytest.raises(SceneparseError) as err:
+        export_model(model, tmp_path / "m.pt2", format="pt2", size=(64, 64), dynamic=True, log=quiet)
+    assert f"{encoder} encoder cannot be exported with dynamic height/width" in err.value.message
+    assert "without --dynamic" in err.value.hint and list(tmp_path.iterdir()) == []
 
 
 def _off_by_one(run):

@@ -7,6 +7,7 @@ What the exported graph takes and returns (the same for both formats, see docs/d
   nothing else from sceneparse.
 - output `logits`: float32 `N x C x H x W` at the input size (what `Segmenter.forward` returns),
   or with `argmax=True` output `labels`: int64 class ids `N x H x W`.
+- a dynamic ONNX file names N, H and W `batch`, `height` and `width`, in the input and output alike.
 
 Metadata (class names, palette, normalisation, model config, input/output description) goes inside
 the file: ONNX `metadata_props` (one JSON-encoded value per key), and for `.pt2` an extra file
@@ -40,6 +41,18 @@ INSTALL_HINT = "pip install 'sceneparse[export]'"
 # The exporters' own names for what ONNX needs; each is imported lazily.
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 MIN_OPSET = 7  # the oldest opset torch's ONNX exporters ever wrote
+# Layers through which torch.export cannot keep height and width symbolic, (module, class) -> what
+# defeats it. Swin (v1, v2, v2-cr) pads each feature map to a multiple of its window and cuts it
+# into windows: torch.export cannot prove the padded size divisible, guards on the example's size
+# and fails with "Constraints violated (height, width)", but only after minutes of symbolic
+# reasoning on a CPU (2 to 4 for the tiny models with one block per stage, torch 2.14, timm 1.0.31).
+# Known here, a dynamic export of them is refused at once. A class that timm renames or moves only
+# brings the slow refusal (by the capture) back; drop an entry once a torch release captures it.
+DYNAMIC_CAPTURE_FAILS = {
+    ("timm.models.swin_transformer", "SwinTransformerBlock"): "Swin's window partitioning",
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"): "Swin's window partitioning",
+    ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock"): "Swin's window partitioning",
+}
 
 
 class DeployModule(nn.Module):
@@ -152,6 +165,20 @@ def _averaging_matrix(cells: int, size, like: torch.Tensor) -> torch.Tensor:
     return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
 
 
+def _dynamic_capture_fails(model: nn.Module) -> tuple[str, str] | None:
+    """The first layer of `model` listed in DYNAMIC_CAPTURE_FAILS, as (its name, why), or None."""
+    import sys
+
+    # a class whose module nothing has imported yet cannot be in the model: no import needed
+    known = [(cls, why) for (module, name), why in DYNAMIC_CAPTURE_FAILS.items()
+             if isinstance(cls := getattr(sys.modules.get(module), name, None), type)]
+    for layer_name, layer in model.named_modules():
+        for cls, why in known:
+            if isinstance(layer, cls):
+                return layer_name, why
+    return None
+
+
 def _is_multi_cell_pool(module: nn.Module) -> bool:
     if not isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         return False
@@ -221,6 +248,13 @@ def export_model(
                               f"use sides above its pad multiple {multiple}, e.g. --size 512 512")
     if min(height, width) < 1:
         raise SceneparseError(f"--size must be positive, got {height} {width}")
+    layer = _dynamic_capture_fails(model) if dynamic else None
+    if layer is not None:
+        raise SceneparseError(
+            f"the {(model.config or {}).get('encoder', 'model')} encoder cannot be exported with dynamic "
+            f"height/width: torch.export cannot keep them symbolic through {layer[1]} ({layer[0]})",
+            "export at the fixed size your deployment resizes to (--size H W, without --dynamic)",
+        )
     if format == "onnx":
         _require_onnx()
         pools = _adaptive_pools(model, rewritable=False)  # the others are rewritten below
@@ -260,10 +294,11 @@ def export_model(
         metadata = model_metadata(model, (height, width), dynamic, input_dtype, argmax)
         # torch.export specialises sizes 0 and 1: a dynamic batch needs an example batch of 2.
         example = _random_images(2 if dynamic else 1, height, width, input_dtype, seed=0)
-        program = _capture(module, example, dynamic, multiple)
+        shapes = _dynamic_shapes(multiple) if dynamic else None
+        program = _capture(module, example, shapes)
         try:
             if format == "onnx":
-                _save_onnx(program, example, staged, metadata, opset)
+                _save_onnx(program, example, staged, metadata, opset, shapes)
             else:
                 torch.export.save(program, staged, extra_files={METADATA_FILE: json.dumps(metadata)})
         except (OSError, RuntimeError) as err:  # torch.export.save reports I/O errors as RuntimeError
@@ -323,14 +358,19 @@ def _random_images(n: int, h: int, w: int, input_dtype: str, seed: int) -> torch
     return images.to(INPUT_DTYPES[input_dtype])
 
 
-def _capture(module: nn.Module, example: torch.Tensor, dynamic: bool, multiple: int):
-    """torch.export the module; a failure (an op or shape rule torch.export cannot trace) becomes
-    one message instead of a tracer's traceback."""
-    shapes = None
-    if dynamic:
-        side = dict(min=multiple + 1)  # smaller inputs make a stride-`multiple` map of size 1
-        shapes = {"image": {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", **side),
-                            3: torch.export.Dim("width", **side)}}
+def _dynamic_shapes(multiple: int) -> dict:
+    """The symbolic axes of the input `image`, for torch.export and again for the ONNX exporter,
+    which names the file's dynamic axes after these dims (else it writes its own `s40`, `s77`...)."""
+    side = dict(min=multiple + 1)  # smaller inputs make a stride-`multiple` map of size 1
+    return {"image": {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", **side),
+                      3: torch.export.Dim("width", **side)}}
+
+
+def _capture(module: nn.Module, example: torch.Tensor, shapes: dict | None):
+    """torch.export the module (`shapes`: from `_dynamic_shapes`, or None for a static graph); a
+    failure (an op or shape rule torch.export cannot trace) becomes one message instead of a
+    tracer's traceback."""
+    dynamic = shapes is not None
     try:
         with torch.no_grad():
             return torch.export.export(module, (example,), dynamic_shapes=shapes)
@@ -342,7 +382,7 @@ def _capture(module: nn.Module, example: torch.Tensor, dynamic: bool, multiple: 
                               "try without --dynamic (a fixed --size)" if dynamic else None) from None
 
 
-def _save_onnx(program, example, output: Path, metadata: dict, opset: int | None) -> None:
+def _save_onnx(program, example, output: Path, metadata: dict, opset: int | None, shapes: dict | None) -> None:
     import warnings
 
     # The exporter logs (torch.onnx, onnxscript) a conversion to an older opset that it could not do,
@@ -354,9 +394,12 @@ def _save_onnx(program, example, output: Path, metadata: dict, opset: int | None
             logger.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation chatter about its own internals
+            # `shapes` again, though the program already has them: from its Dims' names the exporter
+            # names the dynamic axes (`batch`, `height`, `width`) everywhere they occur, the outputs'
+            # included, where it would otherwise write its own symbols (`s40`, `s77`).
             onnx_program = torch.onnx.export(program, (example,), dynamo=True, opset_version=opset,
                                              input_names=["image"], output_names=[metadata["output"]["name"]],
-                                             verbose=False)
+                                             dynamic_shapes=shapes, verbose=False)
     except Exception as err:  # noqa: BLE001
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise SceneparseError(f"ONNX export failed: {type(err).__name__}: {first}",
