@@ -427,7 +427,7 @@ def test_deeplabv3plus_widths_are_the_papers():
         (256 + 48, 256, (3, 3)), (256, 256, (3, 3)), (256, 21, (1, 1))]
 
 
-@pytest.mark.parametrize("decoder", ["danet", "encnet", "bisenet"])
+@pytest.mark.parametrize("decoder", ["danet", "encnet", "bisenet", "ocrnet"])
 def test_dynamic_shape_export(decoder, tmp_path):
     """`sceneparse export --dynamic` (pt2) captures the attention and encoding heads with symbolic
     H and W, and the file matches the model at other sizes (export_model checks three shapes)."""

@@ -145,9 +145,11 @@ class ObjectAttention(nn.Module):
 
     def forward(self, x: Tensor, objects: Tensor) -> Tensor:
         objects = objects.unsqueeze(-1)  # N x C x K x 1: BatchNorm2d sees the K regions as positions
-        q = self.query(x).flatten(2).transpose(1, 2)  # N x HW x key
+        q = self.query(x).flatten(2)  # N x key x HW
         k = self.key(objects).flatten(2)  # N x key x K
-        v = self.value(objects).flatten(2).transpose(1, 2)  # N x K x key
-        attention = torch.softmax(q @ k * self.key_dim ** -0.5, dim=-1)  # N x HW x K
-        context = (attention @ v).transpose(1, 2).reshape(x.shape[0], self.key_dim, *x.shape[-2:])
-        return self.out(context)
+        v = self.value(objects).flatten(2)  # N x key x K
+        attention = torch.softmax(q.transpose(1, 2) @ k * self.key_dim ** -0.5, dim=-1)  # N x HW x K
+        # N x key x HW straight from the product, then a view: a reshape of a transposed result
+        # would copy, and make torch.export guard on the sizes (no dynamic H and W)
+        context = v @ attention.transpose(1, 2)
+        return self.out(context.view(x.shape[0], self.key_dim, *x.shape[-2:]))
