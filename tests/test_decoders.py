@@ -18,7 +18,7 @@ from sceneparse.errors import SceneparseError
 from sceneparse.models import DECODERS, build_decoder, build_model
 
 NEW_DECODERS = ["fcn32s", "fcn16s", "fcn8s", "deeplabv3", "deeplabv3plus", "danet", "denseaspp", "encnet", "bisenet",
-                "unet", "fpn", "segformer", "ocrnet"]
+                "unet", "unetplusplus", "linknet", "fpn", "segformer", "ocrnet"]
 
 
 @torch.no_grad()
@@ -29,6 +29,22 @@ def _randomise(module: nn.Module, seed: int) -> None:
         if tensor.is_floating_point():
             low = 0.5 if name.endswith("running_var") else -0.5
             tensor.copy_(torch.rand(tensor.shape, generator=gen) + low)
+
+
+ACTIVE_TOL = {"rtol": 1e-4, "atol": 1e-3}  # for `_randomise_active` weights: values in the tens
+
+
+@torch.no_grad()
+def _randomise_active(module: nn.Module, seed: int) -> None:
+    """`_randomise`, then positive BatchNorm shifts and larger conv weights: most ReLUs pass and
+    the signal outweighs the shifts, so that a by-hand check of stacked conv-BN-ReLU layers does not
+    compare two maps of zeros, or of constants."""
+    _randomise(module, seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.bias.abs_().add_(0.5)
+        if isinstance(m, nn.Conv2d):
+            m.weight.mul_(4)
 
 
 def _copy_by_order(source: nn.Module, target: nn.Module) -> None:
@@ -175,10 +191,11 @@ def test_train_refuses_a_batch_of_one_for_deeplab():
     for decoder in ("deeplabv3", "deeplabv3plus", "bisenet"):
         with pytest.raises(SceneparseError, match=f"data.batch_size=1 cannot train the {decoder} decoder") as err:
             _check_batch_of_one(cfg(decoder), info)
-        assert ("(c1, c1_deepsup, fcn32s, fcn16s, fcn8s, danet, denseaspp, encnet, unet, fpn, segformer, ocrnet)"
-                in err.value.hint)
+        assert ("(c1, c1_deepsup, fcn32s, fcn16s, fcn8s, danet, denseaspp, encnet, unet, unetplusplus, linknet, "
+                "fpn, segformer, ocrnet)" in err.value.hint)
         _check_batch_of_one(cfg(decoder, batch_size=2), info)
-    for decoder in ("c1", "fcn8s", "danet", "denseaspp", "encnet", "unet", "fpn", "segformer", "ocrnet"):
+    for decoder in ("c1", "fcn8s", "danet", "denseaspp", "encnet", "unet", "unetplusplus", "linknet", "fpn",
+                    "segformer", "ocrnet"):
         _check_batch_of_one(cfg(decoder), info)
     _check_batch_of_one(cfg("upernet", pool_scales=[2, 3, 6]), info)
     with pytest.raises(SceneparseError, match="cannot train the upernet decoder"):
@@ -473,7 +490,7 @@ def test_unet_concatenates_each_skip_at_the_finer_size_by_hand(sizes):
     channels = [4, 6, 8]
     torch.manual_seed(0)
     unet = build_decoder("unet", channels, 3, decoder_channels=[10, 5]).eval()
-    _randomise(unet, seed=8)
+    _randomise_active(unet, seed=8)
     features = [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, sizes)]
 
     def finer(a, b):  # (a, b) both at the finer of their sizes
@@ -486,16 +503,82 @@ def test_unet_concatenates_each_skip_at_the_finer_size_by_hand(sizes):
             x = _cbr_by_hand(block[1], _cbr_by_hand(block[0], torch.cat(finer(x, skip), 1)))
         expected = _score(unet.conv_last, x)
         got = unet(features)
+    assert expected.std(dim=(2, 3)).min() > 0.01
     assert got.shape[-2:] == max(sizes)  # the finest map's size
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, **ACTIVE_TOL)
     assert [b[0][0].in_channels for b in unet.blocks] == [8 + 6, 10 + 4]
 
 
 def test_unet_default_widths_and_a_wrong_count_of_widths():
     assert [b[1][0].out_channels for b in build_decoder("unet", [24, 32, 64, 160, 320], 3).blocks] == [256, 128, 64, 32]
-    with pytest.raises(SceneparseError, match="one block per skip map: 3 for this encoder's 4 maps") as err:
-        build_decoder("unet", [8, 16, 32, 64], 3, decoder_channels=[64, 32])
-    assert "decoder_channels=[256, 128, 64]" in err.value.hint
+    for name in ("unet", "unetplusplus"):
+        with pytest.raises(SceneparseError, match=f"{name} has one block width per skip map: 3 for this encoder's 4 maps, "
+                           "but decoder_channels has 2 widths") as err:
+            build_decoder(name, [8, 16, 32, 64], 3, decoder_channels=[64, 32])
+        assert "decoder_channels=[256, 128, 64]" in err.value.hint
+
+
+def _at_finest(maps):
+    size = max(m.shape[-2:] for m in maps)
+    return [_up(m, torch.empty(size)) if m.shape[-2:] != size else m for m in maps]
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES)
+def test_unetplusplus_nested_dense_skips_by_hand(sizes):
+    channels = [4, 6, 8]
+    torch.manual_seed(0)
+    net = build_decoder("unetplusplus", channels, 3, decoder_channels=[10, 5]).eval()
+    _randomise_active(net, seed=14)
+    x = [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, sizes)]
+
+    def node(name, inputs):
+        block = net.nodes[name]
+        return _cbr_by_hand(block[1], _cbr_by_hand(block[0], torch.cat(_at_finest(inputs), 1)))
+
+    with torch.no_grad():
+        x11 = node("1_1", [x[2], x[1]])  # row 1: width 10 (the deeper skip's)
+        x01 = node("0_1", [x[1], x[0]])  # row 0: width 5
+        x02 = node("0_2", [x11, x[0], x01])  # the dense path: x(0,0) and x(0,1) again
+        expected = _score(net.conv_last, x02)
+        torch.testing.assert_close(net(x), expected, **ACTIVE_TOL)
+    assert expected.std(dim=(2, 3)).min() > 0.01
+    assert net.nodes["0_2"][0][0].in_channels == 10 + 4 + 5 and net.nodes["1_1"][0][0].out_channels == 10
+
+
+def test_unetplusplus_with_two_maps_is_unet():
+    torch.manual_seed(0)
+    plus, unet = build_decoder("unetplusplus", [4, 8], 3).eval(), build_decoder("unet", [4, 8], 3).eval()
+    _randomise_active(plus, seed=15)
+    _copy_by_order(plus, unet)
+    features = [torch.randn(2, 4, 8, 10), torch.randn(2, 8, 4, 5)]
+    with torch.no_grad():
+        torch.testing.assert_close(plus(features), unet(features))
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES)
+def test_linknet_adds_each_block_to_its_skip_by_hand(sizes):
+    channels = [16, 32, 64]
+    torch.manual_seed(0)
+    net = build_decoder("linknet", channels, 3, final_dim=6).eval()
+    _randomise_active(net, seed=16)
+    x = [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, sizes)]
+
+    def block(b, v, size):
+        reduced = _cbr_by_hand(b["reduce"], v)
+        if size != tuple(reduced.shape[-2:]) and size[0] > reduced.shape[-2]:
+            reduced = _up(reduced, torch.empty(size))
+        return _cbr_by_hand(b["expand"], _cbr_by_hand(b["conv"], reduced))
+
+    with torch.no_grad():
+        y = x[2]
+        for b, skip in zip(net.blocks, [x[1], x[0]]):
+            size = max(y.shape[-2:], skip.shape[-2:])
+            y = block(b, y, size) + _at_finest([skip, torch.empty(1, 1, *size)])[0]
+        expected = _score(net.conv_last, block(net.final, y, tuple(y.shape[-2:])))
+        torch.testing.assert_close(net(x), expected, **ACTIVE_TOL)
+    assert expected.std(dim=(2, 3)).min() > 0.01  # varies over the image: the check is not of constants
+    # each block ends at its skip's width; the reductions are a quarter of the input's
+    assert [(b["reduce"][0].out_channels, b["expand"][0].out_channels) for b in net.blocks] == [(16, 32), (8, 16)]
 
 
 @pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES)
@@ -538,14 +621,15 @@ def test_segformer_head_projects_resizes_and_fuses_by_hand(sizes):
     channels = [4, 6, 8]
     torch.manual_seed(0)
     head = build_decoder("segformer", channels, 3, embed_dim=5).eval()
-    _randomise(head, seed=10)
+    _randomise_active(head, seed=10)
     features = [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, sizes)]
     finest = torch.empty(max(sizes))
     with torch.no_grad():
         projected = [_up(_score(conv, f), finest) for conv, f in zip(head.project, features)]
         fused = _cbr_by_hand(head.fuse, torch.cat(projected[::-1], 1))  # deepest first, as the authors'
         expected = _score(head.conv_last[1], fused)
-        torch.testing.assert_close(head(features), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head(features), expected, **ACTIVE_TOL)
+    assert expected.std(dim=(2, 3)).min() > 0.01
     assert head.fuse[0].in_channels == 3 * 5
 
 
@@ -592,7 +676,7 @@ def test_object_attention_by_hand():
 def test_ocrnet_gathers_one_representation_per_class_by_hand():
     torch.manual_seed(0)
     ocr = build_decoder("ocrnet", [6, 8], 3, ocr_dim=10, key_dim=4).eval()
-    _randomise(ocr, seed=12)
+    _randomise_active(ocr, seed=12)
     features = [torch.randn(2, 6, 8, 10), torch.randn(2, 8, 4, 5)]
     captured = {}
     ocr.object_attention.register_forward_hook(lambda m, args, out: captured.update(objects=args[1]))
@@ -605,15 +689,15 @@ def test_ocrnet_gathers_one_representation_per_class_by_hand():
                 weights = regions[n, k].flatten().exp() / regions[n, k].flatten().exp().sum()
                 expected_objects[n, :, k] = (pixels[n].flatten(1) * weights).sum(1)
         out = ocr(features)
-        torch.testing.assert_close(captured["objects"], expected_objects, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(captured["objects"], expected_objects, **ACTIVE_TOL)
         context = ocr.object_attention(pixels, expected_objects)
         fused = _cbr_by_hand(ocr.fuse, torch.cat([context, pixels], 1))
-        torch.testing.assert_close(out, _score(ocr.conv_last, fused), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, _score(ocr.conv_last, fused), **ACTIVE_TOL)
         # the auxiliary output is the regions; a training pass computes them once for both heads
-        torch.testing.assert_close(ocr.forward_aux(features), regions)
+        torch.testing.assert_close(ocr.forward_aux(features), regions, **ACTIVE_TOL)
         logits, aux = ocr.forward_train(features)
-        torch.testing.assert_close(logits, out)
-        torch.testing.assert_close(aux, regions)
+        torch.testing.assert_close(logits, out, **ACTIVE_TOL)
+        torch.testing.assert_close(aux, regions, **ACTIVE_TOL)
         # only the deepest map is read
         assert torch.equal(ocr([features[0] + 1, features[1]]), out)
 

@@ -28,7 +28,7 @@ SMALL_ENCODERS = ["resnet18", "resnet18dilated", "mobilenetv2dilated", "hrnetv2_
 def test_registries_hold_every_encoder_and_decoder_name():
     assert set(DECODERS) == {
         "c1", "c1_deepsup", "ppm", "ppm_deepsup", "upernet", "fcn32s", "fcn16s", "fcn8s", "deeplabv3", "deeplabv3plus",
-        "danet", "denseaspp", "encnet", "bisenet", "unet", "fpn", "segformer", "ocrnet",
+        "danet", "denseaspp", "encnet", "bisenet", "unet", "fpn", "segformer", "ocrnet", "unetplusplus", "linknet",
     }
     assert {
         "mobilenetv2dilated", "resnet18", "resnet18dilated", "resnet50", "resnet50dilated",

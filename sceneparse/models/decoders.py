@@ -1,5 +1,5 @@
 """Decoders: CSAIL's (with CSAIL's semantics and exact submodule names), FCN, DeepLab, DANet,
-DenseASPP, EncNet, BiSeNet, U-Net, FPN, SegFormer's head and OCRNet.
+DenseASPP, EncNet, BiSeNet, U-Net, UNet++, LinkNet, FPN, SegFormer's head and OCRNet.
 
 Every decoder is built from the encoder's channel list (`channels`, shallow to deep) and returns
 raw logits at the resolution of the feature maps it reads; the Segmenter upsamples them. Because
@@ -11,8 +11,8 @@ encoder can be paired with any decoder.
 
 FCN (fcn32s/16s/8s) and DeepLab (deeplabv3, deeplabv3plus) are not CSAIL's; deeplabv3's head
 is laid out as torchvision's `DeepLabHead`, fcn32s's as torchvision's `FCNHead`. DANet, DenseASPP,
-EncNet, BiSeNet and OCRNet are written from their papers; U-Net, FPN and SegFormer's head follow
-segmentation_models.pytorch's any-encoder versions. Each docstring says where and why they differ.
+EncNet, BiSeNet and OCRNet are written from their papers; U-Net, UNet++, LinkNet, FPN and
+SegFormer's head follow segmentation_models.pytorch's any-encoder versions. Each docstring says where and why they differ.
 """
 from __future__ import annotations
 
@@ -578,6 +578,22 @@ def _concat_at_finer(a: Tensor, b: Tensor) -> Tensor:
     return torch.cat([_at_finer(a, size), _at_finer(b, size)], 1)
 
 
+def _skip_widths(name: str, channels: list[int], decoder_channels) -> list[int]:
+    """unet's and unetplusplus's widths, one per skip map (deepest first): `decoder_channels`, or
+    halving from 256 (not below 16)."""
+    skips = len(channels) - 1
+    default = [max(256 >> i, 16) for i in range(skips)]
+    if decoder_channels is None:
+        return default
+    if len(decoder_channels) != skips:
+        raise SceneparseError(
+            f"{name} has one block width per skip map: {skips} for this encoder's {len(channels)} maps, "
+            f"but decoder_channels has {len(decoder_channels)} widths",
+            hint=f"give {skips} widths, deepest first, e.g. decoder_options.decoder_channels={default}, or leave it out",
+        )
+    return [int(w) for w in decoder_channels]
+
+
 class UNet(Decoder):
     """U-Net's expanding path (Ronneberger et al., MICCAI 2015) on any encoder, laid out as
     segmentation_models.pytorch's `Unet` decoder: from the deepest map toward the finest, each
@@ -600,17 +616,8 @@ class UNet(Decoder):
     def __init__(self, channels: list[int], num_classes: int, decoder_channels=None):
         super().__init__()
         skips = channels[-2::-1]  # shallower maps, deepest first
-        if decoder_channels is None:
-            decoder_channels = [max(256 >> i, 16) for i in range(len(skips))]
-        if len(decoder_channels) != len(skips):
-            raise SceneparseError(
-                f"unet has one block per skip map: {len(skips)} for this encoder's {len(channels)} maps, "
-                f"but decoder_channels has {len(decoder_channels)} widths",
-                hint=f"give {len(skips)} widths, deepest first, e.g. decoder_options.decoder_channels="
-                f"{[max(256 >> i, 16) for i in range(len(skips))]}, or leave it out",
-            )
         self.num_classes = num_classes
-        widths = [channels[-1], *decoder_channels]
+        widths = [channels[-1], *_skip_widths("unet", channels, decoder_channels)]
         self.blocks = nn.ModuleList(
             nn.Sequential(conv3x3_bn_relu(w_in + skip, w_out), conv3x3_bn_relu(w_out, w_out))
             for w_in, skip, w_out in zip(widths, skips, widths[1:])
@@ -622,6 +629,96 @@ class UNet(Decoder):
         for block, skip in zip(self.blocks, features[-2::-1]):
             x = block(_concat_at_finer(x, skip))
         return self.conv_last(x)
+
+
+class UNetPlusPlus(Decoder):
+    """UNet++ (Zhou et al., "UNet++: A Nested U-Net Architecture", DLMIA 2018), as
+    segmentation_models.pytorch's `UnetPlusPlus` decoder on any encoder: the skip connections
+    become nested dense paths. With x(i, 0) = features[i] (0 the finest), node x(i, j), j >= 1,
+    i + j < len(features), is two 3x3 conv-BN-ReLU of the concatenation of x(i+1, j-1) (brought to
+    the finer size, as in `unet`) and every earlier node of its row, x(i, 0) ... x(i, j-1); the
+    classifier reads x(0, len(features) - 1). Row i's nodes are `decoder_channels` wide as unet's
+    block for skip map i (deepest first, halving from 256 by default), so with two maps UNet++ is
+    unet. No deep supervision over the top row's nodes (the paper's optional pruning mode).
+    Resizes as `unet` does (bilinear, at the finer size, never shrinking). No pooling.
+    """
+
+    classifier = "conv_last"
+    min_features = 2
+
+    def __init__(self, channels: list[int], num_classes: int, decoder_channels=None):
+        super().__init__()
+        rows = len(channels) - 1  # rows 0 .. n-2 hold nodes; row n-1 is the deepest map alone
+        widths = _skip_widths("unetplusplus", channels, decoder_channels)[::-1]  # row i's width, finest first
+        self.num_classes = num_classes
+
+        def width(i, j):
+            return channels[i] if j == 0 else widths[i]
+
+        # nodes[f"{i}_{j}"]: the block making x(i, j)
+        self.nodes = nn.ModuleDict({
+            f"{i}_{j}": nn.Sequential(
+                conv3x3_bn_relu(width(i + 1, j - 1) + sum(width(i, k) for k in range(j)), widths[i]),
+                conv3x3_bn_relu(widths[i], widths[i]),
+            )
+            for j in range(1, rows + 1) for i in range(rows + 1 - j)
+        })
+        self.conv_last = nn.Conv2d(widths[0], num_classes, kernel_size=1)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        grid = {(i, 0): f for i, f in enumerate(features)}
+        rows = len(features) - 1
+        for j in range(1, rows + 1):  # column by column: x(i, j) needs column j-1 only
+            for i in range(rows + 1 - j):
+                inputs = [grid[i + 1, j - 1]] + [grid[i, k] for k in range(j)]
+                size = _finest(inputs)
+                grid[i, j] = self.nodes[f"{i}_{j}"](torch.cat([_at_finer(x, size) for x in inputs], 1))
+        return self.conv_last(grid[0, rows])
+
+
+class LinkNet(Decoder):
+    """LinkNet's decoder (Chaurasia and Culurciello, "LinkNet: Exploiting Encoder Representations
+    for Efficient Semantic Segmentation", VCIP 2017), as segmentation_models.pytorch's `Linknet` on
+    any encoder: from the deepest map toward the finest, a block (1x1 conv-BN-ReLU to a quarter of
+    its input's channels, up-sampling, 3x3 conv-BN-ReLU, 1x1 conv-BN-ReLU to the next shallower
+    map's channels) whose output is *added* to that map (the link: no concatenation, so the decoder
+    stays as light as the paper's); then one more block on the finest map and the 1x1 classifier.
+
+    Difference: the paper's up-sampling is a learned stride-2 3x3 transposed convolution; here a
+    bilinear resize to the next map's size followed by the 3x3 conv, so that a dilated encoder's
+    equal-sized maps need no special case (hrnetv2's deepest map, the 1/4 concatenation, is added
+    at the finer size, as in `fpn`). Like `unet`, it ends at the encoder's finest map. No pooling.
+    """
+
+    classifier = "conv_last"
+    min_features = 2
+
+    def __init__(self, channels: list[int], num_classes: int, final_dim: int = 32):
+        super().__init__()
+        self.num_classes = num_classes
+
+        def block(c_in, c_out):
+            return nn.ModuleDict({
+                "reduce": nn.Sequential(*conv1x1_bn_relu(c_in, max(c_in // 4, 1))),
+                "conv": conv3x3_bn_relu(max(c_in // 4, 1), max(c_in // 4, 1)),
+                "expand": nn.Sequential(*conv1x1_bn_relu(max(c_in // 4, 1), c_out)),
+            })
+
+        # one block per skip map, deepest first, each out to its skip's channels; then the final one
+        self.blocks = nn.ModuleList(block(c_in, c_out) for c_in, c_out in zip(channels[:0:-1], channels[-2::-1]))
+        self.final = block(channels[0], final_dim)
+        self.conv_last = nn.Conv2d(final_dim, num_classes, kernel_size=1)
+
+    @staticmethod
+    def _run(block: nn.ModuleDict, x: Tensor, size) -> Tensor:
+        return block["expand"](block["conv"](_at_finer(block["reduce"](x), size)))
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        x = features[-1]
+        for block, skip in zip(self.blocks, features[-2::-1]):
+            size = _finest([x, skip])
+            x = self._run(block, x, size) + _at_finer(skip, size)
+        return self.conv_last(self._run(self.final, x, x.shape[-2:]))
 
 
 class FPN(Decoder):
@@ -769,6 +866,8 @@ DECODERS: dict[str, type[Decoder]] = {
     "encnet": EncNet,
     "bisenet": BiSeNet,
     "unet": UNet,
+    "unetplusplus": UNetPlusPlus,
+    "linknet": LinkNet,
     "fpn": FPN,
     "segformer": SegFormerHead,
     "ocrnet": OCRNet,
