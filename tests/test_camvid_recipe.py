@@ -91,7 +91,7 @@ def test_data_check_of_the_trainval_recipe_checks_each_split(tmp_path):
 
     root = small_camvid(tmp_path, {"train": 2, "val": 1})
     config = tmp_path / "trainval.yaml"
-    config.write_text(RECIPE_TRAINVAL.read_text().replace("root: data/camvid", f"root: {root}"))
+    config.write_text(f"base: {RECIPE_TRAINVAL}\ndata: {{root: {root}}}\n")  # an absolute base: path
     built, _ = datasets_to_check(config)
     assert {split: len(d) for split, d in built.items()} == {"train": 2, "val": 1}
 

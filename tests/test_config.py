@@ -137,3 +137,68 @@ def test_an_empty_mapping_override_empties_the_files_mapping(tmp_path):
     with pytest.raises(SceneparseError) as err:
         load_config(path, ["model.encoder_options=null"])
     assert "is a section" in err.value.message and "{} empties it" in err.value.hint
+
+
+# --- base: composed config files --------------------------------------------------------------------
+
+
+def test_a_file_builds_on_its_base_files_in_order(tmp_path):
+    (tmp_path / "common").mkdir()
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "common" / "data.yaml").write_text(
+        "data: {kind: camvid, crop_size: [360, 480], scales: [300, 400]}\ntrain: {iterations: 500, lr_encoder: 0.1}\n")
+    (tmp_path / "common" / "model.yaml").write_text(
+        "model: {encoder: resnet18, decoder: upernet, decoder_options: {fpn_dim: 128, pool_scales: [1, 2]}}\n"
+        "train: {iterations: 700}\n")
+    child = tmp_path / "exp" / "run.yaml"
+    child.write_text("base: [../common/data.yaml, ../common/model.yaml]\n"  # relative to exp/
+                     "data: {scales: [600]}\nmodel: {decoder_options: {fpn_dim: 64}}\ntrain: {lr_decoder: 0.5}\n")
+    cfg = load_config(child, ["train.lr_encoder=0.2"])
+    assert cfg.data.kind == "camvid" and list(cfg.data.crop_size) == [360, 480]  # from the first base
+    assert list(cfg.data.scales) == [600]  # a list is replaced, not merged
+    assert cfg.train.iterations == 700  # the later base wins over the earlier
+    assert (cfg.train.lr_encoder, cfg.train.lr_decoder) == (0.2, 0.5)  # the command line over all files
+    assert OmegaConf.to_container(cfg.model.decoder_options) == {"fpn_dim": 64, "pool_scales": [1, 2]}
+    assert "base" not in cfg
+    # a base's base, and an empty mapping in a file replaces its base's
+    grandchild = tmp_path / "exp" / "small.yaml"
+    grandchild.write_text("base: run.yaml\nmodel: {decoder: c1, decoder_options: {}}\n")
+    small = load_config(grandchild)
+    assert small.model.decoder == "c1" and OmegaConf.to_container(small.model.decoder_options) == {}
+    assert small.train.iterations == 700 and list(small.data.scales) == [600]
+    # the composed config saved by a run stands alone
+    from sceneparse.engine.config import save_config
+
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert "base" not in OmegaConf.load(tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+@pytest.mark.parametrize("files, message, hint", [
+    ({"a.yaml": "base: missing.yaml\n"}, "a.yaml: base file not found: ", "relative to the folder of the file"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: [a.yaml]\n"}, "config files name each other as base: ", None),
+    ({"a.yaml": "base: {x: 1}\n"}, "a.yaml: base must be a file path or a list of file paths", "e.g. base:"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "train: {iterationz: 5}\n"}, "b.yaml: invalid setting 'train.iterationz'",
+     "iterations"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "train: [1, 2\n"}, "b.yaml: not valid YAML at line 2", None),
+])
+def test_base_file_mistakes_name_the_file(tmp_path, files, message, hint):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(SceneparseError) as err:
+        load_config(tmp_path / "a.yaml")
+    assert message in err.value.message
+    if hint:
+        assert hint in err.value.hint
+
+
+def test_an_empty_section_keeps_its_defaults_and_an_empty_option_mapping_empties(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("model: {decoder: upernet, decoder_options: {fpn_dim: 128}}\ndata: {synthetic: {num_images: 8}}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\nmodel: {}\ntrain: {loss: {}}\ndata: {synthetic: {}}\n")
+    cfg = load_config(child)  # a section written {} is a section with nothing changed
+    assert cfg.model.decoder == "upernet" and cfg.train.loss.name == "cross_entropy"
+    assert OmegaConf.to_container(cfg.model.decoder_options) == {"fpn_dim": 128}
+    assert OmegaConf.to_container(cfg.data.synthetic) == {}  # a free-form mapping written {} is emptied
+    assert load_config(child, ["model={}"]).model.decoder == "upernet"

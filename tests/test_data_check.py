@@ -172,7 +172,8 @@ def test_cli_reads_a_yaml_config(tmp_path, capsys):
     config = tmp_path / "cfg.yaml"
     config.write_text(f"data:\n  kind: folder\n  root: {root}\n  classes_file: {tmp_path / 'mine.yaml'}\nmodel: {{}}\n")
     assert main(["data", "check", str(config), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["splits"] == {"all": 3}
+    # the splits training reads: the defaults train and val, each the whole folder when it has no lists
+    assert json.loads(capsys.readouterr().out)["splits"] == {"train": 3, "val": 3}
     # a training config names its splits
     (root / "train.txt").write_text("a\n")
     (root / "val.txt").write_text("b c\né\n")

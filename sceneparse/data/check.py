@@ -300,16 +300,10 @@ def datasets_to_check(target, kind: str | None = None, split: str | None = None,
 
     target = Path(target).expanduser()
     if target.is_file() and target.suffix.lower() in (".yaml", ".yml"):
-        from omegaconf import OmegaConf
+        from sceneparse.engine.config import dataset_settings, load_config
 
-        try:
-            cfg = OmegaConf.to_container(OmegaConf.load(target), resolve=True)
-        except Exception as err:  # noqa: BLE001 - any parse error is the user's file
-            raise SceneparseError(f"cannot read config {target}: {err}") from None
-        data = cfg.get("data") if isinstance(cfg, dict) else None
-        if not isinstance(data, dict) or "kind" not in data:
-            raise SceneparseError(f"config {target} has no `data:` section with a `kind`")
-        data.update(data.pop("synthetic", None) or {})  # kind=synthetic's options, as training reads them
+        # the data settings training would read: defaults, the file's `base:` files, the file
+        data = dataset_settings(load_config(target).data)
         if kind:
             data["kind"] = kind
         if classes_file:
@@ -333,8 +327,8 @@ def datasets_to_check(target, kind: str | None = None, split: str | None = None,
 
 
 def _splits(data: dict) -> list:
-    """The splits a training config names ("train+val" is checked split by split), else those the
-    dataset finds on disk."""
+    """The splits a training config names ("train+val" is checked split by split; a config read by
+    load_config always names them), else those the dataset finds on disk."""
     from sceneparse.data import DATASETS
 
     named = [s for k in ("train_split", "val_split") if data.get(k) for s in str(data[k]).split("+")]

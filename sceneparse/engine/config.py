@@ -258,26 +258,84 @@ def _check_sizes(cfg: DictConfig) -> None:
             raise SceneparseError(", ".join(f"{k}={v!r}" for k, v in zip(keys, shown)) + f": expected {expected}")
 
 
+# A config file's `base:` names the files it builds on (a path, or a list merged in order), each
+# relative to the file that names it: MMSegmentation's composable configs, without its Python
+# files or string magic. A run's saved config.yaml is the composed result, with no `base:`.
+BASE_KEY = "base"
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """One YAML file's mapping; a parse error names the file and the parser's position."""
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise SceneparseError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(loaded, DictConfig):
+        raise SceneparseError(f"{path}: expected a mapping of settings at the top level")
+    return loaded
+
+
+def _empties_a_mapping(key: str) -> bool:
+    """Whether `key: {}` replaces the mapping beneath it: yes for free-form mappings (options such
+    as model.decoder_options, data.synthetic, and anything inside them), where merging {} would
+    change nothing; no for a section of settings (`model: {}` keeps every default, as before)."""
+    default = OmegaConf.select(default_config(), key, default=None)
+    return not (isinstance(default, DictConfig) and OmegaConf.get_type(default) is not dict)
+
+
+def _empty_mappings(node: DictConfig, prefix: str = "") -> list[str]:
+    """The dotted keys written `{}` whose mapping that replaces (`_empties_a_mapping`): in a file,
+    as on the command line."""
+    found = []
+    for key in node:
+        value = node._get_node(key)
+        if isinstance(value, DictConfig):
+            if len(value) == 0:
+                found += [f"{prefix}{key}"] if _empties_a_mapping(f"{prefix}{key}") else []
+            else:
+                found += _empty_mappings(value, f"{prefix}{key}.")
+    return found
+
+
+def _merge_file(cfg: DictConfig, loaded: DictConfig, where: str) -> DictConfig:
+    try:
+        cfg = OmegaConf.merge(cfg, loaded)
+        for key in _empty_mappings(loaded):
+            OmegaConf.update(cfg, key, {}, merge=False)
+    except OmegaConfBaseException as err:
+        raise _friendly(err, default_config(), where) from None
+    return cfg
+
+
+def _compose(cfg: DictConfig, path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    """`cfg` <- the `base:` files of `path` (recursively, in order) <- `path` itself."""
+    if not path.is_file():
+        if chain:
+            raise SceneparseError(f"{chain[-1]}: base file not found: {path}",
+                                  hint="base: paths are relative to the folder of the file that names them")
+        raise SceneparseError(f"config file not found: {path}", hint="check the path")
+    if path.resolve() in {p.resolve() for p in chain}:
+        raise SceneparseError("config files name each other as base: " + " -> ".join(map(str, (*chain, path))),
+                              hint="remove one of these base: entries")
+    loaded = _read_yaml(path)
+    bases = loaded.pop(BASE_KEY, None)
+    bases = [] if bases is None else [bases] if isinstance(bases, str) else bases
+    if not (OmegaConf.is_list(bases) or isinstance(bases, list)) or not all(isinstance(b, str) for b in bases):
+        raise SceneparseError(f"{path}: base must be a file path or a list of file paths, got {bases!r}",
+                              hint="e.g. base: ../voc/resnet50dilated-ppm_deepsup.yaml")
+    for base in bases:
+        cfg = _compose(cfg, path.parent / base, (*chain, path))
+    return _merge_file(cfg, loaded, str(path))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Structured defaults <- YAML file <- dotted `key=value` overrides."""
+    """Structured defaults <- YAML file (after its `base:` files) <- dotted `key=value` overrides."""
     cfg = default_config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SceneparseError(f"config file not found: {path}", hint="check the path")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as err:  # yaml.YAMLError and friends: name the file and the parser's position
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err)
-            raise SceneparseError(f"{path}: not valid YAML{where}: {problem}") from None
-        if not isinstance(loaded, DictConfig):
-            raise SceneparseError(f"{path}: expected a mapping of settings at the top level")
-        try:
-            cfg = OmegaConf.merge(cfg, loaded)
-        except OmegaConfBaseException as err:
-            raise _friendly(err, default_config(), str(path)) from None
+        cfg = _compose(cfg, Path(path))
     for item in overrides:
         if "=" not in item:
             raise SceneparseError(f"override {item!r} is not key=value", hint="e.g. train.iterations=1000")
@@ -288,7 +346,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise SceneparseError(f"override {item!r}: {key} is a section, not a value",
                                   f"set one of its keys ({key}.KEY=VALUE), or '{key}={{...}}' ({{}} empties it){keys}")
         try:
-            if value.strip() == "{}":  # an empty mapping replaces one (merging it would change nothing)
+            if value.strip() == "{}" and _empties_a_mapping(key):  # merging it would change nothing
                 OmegaConf.update(cfg, key, {}, merge=False)
             else:
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
