@@ -173,13 +173,20 @@ def test_cli_reads_a_yaml_config(tmp_path, capsys):
     config.write_text(f"data:\n  kind: folder\n  root: {root}\n  classes_file: {tmp_path / 'mine.yaml'}\nmodel: {{}}\n")
     assert main(["data", "check", str(config), "--json"]) == 0
     # the splits training reads: the defaults train and val, each the whole folder when it has no lists
-    assert json.loads(capsys.readouterr().out)["splits"] == {"train": 3, "val": 3}
+    report = json.loads(capsys.readouterr().out)
+    assert report["splits"] == {"train": 3, "val": 3}
+    overlap = [p for p in report["problems"] if p["code"] == "split_overlap"]
+    assert len(overlap) == 1 and overlap[0]["severity"] == "warning" and len(overlap[0]["files"]) == 3
+    assert "3 images are in both train and val" in overlap[0]["message"] and "val.txt" in overlap[0]["message"]
+    assert not [p for p in report["problems"] if p["code"] == "duplicate_files"]  # one file, not two copies
     # a training config names its splits
     (root / "train.txt").write_text("a\n")
     (root / "val.txt").write_text("b c\né\n")
     config.write_text(config.read_text().replace("  kind: folder\n", "  kind: folder\n  train_split: train\n  val_split: val\n"))
     assert main(["data", "check", str(config), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["splits"] == {"train": 1, "val": 2}
+    report = json.loads(capsys.readouterr().out)
+    assert report["splits"] == {"train": 1, "val": 2}
+    assert not [p for p in report["problems"] if p["code"] == "split_overlap"]
 
 
 def test_check_real_ade20k_samples(capsys):
@@ -246,3 +253,23 @@ def test_a_turned_photo_whose_label_has_the_turned_size_is_accepted(tmp_path):
     assert {p.code for p in quick_check(Folder(root, None, strict=False))} == {"exif_rotated", "size_mismatch"}
     found = check_datasets(datasets_to_check(root)[0], progress=False).problems
     assert {p.code for p in found if p.severity == "error"} == {"exif_rotated", "size_mismatch"}
+
+
+def test_training_warns_when_val_holds_the_training_images(tmp_path, capsys):
+    from sceneparse.engine.config import load_config
+    from sceneparse.engine.feed import build_data
+
+    root = clean_dataset(tmp_path / "d")
+    settings = [f"data.kind=folder", f"data.root={root}", "model.num_classes=null"]
+    build_data(load_config(None, settings))  # no split lists: train and val are the whole folder
+    err = capsys.readouterr().err
+    assert "data warning: [split_overlap] 3 images are in both train and val" in err
+    build_data(load_config(None, [*settings, "train.val_every=0"]))  # never validates: nothing to say
+    assert "split_overlap" not in capsys.readouterr().err
+    (root / "train.txt").write_text("a\nb c\n")
+    (root / "val.txt").write_text("é\n")
+    build_data(load_config(None, settings))
+    assert "split_overlap" not in capsys.readouterr().err
+    (root / "val.txt").write_text("é\na\n")
+    build_data(load_config(None, settings))
+    assert "1 image is in both train and val" in capsys.readouterr().err

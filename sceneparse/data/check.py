@@ -6,7 +6,7 @@ every problem below plus the per-class pixel histogram.
 
 Problem codes (severity): missing_file, image_without_label, unreadable_image, unreadable_label,
 size_mismatch, color_label, bad_label_values, exif_rotated, no_files (errors); label_without_image,
-duplicate_files, unused_classes (warnings).
+duplicate_files, split_overlap, unused_classes (warnings).
 """
 from __future__ import annotations
 
@@ -257,12 +257,13 @@ def check_datasets(datasets: dict, root: str = "", workers: int | None = None, p
     first = next(iter(datasets.values()))
     problems: list[Problem] = []
     counts = np.zeros(first.num_classes + 1, dtype=np.int64)
-    digests: dict[str, list[str]] = defaultdict(list)
+    digests: dict[str, dict[str, None]] = defaultdict(dict)  # content -> its files, each once, in order
     jobs = []
     for dataset in datasets.values():
         if getattr(dataset, "on_disk", True):
             problems += _listing_problems(dataset)
             jobs += [(dataset, image, label) for image, label in dataset.files]
+    problems += overlap_problems(datasets)
     with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
         results = pool.map(lambda job: _full_pair(*job), jobs)
         for result in tqdm(results, total=len(jobs), desc="checking", unit="pair", disable=not progress):
@@ -270,8 +271,8 @@ def check_datasets(datasets: dict, root: str = "", workers: int | None = None, p
             if result.counts is not None:
                 counts += result.counts
             if result.digest:
-                digests[result.digest].append(result.image)
-    for files in digests.values():
+                digests[result.digest][result.image] = None
+    for files in map(list, digests.values()):  # one file in two splits is split_overlap's, not this
         if len(files) > 1:
             problems.append(Problem(
                 "duplicate_files", WARNING, f"{len(files)} images have the same content: {', '.join(files)}", files
@@ -288,6 +289,27 @@ def check_datasets(datasets: dict, root: str = "", workers: int | None = None, p
         first.kind, str(root), {split: len(ds) for split, ds in datasets.items()},
         list(first.class_names), class_counts, int(counts[-1]), problems,
     )
+
+
+def overlap_problems(datasets: dict) -> list[Problem]:
+    """The same image files in two splits of `{split: dataset}` (e.g. a folder without split
+    lists, read as both train and val): validation would score images the model trained on."""
+    files = {split: {str(image) for image, _ in ds.files} for split, ds in datasets.items()
+             if getattr(ds, "on_disk", True) and hasattr(ds, "files")}
+    problems, names = [], list(files)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sorted(files[a] & files[b])
+            if shared:
+                problems.append(Problem(
+                    "split_overlap", WARNING,
+                    f"{len(shared)} {'image is' if len(shared) == 1 else 'images are'} in both {a} and {b} "
+                    f"(e.g. {shared[0]}): validating on {b} "
+                    f"after training on {a} would score images the model has seen; give each split its "
+                    f"own files (train/ and val/ subfolders, or train.txt and val.txt lists)",
+                    shared,
+                ))
+    return problems
 
 
 # --------------------------------------------------------------------------- what to check

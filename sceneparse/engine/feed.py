@@ -145,7 +145,7 @@ def build_train_set(data_cfg):
 def build_data(cfg: DictConfig, verbose: bool = True):
     """Train and val datasets and the class count; a broken dataset is refused before any training."""
     from sceneparse.data import build_dataset
-    from sceneparse.data.check import ERROR, quick_check
+    from sceneparse.data.check import ERROR, overlap_problems, quick_check
     from sceneparse.engine.config import dataset_settings
 
     dc = cfg.data
@@ -162,6 +162,9 @@ def build_data(cfg: DictConfig, verbose: bool = True):
             )
         if verbose and problems:
             print("data warnings:\n  - " + "\n  - ".join(map(str, problems)), file=sys.stderr)
+    if verbose and cfg.train.val_every > 0:  # a recipe that trains on val on purpose does not validate
+        for problem in overlap_problems({dc.train_split: train_set, dc.val_split: val_set}):
+            print(f"data warning: {problem}", file=sys.stderr)
     num_classes = cfg.model.num_classes or train_set.num_classes
     if num_classes != train_set.num_classes:
         raise SceneparseError(
