@@ -516,6 +516,15 @@ def test_unet_default_widths_and_a_wrong_count_of_widths():
                            "but decoder_channels has 2 widths") as err:
             build_decoder(name, [8, 16, 32, 64], 3, decoder_channels=[64, 32])
         assert "decoder_channels=[256, 128, 64]" in err.value.hint
+        for wrong in (64, [64, 32.5, 16], [64, 0, 16]):
+            with pytest.raises(SceneparseError, match=f"{name}'s decoder_channels must be a list of 3 positive widths"):
+                build_decoder(name, [8, 16, 32, 64], 3, decoder_channels=wrong)
+
+
+def test_ocrnet_refuses_a_single_class():
+    with pytest.raises(SceneparseError, match="ocrnet needs at least 2 classes") as err:
+        build_decoder("ocrnet", [8, 16], 1)
+    assert "2 classes" in err.value.hint
 
 
 def _at_finest(maps):
@@ -671,6 +680,19 @@ def test_object_attention_by_hand():
                     expected[n, :, h, w] = cbr(block.out, sum(wk * v for wk, v in zip(weights, values)))
     assert torch.stack(spreads).mean() > 0.5  # the scores differ between regions: the softmax matters
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_object_attention_compiles_for_changing_sizes():
+    """torch.compile with symbolic H and W: its layout pass once failed on the 1x1 conv over the
+    attention product's view (torch.export is checked by test_dynamic_shape_export[ocrnet])."""
+    from sceneparse.models.layers import ObjectAttention
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = ObjectAttention(channels=8, key_dim=8).eval()
+    compiled = torch.compile(block, dynamic=True)  # symbolic from the start, as after a second size
+    x, objects = torch.randn(2, 8, 19, 23), torch.randn(2, 8, 3)
+    torch.testing.assert_close(compiled(x, objects), block(x, objects), rtol=1e-4, atol=1e-5)
 
 
 def test_ocrnet_gathers_one_representation_per_class_by_hand():

@@ -384,6 +384,22 @@ def test_resume_with_more_iterations_extends_the_run_and_its_schedule(tmp_path):
     assert last["iter"] == 16 and last["lr"] == pytest.approx(0.05 * (1 - 15 / 16) ** 0.9)
 
 
+def test_an_encnet_run_from_before_the_se_head_resumes_with_the_setting_the_error_names(tmp_path):
+    short = ["model.decoder=encnet", "train.iterations=4", "train.val_every=0", "train.checkpoint_every=2"]
+    train(tiny_config(tmp_path, *short, "model.decoder_options={se_loss: false}"))
+    last = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["model"]["config"]["decoder_options"]  # as written before `se_loss` existed
+    torch.save(ckpt, last)
+    with pytest.raises(SceneparseError) as err:  # the run's config, as it was then: no se_loss
+        train(tiny_config(tmp_path, *short, "train.iterations=6"), resume=True)
+    assert "holds a different model than the config (they differ in decoder_options)" in err.value.message
+    assert """'model.decoder_options={"se_loss": false}'""" in err.value.hint
+    result = train(tiny_config(tmp_path, *short, "train.iterations=6", 'model.decoder_options={"se_loss": false}'),
+                   resume=True)
+    assert result["iterations"] == 6
+
+
 def test_resume_takes_the_optimizer_settings_from_the_config(tmp_path):
     """The checkpoint brings the momentum buffers and the schedule's position back; learning
     rates, momentum and weight decay are the config's, from the first resumed step on."""

@@ -180,6 +180,14 @@ def _comparable(config: dict) -> dict:
     return {"encoder_options": {}, "decoder_options": {}, **config}
 
 
+def config_difference(theirs: dict, ours: dict, skip: tuple[str, ...] = ()) -> tuple[list[str], str]:
+    """The model settings in which two build_model configs differ (but `skip`), and the overrides
+    that would give `ours` the values of `theirs` ('model.KEY=VALUE' ...)."""
+    theirs, ours = _comparable(theirs), _comparable(ours)
+    differ = sorted(k for k in theirs.keys() | ours.keys() if k not in skip and theirs.get(k) != ours.get(k))
+    return differ, " ".join(f"'model.{k}={json.dumps(theirs.get(k))}'" for k in differ)
+
+
 def load_initial_weights(model, source: str | Path) -> dict:
     """Start `model` (a new Segmenter) from the weights of a sceneparse checkpoint (a path or a
     zoo name): fine-tuning. The checkpoint must hold the same encoder, decoder and options; every
@@ -188,10 +196,9 @@ def load_initial_weights(model, source: str | Path) -> dict:
     fresh initialisation. Returns {"path", "fresh": those keys, "normalization": the checkpoint's}."""
     path = resolve_model(source)
     ckpt = load_checkpoint(path)
-    theirs, ours = _comparable(model_config(ckpt)), _comparable(model.config)
-    differ = sorted(k for k in theirs.keys() | ours.keys() if k != "num_classes" and theirs.get(k) != ours.get(k))
+    theirs = _comparable(model_config(ckpt))
+    differ, shown = config_difference(theirs, model.config, skip=("num_classes",))
     if differ:
-        shown = " ".join(f"'model.{k}={json.dumps(theirs.get(k))}'" for k in differ)
         raise SceneparseError(
             f"{path} holds another model than the config (they differ in {', '.join(differ)})",
             f"set {shown} (the checkpoint's), or use model.encoder_weights for an ImageNet backbone")

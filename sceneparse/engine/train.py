@@ -3,7 +3,8 @@
 CSAIL's recipe by default: SGD with momentum (or `train.optimizer: adamw`), poly learning rate
 (power 0.9, optional linear warmup), separate encoder/decoder learning rates, no weight decay on
 norms and biases, cross-entropy that ignores IGNORE_INDEX pixels (or `train.loss`: OHEM, focal,
-plus Dice; `engine.losses`) plus 0.4 x the deep-supervision (auxiliary) loss.
+Lovász-softmax, plus Dice or Lovász terms; `engine.losses`) plus 0.4 x the deep-supervision
+(auxiliary) loss (and 0.2 x EncNet's SE-loss).
 
 Reproducible and resumable: what each step sees is a pure function of (seed, iteration)
 (`engine.feed`), and checkpoints hold the optimizer, scheduler, grad scaler, data position, RNG
@@ -32,7 +33,7 @@ from torch import nn
 
 from sceneparse.engine import distributed as dist_utils
 from sceneparse.engine.checkpoint import (
-    load_checkpoint, load_initial_weights, model_config, rng_state, save_model, set_rng_state,
+    config_difference, load_checkpoint, load_initial_weights, model_config, rng_state, save_model, set_rng_state,
 )
 from sceneparse.engine.config import dataset_settings, save_config
 from sceneparse.engine.feed import TrainBatches, build_data, epoch_batches_fn, next_batch, training_feed
@@ -354,11 +355,11 @@ class Trainer:
             if cfg.model.weights:
                 dist_utils.run_on_main(lambda: self._start_from(model, cfg.model.weights), self.info)
             return model
-        if model_config(ckpt) != dict(model.config):
+        differ, shown = config_difference(model_config(ckpt), dict(model.config))
+        if differ:
             raise SceneparseError(
-                f"{resume_path} holds a different model ({model_config(ckpt)}) than the config "
-                f"({dict(model.config)})",
-                "resume with the config the checkpoint was trained with",
+                f"{resume_path} holds a different model than the config (they differ in {', '.join(differ)})",
+                f"resume with the checkpoint's settings: {shown}",
             )
         model.load_state_dict(ckpt["model"]["state_dict"])
         return model

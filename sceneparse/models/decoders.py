@@ -585,6 +585,9 @@ def _skip_widths(name: str, channels: list[int], decoder_channels) -> list[int]:
     default = [max(256 >> i, 16) for i in range(skips)]
     if decoder_channels is None:
         return default
+    if isinstance(decoder_channels, (int, str)) or not all(isinstance(w, int) and w > 0 for w in decoder_channels):
+        raise SceneparseError(f"{name}'s decoder_channels must be a list of {skips} positive widths, "
+                              f"got {decoder_channels!r}", hint=f"e.g. decoder_options.decoder_channels={default}")
     if len(decoder_channels) != skips:
         raise SceneparseError(
             f"{name} has one block width per skip map: {skips} for this encoder's {len(channels)} maps, "
@@ -824,6 +827,9 @@ class OCRNet(Decoder):
 
     def __init__(self, channels: list[int], num_classes: int, ocr_dim: int = 512, key_dim: int = 256):
         super().__init__()
+        if num_classes < 2:  # one object region: BatchNorm over the regions sees one value per image
+            raise SceneparseError(f"ocrnet needs at least 2 classes (one object region each), got {num_classes}",
+                                  hint="for one class against the rest, use 2 classes (background and the class)")
         fc_dim = channels[-1]
         self.num_classes = num_classes
         self.regions = nn.Sequential(*conv1x1_bn_relu(fc_dim, fc_dim), nn.Conv2d(fc_dim, num_classes, kernel_size=1))

@@ -149,7 +149,12 @@ class ObjectAttention(nn.Module):
         k = self.key(objects).flatten(2)  # N x key x K
         v = self.value(objects).flatten(2)  # N x key x K
         attention = torch.softmax(q.transpose(1, 2) @ k * self.key_dim ** -0.5, dim=-1)  # N x HW x K
-        # N x key x HW straight from the product, then a view: a reshape of a transposed result
-        # would copy, and make torch.export guard on the sizes (no dynamic H and W)
-        context = v @ attention.transpose(1, 2)
-        return self.out(context.view(x.shape[0], self.key_dim, *x.shape[-2:]))
+        # N x key x HW straight from the product, then a view (a reshape of a transposed product
+        # makes torch.export guard on the sizes: no dynamic H and W). torch.compile's layout pass
+        # fails on a conv over that view once H and W are symbolic (torch 2.11 to 2.14); a copy to
+        # channels-last avoids it, but torch.export guards on the copy, so it copies unless
+        # exporting. tests/test_decoders.py compiles and exports both ways.
+        context = (v @ attention.transpose(1, 2)).view(x.shape[0], self.key_dim, *x.shape[-2:])
+        if not torch.compiler.is_exporting():
+            context = context.contiguous(memory_format=torch.channels_last)
+        return self.out(context)
