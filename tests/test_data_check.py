@@ -260,7 +260,7 @@ def test_training_warns_when_val_holds_the_training_images(tmp_path, capsys):
     from sceneparse.engine.feed import build_data
 
     root = clean_dataset(tmp_path / "d")
-    settings = [f"data.kind=folder", f"data.root={root}", "model.num_classes=null"]
+    settings = ["data.kind=folder", f"data.root={root}", "model.num_classes=null"]
     build_data(load_config(None, settings))  # no split lists: train and val are the whole folder
     err = capsys.readouterr().err
     assert "data warning: [split_overlap] 3 images are in both train and val" in err

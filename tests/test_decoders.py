@@ -327,11 +327,16 @@ def test_encoding_layer_by_hand():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_encnet_scales_channels_by_the_encoded_context():
+def _small_encnet(seed: int):
+    """A small encnet with random weights and statistics, and three feature maps for it."""
     torch.manual_seed(0)
     encnet = build_decoder("encnet", [8, 16, 32], 3, codes=4, dim=16).eval()
-    _randomise(encnet, seed=6)
-    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 32, 4, 5)]
+    _randomise(encnet, seed=seed)
+    return encnet, [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 32, 4, 5)]
+
+
+def test_encnet_scales_channels_by_the_encoded_context():
+    encnet, features = _small_encnet(seed=6)
     with torch.no_grad():
         x = encnet.cbr(features[2])
         reduced = encnet.encoding[:3](x)
@@ -353,10 +358,7 @@ def test_encnet_scales_channels_by_the_encoded_context():
 def test_encnet_predicts_class_presence_from_the_encoded_vector_in_training_only():
     from sceneparse.models import SegmenterOutput
 
-    torch.manual_seed(0)
-    encnet = build_decoder("encnet", [8, 16, 32], 3, codes=4, dim=16).eval()
-    _randomise(encnet, seed=13)
-    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 32, 4, 5)]
+    encnet, features = _small_encnet(seed=13)
     with torch.no_grad():
         encoded = encnet.encoding(encnet.cbr(features[2])).mean(1)  # N x dim
         logits, aux, presence = encnet.forward_train(features)
@@ -485,22 +487,28 @@ SIZES = {"plain": [(16, 20), (8, 10), (4, 5)], "dilated": [(16, 20), (8, 10), (8
          "hrnet": [(8, 10), (4, 5), (8, 10)]}
 
 
+def _decoder_and_maps(name: str, channels: list[int], sizes, seed: int, **options):
+    """Decoder `name` with active random weights (`_randomise_active`), and random maps of `sizes`."""
+    torch.manual_seed(0)
+    decoder = build_decoder(name, channels, 3, **options).eval()
+    _randomise_active(decoder, seed=seed)
+    return decoder, [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, sizes)]
+
+
+def _at_finest(maps):
+    """The maps, each bilinearly resized to the largest size among them."""
+    size = max(m.shape[-2:] for m in maps)
+    return [_up(m, torch.empty(size)) if m.shape[-2:] != size else m for m in maps]
+
+
 @pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES)
 def test_unet_concatenates_each_skip_at_the_finer_size_by_hand(sizes):
-    channels = [4, 6, 8]
-    torch.manual_seed(0)
-    unet = build_decoder("unet", channels, 3, decoder_channels=[10, 5]).eval()
-    _randomise_active(unet, seed=8)
-    features = [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, sizes)]
-
-    def finer(a, b):  # (a, b) both at the finer of their sizes
-        size = max(a.shape[-2:], b.shape[-2:])
-        return _up(a, torch.empty(size)), _up(b, torch.empty(size))
+    unet, features = _decoder_and_maps("unet", [4, 6, 8], sizes, seed=8, decoder_channels=[10, 5])
 
     with torch.no_grad():
         x = features[2]
         for block, skip in zip(unet.blocks, [features[1], features[0]]):
-            x = _cbr_by_hand(block[1], _cbr_by_hand(block[0], torch.cat(finer(x, skip), 1)))
+            x = _cbr_by_hand(block[1], _cbr_by_hand(block[0], torch.cat(_at_finest([x, skip]), 1)))
         expected = _score(unet.conv_last, x)
         got = unet(features)
     assert expected.std(dim=(2, 3)).min() > 0.01
@@ -527,18 +535,11 @@ def test_ocrnet_refuses_a_single_class():
     assert "2 classes" in err.value.hint
 
 
-def _at_finest(maps):
-    size = max(m.shape[-2:] for m in maps)
-    return [_up(m, torch.empty(size)) if m.shape[-2:] != size else m for m in maps]
 
 
 @pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES)
 def test_unetplusplus_nested_dense_skips_by_hand(sizes):
-    channels = [4, 6, 8]
-    torch.manual_seed(0)
-    net = build_decoder("unetplusplus", channels, 3, decoder_channels=[10, 5]).eval()
-    _randomise_active(net, seed=14)
-    x = [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, sizes)]
+    net, x = _decoder_and_maps("unetplusplus", [4, 6, 8], sizes, seed=14, decoder_channels=[10, 5])
 
     def node(name, inputs):
         block = net.nodes[name]
@@ -566,11 +567,7 @@ def test_unetplusplus_with_two_maps_is_unet():
 
 @pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES)
 def test_linknet_adds_each_block_to_its_skip_by_hand(sizes):
-    channels = [16, 32, 64]
-    torch.manual_seed(0)
-    net = build_decoder("linknet", channels, 3, final_dim=6).eval()
-    _randomise_active(net, seed=16)
-    x = [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, sizes)]
+    net, x = _decoder_and_maps("linknet", [16, 32, 64], sizes, seed=16, final_dim=6)
 
     def block(b, v, size):
         reduced = _cbr_by_hand(b["reduce"], v)
@@ -627,11 +624,7 @@ def test_fpn_top_down_pyramid_and_upsampling_blocks_by_hand(sizes):
 
 @pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES)
 def test_segformer_head_projects_resizes_and_fuses_by_hand(sizes):
-    channels = [4, 6, 8]
-    torch.manual_seed(0)
-    head = build_decoder("segformer", channels, 3, embed_dim=5).eval()
-    _randomise_active(head, seed=10)
-    features = [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, sizes)]
+    head, features = _decoder_and_maps("segformer", [4, 6, 8], sizes, seed=10, embed_dim=5)
     finest = torch.empty(max(sizes))
     with torch.no_grad():
         projected = [_up(_score(conv, f), finest) for conv, f in zip(head.project, features)]

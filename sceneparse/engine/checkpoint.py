@@ -203,7 +203,7 @@ def load_initial_weights(model, source: str | Path) -> dict:
             f"{path} holds another model than the config (they differ in {', '.join(differ)})",
             f"set {shown} (the checkpoint's), or use model.encoder_weights for an ImageNet backbone")
     state, own = ckpt["model"]["state_dict"], model.state_dict()
-    old, new = int(theirs["num_classes"]), int(ours["num_classes"])
+    old, new = int(theirs["num_classes"]), int(model.config["num_classes"])
     fresh = [k for k, v in state.items() if old != new and k in own and v.ndim >= 1
              and v.shape[0] == old and own[k].shape[0] == new and v.shape[1:] == own[k].shape[1:]]
     state = {**state, **{k: own[k] for k in fresh}}
