@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from sceneparse.engine import checkpoint as ckpt_mod
 from sceneparse.engine.checkpoint import (
@@ -210,3 +211,22 @@ def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     got = (torch.rand(4), random.random(), np.random.rand(3))
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1] and np.array_equal(got[2], expected[2])
+
+
+def test_the_overrides_a_config_mismatch_suggests_give_the_checkpoints_model():
+    import shlex
+
+    from sceneparse.engine.checkpoint import config_difference
+    from sceneparse.engine.config import load_config
+
+    theirs = {"encoder": "resnet18", "decoder": "upernet", "num_classes": 3, "decoder_options": {"fpn_dim": 128},
+              "encoder_options": {"note": "it's"}}  # a quote, for the shell quoting
+    ours = {"encoder": "resnet18", "decoder": "upernet", "num_classes": 3,
+            "decoder_options": {"fpn_dim": 128, "pool_scales": [1, 2]}, "encoder_options": {"a": 1}}
+    differ, shown = config_difference(theirs, ours)
+    assert differ == ["decoder_options", "encoder_options"]
+    start = ["model.encoder=resnet18", "model.decoder=upernet", "model.decoder_options={fpn_dim: 128, pool_scales: [1, 2]}",
+             "model.encoder_options={a: 1}"]
+    cfg = load_config(None, [*start, *shlex.split(shown)])  # as a shell would pass them on
+    assert OmegaConf.to_container(cfg.model.decoder_options) == {"fpn_dim": 128}
+    assert OmegaConf.to_container(cfg.model.encoder_options) == {"note": "it's"}

@@ -202,3 +202,20 @@ def test_an_empty_section_keeps_its_defaults_and_an_empty_option_mapping_empties
     assert OmegaConf.to_container(cfg.model.decoder_options) == {"fpn_dim": 128}
     assert OmegaConf.to_container(cfg.data.synthetic) == {}  # a free-form mapping written {} is emptied
     assert load_config(child, ["model={}"]).model.decoder == "upernet"
+
+
+def test_a_file_two_bases_share_is_merged_once(tmp_path):
+    # d <- b (iterations 20), d <- c (decoder): a <- [b, c] must keep b's 20, not d's 10 again
+    (tmp_path / "d.yaml").write_text("train: {iterations: 10, lr_encoder: 0.3}\n")
+    (tmp_path / "b.yaml").write_text("base: d.yaml\ntrain: {iterations: 20}\n")
+    (tmp_path / "c.yaml").write_text("base: d.yaml\nmodel: {decoder: c1}\n")
+    (tmp_path / "a.yaml").write_text("base: [b.yaml, c.yaml]\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert (cfg.train.iterations, cfg.train.lr_encoder, cfg.model.decoder) == (20, 0.3, "c1")
+
+
+def test_mmsegmentations_base_key_is_pointed_at_ours(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    with pytest.raises(SceneparseError, match="_base_ is MMSegmentation's key") as err:
+        load_config(tmp_path / "a.yaml")
+    assert "base:" in err.value.hint

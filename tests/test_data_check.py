@@ -263,7 +263,8 @@ def test_training_warns_when_val_holds_the_training_images(tmp_path, capsys):
     settings = ["data.kind=folder", f"data.root={root}", "model.num_classes=null"]
     build_data(load_config(None, settings))  # no split lists: train and val are the whole folder
     err = capsys.readouterr().err
-    assert "data warning: [split_overlap] 3 images are in both train and val" in err
+    assert ("data warning: [split_overlap] 3 images are in both the training split 'train' and the validation "
+            "split 'val'") in err
     build_data(load_config(None, [*settings, "train.val_every=0"]))  # never validates: nothing to say
     assert "split_overlap" not in capsys.readouterr().err
     (root / "train.txt").write_text("a\nb c\n")
@@ -272,4 +273,23 @@ def test_training_warns_when_val_holds_the_training_images(tmp_path, capsys):
     assert "split_overlap" not in capsys.readouterr().err
     (root / "val.txt").write_text("é\na\n")
     build_data(load_config(None, settings))
-    assert "1 image is in both train and val" in capsys.readouterr().err
+    assert "1 image is in both the training split 'train' and the validation split 'val'" in capsys.readouterr().err
+    build_data(load_config(None, [*settings, "data.val_split=train"]))  # one split named twice
+    assert "2 images are in both the training split 'train' and the validation split 'train'" in capsys.readouterr().err
+
+
+def test_a_config_whose_splits_share_a_folder_reports_each_problem_once(tmp_path, capsys):
+    root = broken_dataset(tmp_path / "d")
+    assert main(["data", "check", str(root), "--json"]) == 1
+    alone = json.loads(capsys.readouterr().out)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data: {{kind: folder, root: {root}}}\n")  # train and val: the whole folder
+    assert main(["data", "check", str(config), "--json"]) == 1
+    both = json.loads(capsys.readouterr().out)
+    assert both["splits"] == {"train": alone["splits"]["all"], "val": alone["splits"]["all"]}
+
+    def codes(report):
+        return sorted(p["code"] for p in report["problems"] if p["code"] != "split_overlap")
+
+    assert codes(both) == codes(alone)
+    assert both["classes"] == alone["classes"] and both["ignore_pixels"] == alone["ignore_pixels"]  # counted once

@@ -524,7 +524,7 @@ def test_unet_default_widths_and_a_wrong_count_of_widths():
                            "but decoder_channels has 2 widths") as err:
             build_decoder(name, [8, 16, 32, 64], 3, decoder_channels=[64, 32])
         assert "decoder_channels=[256, 128, 64]" in err.value.hint
-        for wrong in (64, [64, 32.5, 16], [64, 0, 16]):
+        for wrong in (64, 64.0, "64", [64, 32.5, 16], [64, 0, 16], [True, 1, 1]):
             with pytest.raises(SceneparseError, match=f"{name}'s decoder_channels must be a list of 3 positive widths"):
                 build_decoder(name, [8, 16, 32, 64], 3, decoder_channels=wrong)
 

@@ -251,19 +251,22 @@ class CheckReport:
 
 
 def check_datasets(datasets: dict, root: str = "", workers: int | None = None, progress: bool = True) -> CheckReport:
-    """Full check of `{split: dataset}` (same kind and classes): every file read once."""
+    """Full check of `{split: dataset}` (same kind and classes): every file read once, even when
+    two splits hold it (a folder without split lists is every split), each problem told once."""
     from tqdm import tqdm
 
     first = next(iter(datasets.values()))
     problems: list[Problem] = []
     counts = np.zeros(first.num_classes + 1, dtype=np.int64)
     digests: dict[str, dict[str, None]] = defaultdict(dict)  # content -> its files, each once, in order
-    jobs = []
+    jobs, queued = [], set()
     for dataset in datasets.values():
         if getattr(dataset, "on_disk", True):
             problems += _listing_problems(dataset)
-            jobs += [(dataset, image, label) for image, label in dataset.files]
-    problems += overlap_problems(datasets)
+            pairs = [pair for pair in dataset.files if pair not in queued]
+            queued.update(pairs)
+            jobs += [(dataset, image, label) for image, label in pairs]
+    problems += overlap_problems(list(datasets.items()))
     with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
         results = pool.map(lambda job: _full_pair(*job), jobs)
         for result in tqdm(results, total=len(jobs), desc="checking", unit="pair", disable=not progress):
@@ -285,28 +288,31 @@ def check_datasets(datasets: dict, root: str = "", workers: int | None = None, p
             f"{len(unused)} classes never occur: {', '.join(unused[:30])}" + (" ..." if len(unused) > 30 else ""),
             details={"classes": unused},
         ))
+    told = {(p.code, p.message): p for p in problems}  # two splits sharing a listing share its problems
     return CheckReport(
         first.kind, str(root), {split: len(ds) for split, ds in datasets.items()},
-        list(first.class_names), class_counts, int(counts[-1]), problems,
+        list(first.class_names), class_counts, int(counts[-1]), list(told.values()),
     )
 
 
-def overlap_problems(datasets: dict) -> list[Problem]:
-    """The same image files in two splits of `{split: dataset}` (e.g. a folder without split
-    lists, read as both train and val): validation would score images the model trained on."""
-    files = {split: {str(image) for image, _ in ds.files} for split, ds in datasets.items()
-             if getattr(ds, "on_disk", True) and hasattr(ds, "files")}
-    problems, names = [], list(files)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            shared = sorted(files[a] & files[b])
+def overlap_problems(splits: list[tuple[str, object]]) -> list[Problem]:
+    """The same image files in two of the `(name, dataset)` splits (e.g. a folder without split
+    lists, read as both train and val; or one split named twice): validation would score images
+    the model trained on."""
+    files = [(name, {str(image) for image, _ in ds.files}) for name, ds in splits
+             if getattr(ds, "on_disk", True) and hasattr(ds, "files")]
+    problems = []
+    for i, (a, in_a) in enumerate(files):
+        for b, in_b in files[i + 1:]:
+            shared = sorted(in_a & in_b)
             if shared:
                 problems.append(Problem(
                     "split_overlap", WARNING,
                     f"{len(shared)} {'image is' if len(shared) == 1 else 'images are'} in both {a} and {b} "
-                    f"(e.g. {shared[0]}): validating on {b} "
-                    f"after training on {a} would score images the model has seen; give each split its "
-                    f"own files (train/ and val/ subfolders, or train.txt and val.txt lists)",
+                    f"(e.g. {shared[0]}): validating on {b} after training on {a} would score images the "
+                    "model has seen; give each split its own files (a folder dataset: train/ and val/ "
+                    "subfolders, or train.txt and val.txt lists; other kinds: docs/datasets.md), or set "
+                    "train.val_every=0 when training on them is meant",
                     shared,
                 ))
     return problems

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -182,10 +183,17 @@ def _comparable(config: dict) -> dict:
 
 def config_difference(theirs: dict, ours: dict, skip: tuple[str, ...] = ()) -> tuple[list[str], str]:
     """The model settings in which two build_model configs differ (but `skip`), and the overrides
-    that would give `ours` the values of `theirs` ('model.KEY=VALUE' ...)."""
+    that would give `ours` the values of `theirs` ('model.KEY=VALUE' ..., quoted for a shell; an
+    option mapping is emptied first, since an override's mapping merges into the config's)."""
     theirs, ours = _comparable(theirs), _comparable(ours)
     differ = sorted(k for k in theirs.keys() | ours.keys() if k not in skip and theirs.get(k) != ours.get(k))
-    return differ, " ".join(f"'model.{k}={json.dumps(theirs.get(k))}'" for k in differ)
+    overrides = []
+    for k in differ:
+        value = theirs.get(k)
+        if isinstance(value, dict) and value:
+            overrides.append(f"model.{k}={{}}")
+        overrides.append(f"model.{k}={json.dumps(value)}")
+    return differ, " ".join(map(shlex.quote, overrides))
 
 
 def load_initial_weights(model, source: str | Path) -> dict:

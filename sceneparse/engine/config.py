@@ -310,8 +310,13 @@ def _merge_file(cfg: DictConfig, loaded: DictConfig, where: str) -> DictConfig:
     return cfg
 
 
-def _compose(cfg: DictConfig, path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
-    """`cfg` <- the `base:` files of `path` (recursively, in order) <- `path` itself."""
+def _compose(cfg: DictConfig, path: Path, chain: tuple[Path, ...] = (), merged: set | None = None) -> DictConfig:
+    """`cfg` <- the `base:` files of `path` (recursively, in order) <- `path` itself. A file two
+    bases share is merged once, before the first of them: merged again for the second, it would
+    undo what the first one changed."""
+    merged = set() if merged is None else merged
+    if path.is_file() and path.resolve() in merged:
+        return cfg
     if not path.is_file():
         if chain:
             raise SceneparseError(f"{chain[-1]}: base file not found: {path}",
@@ -321,13 +326,16 @@ def _compose(cfg: DictConfig, path: Path, chain: tuple[Path, ...] = ()) -> DictC
         raise SceneparseError("config files name each other as base: " + " -> ".join(map(str, (*chain, path))),
                               hint="remove one of these base: entries")
     loaded = _read_yaml(path)
+    if "_base_" in loaded:
+        raise SceneparseError(f"{path}: _base_ is MMSegmentation's key", hint="sceneparse's is base: (a path or a list)")
     bases = loaded.pop(BASE_KEY, None)
     bases = [] if bases is None else [bases] if isinstance(bases, str) else bases
     if not (OmegaConf.is_list(bases) or isinstance(bases, list)) or not all(isinstance(b, str) for b in bases):
         raise SceneparseError(f"{path}: base must be a file path or a list of file paths, got {bases!r}",
                               hint="e.g. base: ../voc/resnet50dilated-ppm_deepsup.yaml")
     for base in bases:
-        cfg = _compose(cfg, path.parent / base, (*chain, path))
+        cfg = _compose(cfg, path.parent / Path(base).expanduser(), (*chain, path), merged)
+    merged.add(path.resolve())
     return _merge_file(cfg, loaded, str(path))
 
 

@@ -163,7 +163,8 @@ def build_data(cfg: DictConfig, verbose: bool = True):
         if verbose and problems:
             print("data warnings:\n  - " + "\n  - ".join(map(str, problems)), file=sys.stderr)
     if verbose and cfg.train.val_every > 0:  # a recipe that trains on val on purpose does not validate
-        for problem in overlap_problems({dc.train_split: train_set, dc.val_split: val_set}):
+        named = [(f"the training split {dc.train_split!r}", train_set), (f"the validation split {dc.val_split!r}", val_set)]
+        for problem in overlap_problems(named):
             print(f"data warning: {problem}", file=sys.stderr)
     num_classes = cfg.model.num_classes or train_set.num_classes
     if num_classes != train_set.num_classes:

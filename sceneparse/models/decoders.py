@@ -585,7 +585,8 @@ def _skip_widths(name: str, channels: list[int], decoder_channels) -> list[int]:
     default = [max(256 >> i, 16) for i in range(skips)]
     if decoder_channels is None:
         return default
-    if isinstance(decoder_channels, (int, str)) or not all(isinstance(w, int) and w > 0 for w in decoder_channels):
+    if not isinstance(decoder_channels, (list, tuple)) or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in decoder_channels):
         raise SceneparseError(f"{name}'s decoder_channels must be a list of {skips} positive widths, "
                               f"got {decoder_channels!r}", hint=f"e.g. decoder_options.decoder_channels={default}")
     if len(decoder_channels) != skips:
@@ -642,8 +643,11 @@ class UNetPlusPlus(Decoder):
     the finer size, as in `unet`) and every earlier node of its row, x(i, 0) ... x(i, j-1); the
     classifier reads x(0, len(features) - 1). Row i's nodes are `decoder_channels` wide as unet's
     block for skip map i (deepest first, halving from 256 by default), so with two maps UNet++ is
-    unet. No deep supervision over the top row's nodes (the paper's optional pruning mode).
-    Resizes as `unet` does (bilinear, at the finer size, never shrinking). No pooling.
+    unet. Difference: SMP's inner nodes (all but the last column) take the encoder's width at
+    their row, the paper's a fixed width per row; here every node of a row has the row's decoder
+    width, which is cheaper on wide encoders (ResNet-50's 256 to 1024). No deep supervision over
+    the top row's nodes (the paper's optional pruning mode). Resizes as `unet` does (bilinear, at
+    the finer size, never shrinking). No pooling.
     """
 
     classifier = "conv_last"
