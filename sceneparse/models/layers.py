@@ -152,9 +152,10 @@ class ObjectAttention(nn.Module):
         # N x key x HW straight from the product, then a view (a reshape of a transposed product
         # makes torch.export guard on the sizes: no dynamic H and W). torch.compile's layout pass
         # fails on a conv over that view once H and W are symbolic (torch 2.11 to 2.14); a copy to
-        # channels-last avoids it, but torch.export guards on the copy, so it copies unless
-        # exporting. tests/test_decoders.py compiles and exports both ways.
+        # channels-last avoids it, but torch.export guards on the copy: so no copy under
+        # torch.export's own tracing alone (torch 2.11 also says "exporting" inside torch.compile).
+        # tests/test_decoders.py compiles and exports it.
         context = (v @ attention.transpose(1, 2)).view(x.shape[0], self.key_dim, *x.shape[-2:])
-        if not torch.compiler.is_exporting():
+        if torch.compiler.is_dynamo_compiling() or not torch.compiler.is_exporting():
             context = context.contiguous(memory_format=torch.channels_last)
         return self.out(context)
