@@ -406,12 +406,14 @@ def test_checkpoint_round_trip_from_cuda_channels_last(tmp_path):
 # ------------------------------------------------------------------------- every decoder on CUDA
 
 @needs_cuda
-@pytest.mark.parametrize("decoder", ["fcn8s", "deeplabv3plus", "danet", "denseaspp", "encnet", "bisenet", "upernet"])
+@pytest.mark.parametrize("decoder", ["fcn8s", "deeplabv3plus", "danet", "denseaspp", "encnet", "bisenet", "upernet",
+                                     "unet", "unetplusplus", "linknet", "fpn", "segformer", "ocrnet"])
 def test_every_head_trains_a_step_and_predicts_in_bf16_channels_last(decoder):
     """One fused-SGD step under bf16 autocast and channels-last, then eval-mode logits in bf16 that
     agree with fp32 (random weights: near-ties are many, so the bar is 98 % of pixels, not the
     99.5 % of a trained model). DANet's and EncNet's sums over positions are the likeliest to
-    overflow or drift in reduced precision."""
+    overflow or drift in reduced precision; OCRNet's attention makes its map channels-last
+    inside an NCHW model (sceneparse/models/layers.py)."""
     torch.manual_seed(0)
     model = build_model("resnet18dilated", decoder, num_classes=5).cuda().to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
