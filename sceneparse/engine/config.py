@@ -315,13 +315,13 @@ def _compose(cfg: DictConfig, path: Path, chain: tuple[Path, ...] = (), merged: 
     bases share is merged once, before the first of them: merged again for the second, it would
     undo what the first one changed."""
     merged = set() if merged is None else merged
-    if path.is_file() and path.resolve() in merged:
-        return cfg
     if not path.is_file():
         if chain:
             raise SceneparseError(f"{chain[-1]}: base file not found: {path}",
                                   hint="base: paths are relative to the folder of the file that names them")
         raise SceneparseError(f"config file not found: {path}", hint="check the path")
+    if path.resolve() in merged:
+        return cfg
     if path.resolve() in {p.resolve() for p in chain}:
         raise SceneparseError("config files name each other as base: " + " -> ".join(map(str, (*chain, path))),
                               hint="remove one of these base: entries")

@@ -190,11 +190,27 @@ class UPerNet(Decoder):
         return self.conv_last(fused)
 
 
+def _finest(maps: list[Tensor]) -> tuple[int, int]:
+    """The largest height x width among `maps` (the finest resolution)."""
+    return tuple(max((m.shape[-2:] for m in maps), key=lambda size: size[0] * size[1]))
+
+
+def _at_finer(x: Tensor, size) -> Tensor:
+    """x resized to `size` if that is finer than x's own size; never shrunk."""
+    return resize(x, size) if size[0] * size[1] > x.shape[-2] * x.shape[-1] else x
+
+
+def _concat_at_finer(a: Tensor, b: Tensor) -> Tensor:
+    """[a, b] concatenated at the finer of their two sizes, the coarser one resized bilinearly."""
+    size = _finest([a, b])
+    return torch.cat([_at_finer(a, size), _at_finer(b, size)], 1)
+
+
+
 def _add_at_finer(a: Tensor, b: Tensor) -> Tensor:
     """a + b at the finer of their two sizes, the coarser one resized bilinearly."""
-    if a.shape[-2] < b.shape[-2]:
-        a, b = b, a
-    return a + resize(b, a.shape[-2:])
+    size = _finest([a, b])
+    return _at_finer(a, size) + _at_finer(b, size)
 
 
 class FCN32s(Decoder):
@@ -560,22 +576,6 @@ class BiSeNet(Decoder):
 
     def _aux(self, context: Tensor) -> Tensor:
         return self.conv_last_aux(self.cbr_aux(context))
-
-
-def _finest(maps: list[Tensor]) -> tuple[int, int]:
-    """The largest height x width among `maps` (the finest resolution)."""
-    return tuple(max((m.shape[-2:] for m in maps), key=lambda size: size[0] * size[1]))
-
-
-def _at_finer(x: Tensor, size) -> Tensor:
-    """x resized to `size` if that is finer than x's own size; never shrunk."""
-    return resize(x, size) if size[0] * size[1] > x.shape[-2] * x.shape[-1] else x
-
-
-def _concat_at_finer(a: Tensor, b: Tensor) -> Tensor:
-    """[a, b] concatenated at the finer of their two sizes, the coarser one resized bilinearly."""
-    size = _finest([a, b])
-    return torch.cat([_at_finer(a, size), _at_finer(b, size)], 1)
 
 
 def _skip_widths(name: str, channels: list[int], decoder_channels) -> list[int]:
