@@ -182,6 +182,18 @@ def test_size_mismatch_names_both_files(tmp_path):
     assert str(root / "images" / "x.png") in text and str(root / "labels" / "x.png") in text
 
 
+def test_label_drawn_on_the_stored_pixels_of_an_exif_turned_image_is_named(tmp_path):
+    root = _folder(tmp_path, {}, {"x.png": np.zeros((4, 6), np.uint8)})
+    (root / "images").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # read turned by 90 degrees: 6x4, while the label fits the stored 4x6
+    Image.fromarray(_rgb_array(4, 6)).save(root / "images" / "x.png", exif=exif)
+    with pytest.raises(SceneparseError) as info:
+        Folder(root, split=None)[0]
+    assert "is 6x4 (HxW) but its label" in info.value.message
+    assert "EXIF orientation 6" in info.value.message and "remove the image's orientation tag" in info.value.hint
+
+
 def test_out_of_range_label_values_are_reported(tmp_path):
     ids = np.array([[0, 1, 2, 255], [3, 9, 0, 0]], np.uint8)  # 3 and 9 are not classes of a, b, c
     root = _folder(tmp_path, {"x.png": _rgb_array(2, 4)}, {"x.png": ids})

@@ -278,6 +278,12 @@ def test_build_loss_makes_what_the_settings_say():
     ("train.loss.lovasz_weight=-1", "train.loss.lovasz_weight=-1.0: expected a weight >= 0"),
     ("train.loss.name=lovasz train.loss.lovasz_weight=1", "train.loss.name is lovasz already"),
     ("train.loss=ohem", "train.loss is a section, not a value"),
+    ("train.loss.name=focal train.loss.label_smoothing=0.1",
+     "train.loss.label_smoothing=0.1 only applies to train.loss.name=cross_entropy, not focal"),
+    ("train.loss.ohem_min_kept=5000", "train.loss.ohem_min_kept=5000 only applies to train.loss.name=ohem, "
+                                      "not cross_entropy: it would do nothing"),
+    ("train.loss.name=lovasz train.loss.focal_gamma=1 train.loss.ohem_threshold=0.8",
+     "train.loss.ohem_threshold=0.8, train.loss.focal_gamma=1.0 only apply to train.loss.name=focal or ohem"),
     ("train.se_weight=-1", "train.se_weight=-1.0: expected a weight >= 0"),
     ("train.deepsup_weight=-0.4", "train.deepsup_weight=-0.4: expected a weight >= 0"),
     ("train.optimizer=adam", "train.optimizer='adam' is not one of sgd, adamw"),

@@ -322,6 +322,15 @@ def test_pascal_context_ignores_background_and_maps_1_to_59(tmp_path):
         ds[0]
     with pytest.raises(SceneparseError, match="SegmentationContext/train.txt does not exist"):
         build_dataset({"kind": "pascal_context", "root": str(tmp_path)}, "train")
+    # The 60-class benchmark reads the same files with background as class 0 (only 255 ignored).
+    ds60 = build_dataset({"kind": "pascal_context60", "root": str(tmp_path)}, "val")
+    assert ds60.num_classes == 60 and ds60.class_names[:2] == ["background", "aeroplane"]
+    assert ds60.class_names[1:] == ds.class_names and ds60.palette[1:] == ds.palette
+    with pytest.raises(SceneparseError, match="values outside the 60 classes: 60"):
+        ds60[0]
+    raw[0, 0] = 0
+    Image.fromarray(raw).save(base / "SegmentationClassContext" / "2008_000002.png")
+    np.testing.assert_array_equal(ds60[0]["mask"].numpy(), [[0, 1, 2, 59], [33, 255, 0, 1]])
 
 
 # COCO-Stuff ids that COCO dropped (nightrome/cocostuff labels.md: "Removed from COCO"); PNG value = id - 1.

@@ -8,7 +8,8 @@ from sceneparse.errors import SceneparseError
 AMP_CHOICES = ("none", "bf16", "fp16")
 # The file-backed kinds of sceneparse.data.DATASETS, spelled out so that `--help` needs no torch
 # import (tests/test_voc_cityscapes.py checks that they agree).
-DATASET_KINDS = ("ade20k", "camvid", "voc", "pascal_context", "cityscapes", "coco_stuff", "folder")
+DATASET_KINDS = ("ade20k", "camvid", "voc", "pascal_context", "pascal_context60", "cityscapes", "coco_stuff",
+                 "folder")
 
 
 def add_prediction_args(parser) -> None:

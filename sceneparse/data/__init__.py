@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from sceneparse.data.datasets import (
-    ADE20K, VOC, CamVid, Cityscapes, COCOStuff, Folder, LabelMapper, PascalContext, SegmentationDataset,
-    join_splits,
+    ADE20K, VOC, CamVid, Cityscapes, COCOStuff, Folder, LabelMapper, PascalContext, PascalContext60,
+    SegmentationDataset, join_splits,
 )
 from sceneparse.data.meta import IGNORE_INDEX, builtin_meta, make_palette
 from sceneparse.data.synthetic import Synthetic
@@ -17,7 +17,7 @@ from sceneparse.errors import SceneparseError
 
 __all__ = [
     "ADE20K", "COCOStuff", "DATASETS", "IGNORE_INDEX", "VOC", "CamVid", "Cityscapes", "Folder", "LabelMapper",
-    "PascalContext", "SegmentationDataset", "Synthetic", "build_dataset", "builtin_meta", "join_splits",
+    "PascalContext", "PascalContext60", "SegmentationDataset", "Synthetic", "build_dataset", "builtin_meta", "join_splits",
     "make_palette",
 ]
 
@@ -26,7 +26,8 @@ __all__ = [
 # (strict=False keeps a broken listing for the data check), `cls.splits_on_disk(data_cfg)` says
 # which splits a dataset folder has.
 DATASETS: dict[str, type[SegmentationDataset]] = {
-    cls.kind: cls for cls in (ADE20K, CamVid, VOC, PascalContext, Cityscapes, COCOStuff, Folder, Synthetic)
+    cls.kind: cls
+    for cls in (ADE20K, CamVid, VOC, PascalContext, PascalContext60, Cityscapes, COCOStuff, Folder, Synthetic)
 }
 
 

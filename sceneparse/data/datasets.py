@@ -28,6 +28,7 @@ from torchvision import tv_tensors
 from sceneparse.data.io import (
     IMAGE_EXTENSIONS,
     LABEL_EXTENSIONS,
+    exif_orientation,
     image_size,
     read_image,
     read_label,
@@ -123,6 +124,22 @@ class LabelMapper:
         return mapped
 
 
+def _size_mismatch(image_path, image_hw: tuple, label_path, label_hw: tuple) -> SceneparseError:
+    """The error for an image and label of different sizes. Images are read with their EXIF
+    orientation applied; a label that fits the stored (unrotated) pixels needs the tag removed,
+    not the image turned."""
+    orientation = exif_orientation(image_path)
+    problem = (f"image {image_path} is {image_hw[0]}x{image_hw[1]} (HxW) but its label {label_path} "
+               f"is {label_hw[0]}x{label_hw[1]}")
+    if orientation in (5, 6, 7, 8) and tuple(label_hw) == tuple(image_hw)[::-1]:
+        return SceneparseError(
+            f"{problem}: the image has EXIF orientation {orientation}, so it is read turned by 90 degrees, "
+            "and its label fits the pixels as stored",
+            "remove the image's orientation tag (keeping its pixels), or turn the label to match; "
+            "`sceneparse data check` lists every such image")
+    return SceneparseError(problem, "a label must have its image's size; `sceneparse data check` lists every mismatch")
+
+
 class SegmentationDataset(Dataset):
     """Base class: pairs of (image, label) files, metadata and the label mapping."""
 
@@ -211,12 +228,7 @@ class SegmentationDataset(Dataset):
         image = read_image(image_path)
         raw = self.read_raw_label(label_path)
         if tuple(image.shape[-2:]) != raw.shape:
-            raise SceneparseError(
-                f"image {image_path} is {image.shape[-2]}x{image.shape[-1]} (HxW) but its label "
-                f"{label_path} is {raw.shape[0]}x{raw.shape[1]}",
-                "a label must have its image's size (an EXIF-rotated photo also mismatches: "
-                "save the image upright)",
-            )
+            raise _size_mismatch(image_path, tuple(image.shape[-2:]), label_path, raw.shape)
         return image, torch.from_numpy(self.mapper(raw, label_path))
 
     def cache_in_memory(self, threads: int | None = None) -> "SegmentationDataset":
@@ -557,13 +569,28 @@ class PascalContext(SegmentationDataset):
         if not list_file.is_file():
             raise SceneparseError(f"the PASCAL-Context list {list_file} does not exist", f"expected layout: {self.layout}")
         listing = _listed_pairs(list_file, base / "JPEGImages", base / "SegmentationClassContext")
-        mapper = LabelMapper(59, offset=1, ignore_values=(0, IGNORE_INDEX))
-        self._init_builtin(listing, mapper, transforms, strict)
+        self._init_builtin(listing, self.label_mapper(), transforms, strict)
+
+    @staticmethod
+    def label_mapper() -> LabelMapper:
+        return LabelMapper(59, offset=1, ignore_values=(0, IGNORE_INDEX))
 
     @classmethod
     def splits_on_disk(cls, data: Mapping) -> list:
         lists = voc_base(Path(data.get("root") or "."), "VOC2010", cls.layout) / "ImageSets" / "SegmentationContext"
         return [s for s in ("train", "val") if (lists / f"{s}.txt").is_file()] or ["train"]
+
+
+class PascalContext60(PascalContext):
+    """PASCAL-Context with background as a class (60 classes: the other benchmark, MMSegmentation's
+    `PascalContextDataset`): the same files, raw 0 is class 0 `background`, raw 1..59 keep their
+    values. Only 255 is ignored."""
+
+    kind = "pascal_context60"
+
+    @staticmethod
+    def label_mapper() -> LabelMapper:
+        return LabelMapper(60)
 
 
 def _listed_pairs(list_file: Path, image_dir: Path, label_dir: Path) -> Listing:

@@ -199,9 +199,6 @@ def _check_choices(cfg: DictConfig) -> None:
         raise SceneparseError("model.weights and model.encoder_weights are both set: the checkpoint's weights "
                               "would replace the encoder's",
                               "keep one: model.encoder_weights=null to fine-tune the checkpoint")
-    if cfg.train.loss.label_smoothing and cfg.train.loss.name != "cross_entropy":
-        raise SceneparseError(f"train.loss.label_smoothing applies to train.loss.name=cross_entropy, "
-                              f"not {cfg.train.loss.name}", "set train.loss.label_smoothing=0, or use cross_entropy")
     if cfg.train.loss.lovasz_weight > 0 and cfg.train.loss.name == "lovasz":
         # the loss is already Lovasz-softmax: the term would only rescale it
         raise SceneparseError("train.loss.lovasz_weight adds a Lovasz term to another loss, and train.loss.name "
@@ -224,6 +221,27 @@ def _check_choices(cfg: DictConfig) -> None:
             f"train.class_weights={weights!r}: expected null, 'auto' or a list of numbers"
         )
     _check_sizes(cfg)
+    _check_loss_options(cfg.train.loss)  # after the range checks, which name a bad value first
+
+
+# The options that one loss alone reads: set away from its default with another loss chosen, an
+# option would do nothing, and the user would believe it did.
+LOSS_OPTION_OWNER = {"label_smoothing": "cross_entropy", "ohem_threshold": "ohem", "ohem_min_kept": "ohem",
+                     "focal_gamma": "focal"}
+
+
+def _check_loss_options(loss: DictConfig) -> None:
+    defaults = LossConfig()
+    unused = [key for key, owner in LOSS_OPTION_OWNER.items()
+              if owner != loss.name and loss[key] != getattr(defaults, key)]
+    if unused:
+        owners = sorted({LOSS_OPTION_OWNER[key] for key in unused})
+        shown = ", ".join(f"train.loss.{key}={loss[key]}" for key in unused)
+        resets = " ".join(f"train.loss.{key}={getattr(defaults, key)}" for key in unused)
+        raise SceneparseError(
+            f"{shown} only {'applies' if len(unused) == 1 else 'apply'} to train.loss.name="
+            f"{' or '.join(owners)}, not {loss.name}: {'it' if len(unused) == 1 else 'they'} would do nothing",
+            f"choose that loss, or remove the option ({resets})")
 
 
 def _check_sizes(cfg: DictConfig) -> None:
