@@ -122,6 +122,15 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     assert "fp32-eager" in table and "bf16" in table and "1.00x" in table
 
 
+def test_bench_json_path_that_is_a_folder_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    from sceneparse.engine import bench as bench_mod
+
+    monkeypatch.setattr(bench_mod, "run_benchmark", lambda *a, **k: pytest.fail("measured before the check"))
+    assert main(["bench", *TINY, "--num-classes", "3", "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the benchmark results to {tmp_path}: it is a folder" in err and "Traceback" not in err
+
+
 @pytest.mark.skipif(not CAMVID.is_dir(), reason=f"../shared not found: {CAMVID} (real CamVid data)")
 @pytest.mark.parametrize("pipeline", [["--workers", "1"], ["--workers", "0", "--augment-on", "device", "--cache-in-memory"]],
                          ids=["workers", "on-device"])

@@ -191,6 +191,44 @@ def test_cli_eval_class_count_mismatch(tiny_checkpoint, tmp_path, capsys):
     assert str(tiny_checkpoint) in err and str(root / "classes.yaml") in err
 
 
+@pytest.mark.parametrize("classes, refused", [(("sky", "road", "tree"), True), (("road", "tree", "cloud"), False)])
+def test_cli_eval_checks_the_class_names(tiny_checkpoint, tmp_path, capsys, classes, refused):
+    # The model's classes are road, tree, sky: the same names in another order would put every IoU
+    # under the wrong name (refused); a renamed class may be the same class (a warning).
+    label = np.zeros((8, 8))
+    root = _write_folder_dataset(tmp_path / "data", {"a": (np.zeros((8, 8, 3), np.uint8), label)}, classes=classes)
+    code = main(["eval", "--model", str(tiny_checkpoint), "--data-root", str(root), "--dataset", "folder",
+                 "--workers", "0", "--device", "cpu", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    if refused:
+        assert code == 2 and "name the same classes in another order" in err
+        assert "id 0: 'road' in the model, 'sky' in the data" in err and "Traceback" not in err
+    else:
+        assert code == 0 and "warning: 1 class id(s) have other names" in err and "2: 'sky' / 'cloud'" in err
+
+
+def test_cli_eval_checks_its_output_folder_first(tiny_checkpoint, real_dataset, tmp_path, capsys, monkeypatch):
+    from sceneparse.engine import evaluate as evaluate_mod
+
+    taken = tmp_path / "a file"
+    taken.write_text("not a folder")
+    monkeypatch.setattr(evaluate_mod, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    code = main(["eval", "--model", str(tiny_checkpoint), "--data-root", str(real_dataset), "--dataset", "folder",
+                 "--workers", "0", "--device", "cpu", "--output", str(taken)])
+    assert code == 2 and f"cannot write the evaluation results to {taken}" in capsys.readouterr().err
+    assert taken.read_text() == "not a folder"
+
+
+def test_default_eval_folders_differ_between_runs_and_splits():
+    from sceneparse.cli.evaluate import _default_output
+
+    assert _default_output("runs/a/best.pt", "val") == Path("outputs/eval/a-best-val")
+    assert _default_output("runs/b/best.pt", "val") == Path("outputs/eval/b-best-val")
+    assert _default_output("best.pt", "train") == Path("outputs/eval/best-train")
+    assert _default_output("ade20k-resnet50dilated-ppm_deepsup", "val") == \
+        Path("outputs/eval/ade20k-resnet50dilated-ppm_deepsup-val")
+
+
 def test_cli_eval_bad_options(tiny_checkpoint, real_dataset, capsys):
     base = ["eval", "--model", str(tiny_checkpoint), "--data-root", str(real_dataset), "--dataset", "folder"]
     assert main(base + ["--single-scale"]) == 2
@@ -205,6 +243,8 @@ def test_cli_eval_bad_options(tiny_checkpoint, real_dataset, capsys):
         assert "--scales and --max-size must be positive" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_checkpoint)]) == 2
     assert "no dataset given" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_checkpoint), "--dataset", "folder"]) == 2
+    assert "no dataset given (--data-root is missing)" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_options_of_the_other_protocol(tiny_checkpoint, real_dataset):
@@ -241,28 +281,43 @@ def test_cli_predict_writes_and_matches_predictor(tiny_checkpoint, tmp_path, cap
     rng = np.random.default_rng(5)
     folder = tmp_path / "my photos ü"
     (folder / "sub").mkdir(parents=True)
-    files = [folder / "straße 1.png", folder / "sub" / "b.jpg", tmp_path / "other" / "b.png"]
-    files[2].parent.mkdir()
+    files = [folder / "straße 1.png", folder / "sub" / "b.jpg", tmp_path / "other" / "b.png",
+             tmp_path / "third" / "b.png"]
     for f in files:
+        f.parent.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, size=(30, 44, 3), dtype=np.uint8)).save(f)
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     code = main(["predict", "--model", str(tiny_checkpoint), str(folder), str(tmp_path / "oth*" / "*.png"),
-                 "--output", str(out), "--device", "cpu"])
+                 str(files[3]), "--output", str(out), "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "straße 1.png" in printed and "%" in printed
     model = load_model(tiny_checkpoint)
     predictor = Predictor(model)
-    # two inputs named b: the second gets a suffix
-    for src, stem in [(files[0], "straße 1"), (files[1], "b"), (files[2], "b-2")]:
+    # a folder's images keep their subfolders; two inputs named b outside folders: the second gets a suffix
+    for src, stem in [(files[0], "straße 1"), (files[1], "sub/b"), (files[2], "b"), (files[3], "b-2")]:
         expected = predictor.predict(read_image(src)).numpy()
         labels = np.asarray(Image.open(out / f"{stem}_labels.png"))
         assert labels.dtype == np.uint8 and np.array_equal(labels, expected)
         color = np.asarray(Image.open(out / f"{stem}_color.png"))
         assert np.array_equal(color, colorize(expected, PALETTE))
         assert (out / f"{stem}_overlay.png").is_file()
-    assert len(list(out.iterdir())) == 9
+    assert len([p for p in out.rglob("*") if p.is_file()]) == 12
+
+
+def test_cli_predict_skips_an_unreadable_image_and_goes_on(tiny_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a broken.jpg").write_bytes(b"not a jpeg at all")
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(folder / "b.png")
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(tiny_checkpoint), str(folder), "--output", str(out), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert f"skipped: cannot decode image {folder / 'a broken.jpg'}" in captured.err
+    assert "error: 1 of 2 inputs could not be read" in captured.err and "Traceback" not in captured.err
+    assert "wrote 3 files for 1 image to" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["b_color.png", "b_labels.png", "b_overlay.png"]
 
 
 def test_cli_predict_speed_options_reach_the_predictor(tiny_checkpoint, tmp_path):

@@ -230,6 +230,16 @@ def test_accepts_paths_and_tv_tensors(tmp_path):
     assert torch.equal(pred.predict(tv_tensors.Image(image)), ref)
     with pytest.raises(ValueError, match="uint8"):
         pred.predict(image.float())
+    # the numpy / Pillow layout, HxWx3
+    hwc = image.permute(1, 2, 0).numpy()
+    assert torch.equal(pred.predict(hwc), ref)
+    with Image.open(path) as pil:
+        assert torch.equal(pred.predict(pil), ref)
+    assert torch.equal(pred.predict(Image.fromarray(hwc).convert("RGBA")), ref)
+    with pytest.raises(ValueError, match="HxWx3 numpy"):
+        pred.predict(image.numpy())  # a CHW array: numpy arrays are HxWx3
+    with pytest.raises(ValueError, match="the image is empty"):
+        pred.predict(torch.zeros(3, 0, 0, dtype=torch.uint8))
 
 
 def test_pil_resize_mode_uses_pillow_bilinear():

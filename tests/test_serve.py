@@ -394,3 +394,27 @@ def test_the_serve_command_passes_its_options_to_the_server(model, tmp_path, mon
                          (["--max-concurrent", "0"], "--max-concurrent must be positive")):
         assert main(["serve", "--model", str(tmp_path / "absent.pt"), *bad]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_server_cleanly(tmp_path):
+    # docker stop and systemd send SIGTERM: the server says it stops and exits 0, as on Ctrl-C
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "m.pt"
+    save_model(path, build_model("timm:test_resnet", "c1", 3), NAMES, PALETTE)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "sceneparse", "serve", "--model", str(path), "--port", "0",
+                             "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = proc.stderr.readline()
+        assert first.startswith("serving 3 classes on http://127.0.0.1:"), first
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and rest.strip().endswith("stopping") and "Traceback" not in rest

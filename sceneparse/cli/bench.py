@@ -77,6 +77,7 @@ def _load(args):
 def run(args) -> int:
     from sceneparse.engine.bench import (
         BenchSettings,
+        check_json_path,
         explicit_variants,
         format_table,
         run_benchmark,
@@ -111,6 +112,8 @@ def run(args) -> int:
         variants = explicit_variants(args.variants.split(","))
     else:
         variants = variants_for(args.amp, args.channels_last, args.compile, args.cuda_graphs)
+    if args.json:
+        check_json_path(args.json)
     device = resolve_device(args.device)
     model, num_classes, normalization = _load(args)
     settings = BenchSettings(

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     data.add_argument("--classes-file", help="classes file of a folder dataset (default: ROOT/classes.yaml, "
                                              "or the config's data.classes_file)")
     data.add_argument("--split", default=None, help="split to evaluate (default: the config's val split, or val)")
-    p.add_argument("--output", help="folder for report.json and confusion.png (default: outputs/eval/<model>)")
+    p.add_argument("--output", help="folder for report.json and confusion.png (default: outputs/eval/<run folder>-<checkpoint>-<split>)")
     p.add_argument("--protocol", choices=["default", "csail"], default="default",
                    help="csail: CSAIL's exact ADE20K test protocol (default: default)")
     p.add_argument("--single-scale", action="store_true", help="with --protocol csail: short side 450 alone")
@@ -67,7 +67,8 @@ def _data(args):
         where = f"the {settings['kind']} dataset of {args.config} ({settings.get('root')}, split {split})"
         return settings, split, defaults, where
     if not (args.data_root and args.dataset):
-        raise SceneparseError("no dataset given",
+        missing = " (--data-root is missing)" if args.dataset else " (--dataset is missing)" if args.data_root else ""
+        raise SceneparseError(f"no dataset given{missing}",
                               f"pass --config CFG.yaml, or --data-root ROOT --dataset {'|'.join(DATASET_KINDS)}")
     settings = {"kind": args.dataset, "root": args.data_root}
     if args.classes_file:
@@ -120,16 +121,22 @@ def _evaluate(args, info, settings: dict, split: str, options: dict, where: str)
     from sceneparse.data import build_dataset
     from sceneparse.engine.checkpoint import load_model, resolve_model
     from sceneparse.engine.distributed import broadcast_object, run_on_main
-    from sceneparse.engine.evaluate import check_num_classes, evaluate, format_table, write_report
+    from sceneparse.engine.evaluate import (
+        check_num_classes, evaluate, format_table, warn_renamed_classes, write_report,
+    )
     from sceneparse.engine.visualize import save_confusion_png
 
+    output = Path(args.output) if args.output else _default_output(args.model, split)
+    run_on_main(lambda: _writable(output), info)  # before the evaluation, not after it
     dataset = build_dataset(settings, split)
     # a zoo name's cached files are converted by rank 0 alone; then every rank reads the checkpoint
     path = broadcast_object(run_on_main(lambda: str(resolve_model(args.model)), info))
     model = load_model(path, device=info.device)
     classes_file = getattr(dataset, "classes_file", None)
-    check_num_classes(model, dataset, model_source=f"the model {args.model}",
-                      data_source=where + (f" with classes file {classes_file}" if classes_file else ""))
+    renamed = check_num_classes(model, dataset, model_source=f"the model {args.model}",
+                                data_source=where + (f" with classes file {classes_file}" if classes_file else ""))
+    if info.is_main:
+        warn_renamed_classes(renamed)
     with compile_errors_explained(options["compile"]):
         report = evaluate(model, dataset, options, info.device, protocol=args.protocol, num_workers=args.workers,
                           max_images=args.max_images, progress=info.is_main)
@@ -138,7 +145,7 @@ def _evaluate(args, info, settings: dict, split: str, options: dict, where: str)
     report["model"] = str(args.model)
     report["dataset"] = {"kind": settings["kind"], "root": str(settings.get("root")), "split": split}
 
-    output = Path(args.output) if args.output else Path("outputs") / "eval" / Path(str(args.model)).stem
+    print(format_table(report))  # first: the numbers are on screen even if writing fails
     try:
         output.mkdir(parents=True, exist_ok=True)
         report_path = write_report(report, output / "report.json")
@@ -146,6 +153,24 @@ def _evaluate(args, info, settings: dict, split: str, options: dict, where: str)
     except OSError as err:
         raise SceneparseError(f"cannot write the evaluation results to {output}: {err.strerror or err}",
                               "choose a writable --output folder") from None
-    print(format_table(report))
     print(f"wrote {report_path} and {png_path}")
     return 0
+
+
+def _default_output(model: str, split: str) -> Path:
+    """outputs/eval/<run folder>-<checkpoint stem>-<split>: two runs' best.pt (or one model's two
+    splits) get two folders. A zoo name is its own folder name."""
+    path = Path(str(model))
+    parent = path.parent.name if path.suffix else ""
+    return Path("outputs") / "eval" / "-".join(part for part in (parent, path.stem, split) if part)
+
+
+def _writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise SceneparseError(f"cannot write the evaluation results to {folder}: {err.strerror or err}",
+                              "choose a writable --output folder") from None

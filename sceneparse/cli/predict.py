@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import sys
 from pathlib import Path
 
 from sceneparse.cli.options import (
@@ -21,8 +22,9 @@ def register(subparsers) -> None:
         description=(
             "Segment image files, folders (searched recursively) or glob patterns. For each image "
             "writes <stem>_labels.png (class ids; 16-bit when there are more than 255 classes), "
-            "<stem>_color.png (the model's palette) and <stem>_overlay.png into OUTPUT, and prints "
-            "the largest classes."
+            "<stem>_color.png (the model's palette) and <stem>_overlay.png into OUTPUT (images found "
+            "in a folder keep their subfolders), and prints the largest classes. An unreadable image "
+            "is skipped and named; the exit status is then 1."
         ),
     )
     p.add_argument("--model", required=True, help="checkpoint path or model-zoo name")
@@ -35,46 +37,50 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def expand_inputs(items: list[str], exclude: Path | None = None) -> list[Path]:
-    """Image files named by `items` (files, folders searched recursively, glob patterns), in order,
-    without duplicates and without anything under `exclude` (the output folder)."""
+def expand_inputs(items: list[str], exclude: Path | None = None) -> list[tuple[Path, str]]:
+    """(image file, output name) for the images named by `items` (files, folders searched
+    recursively, glob patterns), in order, without duplicates and without anything under `exclude`
+    (the output folder). The output name is the file's stem; an image found in a folder keeps its
+    subfolders (`city/x.png` -> `city/x`), so a dataset's tree comes out with the same shape."""
     from sceneparse.data.io import IMAGE_EXTENSIONS
 
     def is_image(path: Path) -> bool:
         return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
-    found: list[Path] = []
+    found: list[tuple[Path, str]] = []
     for item in items:
         path = Path(item).expanduser()
         if path.is_file():
-            found.append(path)  # named explicitly: taken whatever its extension
+            found.append((path, path.stem))  # named explicitly: taken whatever its extension
         elif path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if is_image(p)))
+            found.extend((p, p.relative_to(path).with_suffix("").as_posix())
+                         for p in sorted(p for p in path.rglob("*") if is_image(p)))
         elif glob.has_magic(item):
-            found.extend(p for p in map(Path, sorted(glob.glob(str(path), recursive=True))) if is_image(p))
+            found.extend((p, p.stem) for p in map(Path, sorted(glob.glob(str(path), recursive=True))) if is_image(p))
         else:
             raise SceneparseError(f"input {item!r} does not exist", "check the file name, folder or pattern")
     excluded = exclude.resolve() if exclude is not None else None
     unique, seen = [], set()
-    for path in found:
+    for path, name in found:
         resolved = path.resolve()
         if resolved in seen or (excluded is not None and resolved.is_relative_to(excluded)):
             continue
         seen.add(resolved)
-        unique.append(path)
+        unique.append((path, name))
     if not unique:
         raise SceneparseError(f"no images found in {' '.join(items)}",
                               f"give image files ({', '.join(IMAGE_EXTENSIONS)}), folders or glob patterns")
     return unique
 
 
-def output_stems(paths: list[Path]) -> list[str]:
-    """File stems, made unique with -2, -3... when two inputs share one (a/x.jpg, b/x.png)."""
+def output_stems(names: list[str]) -> list[str]:
+    """Output names made unique with -2, -3... when two inputs share one (a/x.jpg and b/x.png
+    given as files, or x.jpg and x.png in one folder)."""
     stems, counts = [], {}
-    for path in paths:
-        n = counts.get(path.stem, 0) + 1
-        counts[path.stem] = n
-        stems.append(path.stem if n == 1 else f"{path.stem}-{n}")
+    for name in names:
+        n = counts.get(name, 0) + 1
+        counts[name] = n
+        stems.append(name if n == 1 else f"{name}-{n}")
     return stems
 
 
@@ -105,20 +111,20 @@ def run(args) -> int:
     check_prediction_args(args)
     speed = inference_speed_options(args)
     output = Path(args.output).expanduser()
-    paths = expand_inputs(args.inputs, exclude=output)
+    inputs = expand_inputs(args.inputs, exclude=output)
     # Under torchrun each process segments every world_size-th image (names from the whole list).
     with dist_utils.process_group(args.device) as info:
-        return _predict(args, info, paths, output, speed)
+        return _predict(args, info, inputs, output, speed)
 
 
-def _predict(args, info, paths: list[Path], output: Path, speed: dict) -> int:
+def _predict(args, info, inputs: list[tuple[Path, str]], output: Path, speed: dict) -> int:
     import torch
     from PIL import Image
 
     from sceneparse.data.io import read_image
     from sceneparse.data.meta import make_palette
     from sceneparse.engine.checkpoint import load_model, resolve_model
-    from sceneparse.engine.distributed import barrier, broadcast_object, run_on_main
+    from sceneparse.engine.distributed import all_reduce_, barrier, broadcast_object, run_on_main
     from sceneparse.engine.infer import Predictor
     from sceneparse.engine.visualize import colorize, overlay
 
@@ -133,9 +139,15 @@ def _predict(args, info, paths: list[Path], output: Path, speed: dict) -> int:
     except OSError as err:
         raise SceneparseError(f"cannot create the output folder {output}: {err.strerror or err}") from None
 
-    jobs = list(zip(paths, output_stems(paths)))[info.rank :: info.world_size]
-    for path, stem in jobs:
-        image = read_image(path)
+    jobs = list(zip([path for path, _ in inputs], output_stems([name for _, name in inputs])))
+    skipped = 0
+    for path, stem in jobs[info.rank :: info.world_size]:
+        try:
+            image = read_image(path)
+        except SceneparseError as err:  # one unreadable file does not stop the others
+            print(f"skipped: {err.message}", file=sys.stderr)
+            skipped += 1
+            continue
         try:
             with compile_errors_explained(speed["compile"]):
                 labels = predictor.predict(image).cpu()
@@ -145,6 +157,7 @@ def _predict(args, info, paths: list[Path], output: Path, speed: dict) -> int:
                 "use a smaller --window, --scales 450 (resize the image first), or --device cpu",
             ) from None
         try:
+            (output / stem).parent.mkdir(parents=True, exist_ok=True)
             save_label_png(labels, num_classes, output / f"{stem}_labels.png")
             Image.fromarray(colorize(labels, palette)).save(output / f"{stem}_color.png")
             Image.fromarray(overlay(image, labels, palette, args.alpha)).save(output / f"{stem}_overlay.png")
@@ -152,7 +165,13 @@ def _predict(args, info, paths: list[Path], output: Path, speed: dict) -> int:
             raise SceneparseError(f"cannot write results for {path} to {output}: {err.strerror or err}") from None
         main = ", ".join(f"{name} {100 * frac:.1f}%" for name, frac in top_classes(labels, model.class_names, args.top))
         print(f"{path}: {main}")
-    barrier()  # every rank's files are written before the summary
+    # every rank's files are written before the summary, which counts every rank's skips
+    skipped = int(all_reduce_(torch.tensor([skipped], device=info.device)).item())
+    barrier()
+    done = len(jobs) - skipped
     if info.is_main:
-        print(f"wrote {3 * len(paths)} files for {len(paths)} image{'s' if len(paths) > 1 else ''} to {output}")
-    return 0
+        print(f"wrote {3 * done} files for {done} image{'s' if done != 1 else ''} to {output}")
+        if skipped:
+            print(f"error: {skipped} of {len(jobs)} input{'s' if len(jobs) > 1 else ''} could not be read "
+                  "(each named above as 'skipped')", file=sys.stderr)
+    return 1 if skipped else 0

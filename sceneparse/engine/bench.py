@@ -537,9 +537,21 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def check_json_path(path: str | Path) -> None:
+    """Refuse a folder given as the JSON file (before any measurement, not after)."""
+    if Path(path).is_dir():
+        raise SceneparseError(f"cannot write the benchmark results to {path}: it is a folder",
+                              f"give a file name, e.g. --json {Path(path) / 'bench.json'}")
+
+
 def write_json(report: dict, path: str | Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_json_path(path)
     tmp = path.with_name(f".{path.name}.tmp")  # rewritten after every row: never leave half a file
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as err:
+        raise SceneparseError(f"cannot write the benchmark results to {path}: {err.strerror or err}",
+                              "choose a writable --json path") from None

@@ -39,8 +39,11 @@ def model_num_classes(model: nn.Module) -> int | None:
 
 
 def check_num_classes(model: nn.Module, dataset, model_source: str = "the model",
-                      data_source: str = "the dataset") -> None:
-    """SceneparseError naming both numbers and both sources when the class counts differ."""
+                      data_source: str = "the dataset") -> list[tuple[int, str, str]]:
+    """SceneparseError naming both numbers and both sources when the class counts differ, or when
+    the model and the dataset name the same classes in another order (every IoU would be reported
+    under the wrong name). Returns the (id, model's name, dataset's name) pairs that differ
+    otherwise (a renamed class: for the caller to warn about)."""
     ours, theirs = model_num_classes(model), dataset.num_classes
     if ours is not None and ours != theirs:
         raise SceneparseError(
@@ -48,6 +51,27 @@ def check_num_classes(model: nn.Module, dataset, model_source: str = "the model"
             f"{theirs} classes",
             "evaluate a model trained for this dataset (or fine-tune one on it with `sceneparse train`)",
         )
+    names = getattr(unwrap(model), "class_names", None)
+    if names is None or getattr(dataset, "class_names", None) is None:
+        return []
+    differ = [(i, a, b) for i, (a, b) in enumerate(zip(names, dataset.class_names)) if a.lower() != b.lower()]
+    if differ and sorted(map(str.lower, names)) == sorted(map(str.lower, dataset.class_names)):
+        shown = "; ".join(f"id {i}: {a!r} in the model, {b!r} in the data" for i, a, b in differ[:4])
+        raise SceneparseError(
+            f"{model_source} and {data_source} name the same classes in another order ({shown}"
+            f"{'; ...' if len(differ) > 4 else ''})",
+            "list the classes in the model's order (its checkpoint's class_names) in the dataset's classes file",
+        )
+    return differ
+
+
+def warn_renamed_classes(differ: list[tuple[int, str, str]]) -> None:
+    """The warning for `check_num_classes`'s renamed classes (the report names classes as the dataset does)."""
+    if differ:
+        shown = ", ".join(f"{i}: {a!r} / {b!r}" for i, a, b in differ[:6])
+        print(f"warning: {len(differ)} class id(s) have other names in the model than in the dataset "
+              f"(id: model / dataset: {shown}{', ...' if len(differ) > 6 else ''}); check that they mean "
+              "the same classes", file=sys.stderr)
 
 
 def _first(batch):

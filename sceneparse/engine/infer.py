@@ -172,13 +172,28 @@ class Predictor:
         return csail_resize_shape(h, w, scale, self.max_size, self.pad_multiple or 1)
 
     def _load(self, image) -> torch.Tensor:
+        """A path, a PIL image, a numpy `H x W x 3` uint8 array (the numpy/Pillow layout) or a torch
+        `3 x H x W` uint8 tensor (torchvision's) -> the tensor."""
+        from PIL import Image
+
         if isinstance(image, (str, Path)):
             from sceneparse.data.io import read_image
 
             image = read_image(image)
+        elif isinstance(image, Image.Image):
+            from PIL import ImageOps
+
+            image = np.array(ImageOps.exif_transpose(image).convert("RGB"))  # as read_image reads files
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"expected a uint8 HxWx3 numpy image, got {image.dtype} {image.shape}")
+            # torch refuses to share a read-only array's memory (warns): copy those
+            image = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)
         image = torch.as_tensor(image).as_subclass(torch.Tensor)  # drop tv_tensors wrappers
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected a uint8 3xHxW image, got {image.dtype} {tuple(image.shape)}")
+            raise ValueError(f"expected a uint8 3xHxW image tensor, got {image.dtype} {tuple(image.shape)}")
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"the image is empty: {tuple(image.shape)}")
         return image
 
     def _inputs(self, image: torch.Tensor):
@@ -281,7 +296,8 @@ class Predictor:
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
     def probabilities(self, image) -> torch.Tensor:
-        """Class probabilities `C x H x W` (float32, on `self.device`) of a uint8 3xHxW image or a path."""
+        """Class probabilities `C x H x W` (float32, on `self.device`) of an image: a path, a PIL
+        image, a uint8 HxWx3 numpy array or a uint8 3xHxW tensor."""
         image = self._load(image)
         return self._average(self._passes(image), tuple(image.shape[-2:]))
 

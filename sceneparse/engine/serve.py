@@ -26,6 +26,7 @@ import io
 import json
 import math
 import re
+import signal
 import socket
 import sys
 import threading
@@ -383,7 +384,13 @@ def make_server(model, host: str = "127.0.0.1", port: int = 8080, *, scales=(Non
 
 
 def serve(server: SegmentationServer, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> None:
-    """Serve until Ctrl-C (or `server.shutdown()` from another thread), then close the socket."""
+    """Serve until Ctrl-C or SIGTERM (`docker stop`, systemd), or `server.shutdown()` from another
+    thread, then close the socket."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM stops as Ctrl-C does (a clean exit, status 0); signals reach the main thread only
+    previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() else None
     log(f"serving {server.service.num_classes} classes on {server.url} "
         f"(GET /health, POST /predict?format=png|json|color); Ctrl-C stops")
     try:
@@ -391,4 +398,6 @@ def serve(server: SegmentationServer, log=lambda msg: print(msg, file=sys.stderr
     except KeyboardInterrupt:
         log("stopping")
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         server.server_close()
