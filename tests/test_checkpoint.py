@@ -230,3 +230,110 @@ def test_the_overrides_a_config_mismatch_suggests_give_the_checkpoints_model():
     cfg = load_config(None, [*start, *shlex.split(shown)])  # as a shell would pass them on
     assert OmegaConf.to_container(cfg.model.decoder_options) == {"fpn_dim": 128}
     assert OmegaConf.to_container(cfg.model.encoder_options) == {"note": "it's"}
+
+
+# --- files that are not (this version's) checkpoints: the message says what the file is and what to do
+
+
+def test_bare_state_dict_says_how_to_make_a_checkpoint(tmp_path):
+    model = tiny_model()
+    plain = tmp_path / "w.pt"
+    torch.save(model.state_dict(), plain)  # a whole Segmenter's weights: keys encoder.* / decoder.*
+    with pytest.raises(SceneparseError) as err:
+        load_model(plain)
+    assert "bare state_dict" in err.value.message and "without the model config and class names" in err.value.message
+    assert "sceneparse.save_model(" in err.value.hint and "load_state_dict" in err.value.hint
+    assert "convert" not in err.value.hint  # not CSAIL's: converting would not apply
+
+    # an encoder's weights alone (e.g. a backbone): model.encoder_weights is also offered
+    backbone = tmp_path / "backbone.pt"
+    torch.save({"state_dict": model.encoder.state_dict()}, backbone)
+    with pytest.raises(SceneparseError) as err:
+        load_model(backbone)
+    assert "under 'state_dict'" in err.value.message
+    assert f"model.encoder_weights={backbone}" in err.value.hint and "convert" not in err.value.hint
+
+
+def test_csail_like_state_dict_is_pointed_to_the_converter(tmp_path):
+    # CSAIL's encoder_epoch_N.pth: ResNet deep stem + layers, SyncBN buffers, no encoder./decoder. prefix
+    csail = {"conv1.weight": torch.zeros(64, 3, 3, 3), "bn3.running_mean": torch.zeros(128),
+             "bn3._running_iter": torch.zeros(1), "layer1.0.conv1.weight": torch.zeros(64, 128, 1, 1)}
+    path = tmp_path / "encoder_epoch_20.pth"
+    torch.save(csail, path)
+    with pytest.raises(SceneparseError) as err:
+        load_model(path)
+    assert "CSAIL's encoder_epoch_N.pth" in err.value.message and "sceneparse convert csail" in err.value.hint
+
+    # CSAIL's ImageNet backbone (its classifier `fc` included) is encoder weights, not a model to convert
+    imagenet = {k: v for k, v in csail.items() if "_running_iter" not in k} | {"fc.weight": torch.zeros(10, 2048)}
+    torch.save(imagenet, tmp_path / "resnet50-imagenet.pth")
+    with pytest.raises(SceneparseError) as err:
+        load_model(tmp_path / "resnet50-imagenet.pth")
+    assert "model.encoder_weights=" in err.value.hint and "convert" not in err.value.hint
+
+
+def test_other_files_without_a_state_dict(tmp_path):
+    path = tmp_path / "notes.pt"
+    torch.save({"epoch": 3, "lr": 0.1}, path)
+    with pytest.raises(SceneparseError) as err:
+        load_checkpoint(path)
+    assert "not a sceneparse checkpoint" in err.value.message and "convert" not in err.value.hint
+
+
+def test_newer_format_names_both_versions_and_says_upgrade(tmp_path):
+    ckpt = torch.load(save_model(tmp_path / "m.pt", tiny_model(), NAMES, PALETTE), weights_only=True)
+    ckpt["format"] = "sceneparse-checkpoint/9"
+    torch.save(ckpt, tmp_path / "new.pt")
+    with pytest.raises(SceneparseError) as err:
+        load_model(tmp_path / "new.pt")
+    assert "newer sceneparse" in err.value.message
+    assert "'sceneparse-checkpoint/9'" in err.value.message and repr(FORMAT) in err.value.message
+    assert "upgrade sceneparse" in err.value.hint
+
+    ckpt["format"] = "sceneparse-checkpoint/beta"  # not a version number: unknown, not "newer"
+    torch.save(ckpt, tmp_path / "odd.pt")
+    with pytest.raises(SceneparseError, match="unknown checkpoint format 'sceneparse-checkpoint/beta'"):
+        load_model(tmp_path / "odd.pt")
+
+
+def test_resume_from_truncated_last_pt_never_suggests_resuming_best_pt(tmp_path):
+    from sceneparse.engine.train import _resumable_checkpoint  # what --resume loads with
+
+    best = save_model(tmp_path / "best.pt", tiny_model(), NAMES, PALETTE)
+    last = tmp_path / "last.pt"
+    last.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    with pytest.raises(SceneparseError, match="last.pt is not a readable checkpoint") as err:
+        _resumable_checkpoint(last)
+    hint = err.value.hint
+    assert f"restore {last}" in hint and f"model.weights={best}" in hint and "cannot be resumed" in hint
+
+    best.unlink()  # no best.pt to fall back on: restore or start over
+    with pytest.raises(SceneparseError) as err:
+        _resumable_checkpoint(last)
+    assert "best.pt" not in err.value.hint and f"restore {last}" in err.value.hint
+
+
+def test_folder_given_as_checkpoint_names_its_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(SceneparseError, match="run is a folder, not a checkpoint file") as err:
+        load_model(run)
+    assert "best.pt" in err.value.hint  # what a run's folder would hold
+
+    save_model(run / "best.pt", tiny_model(), NAMES, PALETTE)
+    save_model(run / "last.pt", tiny_model(), NAMES, PALETTE, train_state={})
+    with pytest.raises(SceneparseError, match="is a folder") as err:
+        load_model(run)
+    assert str(run / "best.pt") in err.value.hint and str(run / "last.pt") in err.value.hint
+    assert "--resume" in err.value.hint
+
+
+def test_checkpoint_given_as_encoder_weights_points_to_model_weights(tmp_path):
+    from sceneparse.models.pretrained import load_encoder_weights
+
+    model = tiny_model()
+    path = save_model(tmp_path / "best.pt", model, NAMES, PALETTE)
+    with pytest.raises(SceneparseError) as err:
+        load_encoder_weights(model.encoder, path)
+    assert "is a sceneparse checkpoint" in err.value.message
+    assert f"model.weights={path}" in err.value.hint and "model.encoder_weights=null" in err.value.hint

@@ -183,3 +183,30 @@ def test_cli_convert_writes_checkpoint(r18_files, tmp_path):
         assert torch.equal(loaded(images), reference(images))
     # a user mistake is one message and exit status 2
     assert main([*args[:6], "--arch", "resnet50-upernet", "--output", str(tmp_path / "x.pt")]) == 2
+
+
+def test_cli_convert_of_a_sceneparse_checkpoint_says_nothing_to_convert(r18_files, tmp_path, capsys):
+    from sceneparse.cli.main import main
+    from sceneparse.engine.checkpoint import save_model
+
+    enc, dec = r18_files
+    model = from_csail(enc, dec, "resnet18dilated-ppm_deepsup")
+    done = save_model(tmp_path / "model.pt", model, [f"c{i}" for i in range(150)], [[0, 0, 0]] * 150)
+    torch.save(dec, tmp_path / "d.pth")
+    args = ["convert", "csail", "--encoder", str(done), "--decoder", str(tmp_path / "d.pth"),
+            "--arch", "resnet18dilated-ppm_deepsup", "--output", str(tmp_path / "again.pt")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{done} is already a sceneparse checkpoint: there is nothing to convert" in err
+    assert f"--model {done}" in err and not (tmp_path / "again.pt").exists()
+
+
+def test_csail_files_given_as_a_checkpoint_are_pointed_to_the_converter(r18_files, tmp_path):
+    from sceneparse.engine.checkpoint import load_model
+
+    enc, dec = r18_files
+    for name, state in (("encoder_epoch_20.pth", enc), ("decoder_epoch_20.pth", dec)):
+        torch.save(state, tmp_path / name)
+        with pytest.raises(SceneparseError, match=f"{name} is not a sceneparse checkpoint.*CSAIL") as err:
+            load_model(tmp_path / name)
+        assert "sceneparse convert csail --encoder" in err.value.hint

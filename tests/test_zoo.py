@@ -267,3 +267,13 @@ def test_download_convert_and_load_by_name(tmp_path, monkeypatch, capsys):
     with torch.no_grad():
         logits = model(torch.zeros(1, 3, 35, 50))
     assert logits.shape == (1, 150, 35, 50)
+
+
+@pytest.mark.parametrize("action, words", [("list", "published ADE20K models"),
+                                            ("download", "convert them to a sceneparse checkpoint")])
+def test_cli_zoo_actions_describe_themselves_in_help(action, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["zoo", action, "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert words in out.split("options:")[0]  # in the description, above the options

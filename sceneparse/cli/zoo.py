@@ -11,11 +11,18 @@ def register(subparsers) -> None:
                     "or download one and convert it to a sceneparse checkpoint.")
     actions = parser.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
 
-    listing = actions.add_parser("list", help="table of the published models and their cache state")
+    listing = actions.add_parser(
+        "list", help="table of the published models and their cache state",
+        description="Print a table of CSAIL's published ADE20K models: encoder, decoder, published "
+                    "val scores (single- and multi-scale), whether each is in the cache, and the source URLs.")
     listing.add_argument("--cache-dir", help="cache folder (default: $SCENEPARSE_CACHE or ~/.cache/sceneparse)")
     listing.set_defaults(func=_list)
 
-    download = actions.add_parser("download", help="download + convert one model, print its checkpoint path")
+    download = actions.add_parser(
+        "download", help="download + convert one model, print its checkpoint path",
+        description="Download CSAIL's encoder and decoder files of one model into the cache, "
+                    "convert them to a sceneparse checkpoint and print its path; a cached model is not "
+                    "downloaded again. Use the name or the path with --model / model.weights.")
     download.add_argument("name", help="model name, see `sceneparse zoo list`")
     download.add_argument("--cache-dir", help="cache folder (default: $SCENEPARSE_CACHE or ~/.cache/sceneparse)")
     download.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -28,9 +28,17 @@ import torch
 from sceneparse.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sceneparse.engine.distributed import unwrap as _unwrap  # the Segmenter inside DDP/compile
 from sceneparse.errors import SceneparseError
-from sceneparse.models.pretrained import load_error_reason, load_state_dict_strict
+from sceneparse.models.pretrained import (
+    CHECKPOINT_FORMAT_PREFIX,
+    as_state_dict,
+    is_sceneparse_checkpoint,
+    load_error_reason,
+    load_state_dict_strict,
+    looks_like_csail,
+)
 
-FORMAT = "sceneparse-checkpoint/1"
+FORMAT_VERSION = 1
+FORMAT = f"{CHECKPOINT_FORMAT_PREFIX}{FORMAT_VERSION}"
 DEFAULT_NORMALIZATION = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
@@ -107,6 +115,8 @@ def save_model(
 def load_checkpoint(path: str | Path) -> dict:
     """Read and validate a sceneparse checkpoint file (no code runs: weights_only=True)."""
     path = Path(path)
+    if path.is_dir():
+        raise SceneparseError(f"{path} is a folder, not a checkpoint file", hint=_folder_hint(path))
     if not path.is_file():
         raise SceneparseError(f"checkpoint not found: {path}", hint="check the path")
     try:
@@ -115,14 +125,87 @@ def load_checkpoint(path: str | Path) -> dict:
         first = load_error_reason(err)
         raise SceneparseError(
             f"{path} is not a readable checkpoint (corrupt, truncated or not a torch file): {first}",
-            hint="use another checkpoint, e.g. best.pt or last.pt from the same run",
+            hint=_unreadable_hint(path),
         ) from None
+    if is_sceneparse_checkpoint(ckpt) and ckpt["format"] != FORMAT:
+        raise _format_error(path, ckpt["format"])
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise SceneparseError(
-            f"{path} is not a sceneparse checkpoint (no format={FORMAT!r} entry)",
-            hint="CSAIL encoder/decoder .pth files: convert them with `sceneparse convert`",
-        )
+        raise _not_a_checkpoint(path, ckpt)
     return ckpt
+
+
+def _folder_hint(folder: Path) -> str:
+    """What to pass instead of a folder: a run's checkpoints in it, if it is a run's output_dir."""
+    run = {"best.pt": "best validation score: predict, eval, model.weights",
+           "last.pt": "latest, with the training state: also --resume"}
+    found = [f"{folder / name} ({use})" for name, use in run.items() if (folder / name).is_file()]
+    if found:
+        return "pass one of its checkpoints: " + " or ".join(found)
+    others = sorted(p.name for p in folder.iterdir() if p.suffix in (".pt", ".pth"))[:3]
+    return (f"pass a checkpoint file in it, e.g. {folder / others[0]}" if others
+            else "pass a checkpoint file, e.g. a training run's OUTPUT_DIR/best.pt")
+
+
+def _unreadable_hint(path: Path) -> str:
+    """The way out for a damaged checkpoint. best.pt holds no training state, so for a damaged
+    last.pt it is a new run's starting point (or a model to evaluate), never something to resume."""
+    if path.name != "last.pt":
+        return "use another checkpoint (e.g. the same run's best.pt or last.pt), or copy, download or convert it again"
+    best = path.with_name("best.pt")
+    if best.is_file():
+        return (f"to resume, restore {path} (copy it again from where the run wrote it); or start a new run "
+                f"from the best weights: model.weights={best} (best.pt holds weights only and cannot be "
+                f"resumed); to evaluate or predict: --model {best}")
+    return f"to resume, restore {path} (copy it again from where the run wrote it), or start the run over"
+
+
+def _format_error(path: Path, found: str) -> SceneparseError:
+    """A sceneparse checkpoint of another format version than this sceneparse reads."""
+    from sceneparse import __version__
+
+    version = found[len(CHECKPOINT_FORMAT_PREFIX):]
+    if version.isdigit() and int(version) > FORMAT_VERSION:
+        return SceneparseError(
+            f"{path} was written by a newer sceneparse: its format is {found!r}, "
+            f"this sceneparse ({__version__}) reads {FORMAT!r}",
+            hint="upgrade sceneparse (pip install --upgrade sceneparse, or update your clone and reinstall it)",
+        )
+    return SceneparseError(
+        f"{path} has an unknown checkpoint format {found!r} (this sceneparse, {__version__}, reads {FORMAT!r})",
+        hint="the file was edited or written by other code: use a checkpoint saved by sceneparse",
+    )
+
+
+def _not_a_checkpoint(path: Path, obj: Any) -> SceneparseError:
+    """Why a readable file is no sceneparse checkpoint, and what to do. A bare state_dict (most
+    often `torch.save(model.state_dict(), ...)`) has the weights but not the model config and
+    class names that building and using the model need."""
+    found = as_state_dict(obj)
+    if found is None:
+        return SceneparseError(
+            f"{path} is not a sceneparse checkpoint (no format={FORMAT!r} entry, and no state_dict)",
+            hint="pass a checkpoint written by sceneparse: a training run's best.pt or last.pt, or a zoo model",
+        )
+    key, state = found
+    where = "" if key is None else f" under {key!r}"
+    if looks_like_csail(state):
+        return SceneparseError(
+            f"{path} is not a sceneparse checkpoint: it holds a bare state_dict{where} with the keys of "
+            "CSAIL's encoder_epoch_N.pth or decoder_epoch_N.pth",
+            hint="convert the encoder and decoder files of one CSAIL model into a checkpoint: sceneparse convert "
+                 "csail --encoder encoder_epoch_N.pth --decoder decoder_epoch_N.pth --arch NAME --output model.pt",
+        )
+    load = f"torch.load({str(path)!r})" + ("" if key is None else f"[{key!r}]")
+    save = (f"in Python, build the same model, load the weights and save a checkpoint: "
+            f"model = sceneparse.build_model(ENCODER, DECODER, NUM_CLASSES); model.load_state_dict({load}); "
+            f"sceneparse.save_model('model.pt', model, class_names, palette)")
+    segmenter = all(k.startswith(("encoder.", "decoder.")) for k in state)
+    return SceneparseError(
+        f"{path} is not a sceneparse checkpoint: it holds a bare state_dict{where} ({len(state)} tensors, "
+        "as torch.save(model.state_dict()) writes), the weights without the model config and class names",
+        hint=save if segmenter else f"if it is an encoder's (backbone's) weights: model.encoder_weights={path}; "
+                                    f"if a whole model's: {save}",
+    )
 
 
 def model_config(ckpt: dict) -> dict:

@@ -21,12 +21,30 @@ _OPTIONAL_SUFFIX = "num_batches_tracked"
 # CSAIL's SyncBN saves three bookkeeping buffers per BatchNorm: never weights, always dropped.
 SYNCBN_EXTRA_SUFFIXES = ("._tmp_running_mean", "._tmp_running_var", "._running_iter")
 _SHOWN = 5  # keys listed per kind of mismatch
+# Every sceneparse checkpoint's "format" entry starts so (the version follows: engine/checkpoint.py).
+CHECKPOINT_FORMAT_PREFIX = "sceneparse-checkpoint/"
+# Where other training code commonly puts a model's state_dict inside the file it saves.
+_STATE_KEYS = ("state_dict", "model", "model_state_dict")
+# The top-level modules of CSAIL's published encoders (ResNet with its 3-conv stem, MobileNetV2,
+# HRNetV2) and decoders (c1, ppm, upernet, with _deepsup heads): ../shared/reference key lists.
+_CSAIL_TOP_MODULES = frozenset({
+    "conv1", "conv2", "conv3", "bn1", "bn2", "bn3", "layer1", "layer2", "layer3", "layer4", "features",
+    "transition1", "transition2", "transition3", "stage2", "stage3", "stage4",
+    "cbr", "cbr_deepsup", "conv_last", "conv_last_deepsup", "ppm", "ppm_conv", "ppm_last_conv", "fpn_in", "fpn_out",
+})
 
 
-def read_state_dict(source: str | os.PathLike, what: str = "weights file") -> dict[str, Tensor]:
+def read_state_dict(
+    source: str | os.PathLike,
+    what: str = "weights file",
+    checkpoint_message: str = "is a sceneparse checkpoint (a whole model with its config and class names), "
+                              "not a bare state_dict",
+    checkpoint_hint: str | None = None,
+) -> dict[str, Tensor]:
     """`torch.load` a file safely (weights_only) and return its state_dict.
 
-    Unwraps `{"state_dict": ...}` and DataParallel's `module.` prefixes.
+    Unwraps `{"state_dict": ...}` and DataParallel's `module.` prefixes. A sceneparse checkpoint
+    is refused with `checkpoint_message` and `checkpoint_hint` (the caller knows what to do instead).
     """
     path = Path(source)
     if not path.is_file():
@@ -39,6 +57,11 @@ def read_state_dict(source: str | os.PathLike, what: str = "weights file") -> di
             f"cannot read {what} {path}: {load_error_reason(err)}",
             hint="the file is truncated, corrupt or not a PyTorch weights file; download it again",
         ) from None
+    if is_sceneparse_checkpoint(obj):
+        # Not UnreadableFileError: the file reads fine, it is just the wrong kind for this use.
+        raise SceneparseError(f"{what} {path} {checkpoint_message}",
+                              hint=checkpoint_hint or f"use it as a checkpoint: --model {path} (predict, eval) "
+                                                      f"or model.weights={path} (training)")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -46,6 +69,37 @@ def read_state_dict(source: str | os.PathLike, what: str = "weights file") -> di
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def is_sceneparse_checkpoint(obj) -> bool:
+    """Whether a loaded file is a checkpoint written by sceneparse's save_model, of any format version."""
+    return isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"].startswith(CHECKPOINT_FORMAT_PREFIX)
+
+
+def as_state_dict(obj) -> tuple[str | None, dict[str, Tensor]] | None:
+    """The state_dict a loaded file holds, as (the key it sits under or None, the state_dict without
+    DataParallel's `module.` prefixes), or None if it holds none: a bare `torch.save(model.state_dict())`,
+    or one wrapped as `{"state_dict": ...}` / `{"model": ...}` as training scripts often save it."""
+    def is_state(value) -> bool:
+        return isinstance(value, dict) and bool(value) and all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
+
+    if not isinstance(obj, dict):
+        return None
+    key = None if is_state(obj) else next((k for k in _STATE_KEYS if is_state(obj.get(k))), None)
+    if key is None and not is_state(obj):
+        return None
+    state = obj if key is None else obj[key]
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return key, state
+
+
+def looks_like_csail(state: dict[str, Tensor]) -> bool:
+    """Whether a state_dict is one of CSAIL's encoder_epoch_N.pth / decoder_epoch_N.pth: every key
+    starts with a module name of CSAIL's encoders and decoders (a Segmenter's start `encoder.` or
+    `decoder.`; an ImageNet backbone also has its classifier, `fc`/`classifier`: not in the list)."""
+    return bool(state) and all(k.split(".", 1)[0] in _CSAIL_TOP_MODULES for k in state)
 
 
 def load_error_reason(err: Exception) -> str:
@@ -124,7 +178,11 @@ def load_encoder_weights(encoder: nn.Module, source: str | os.PathLike) -> None:
         path = fetch(text)
     else:
         path = Path(text)
-    state = read_state_dict(path, "encoder weights file")
+    state = read_state_dict(
+        path, "encoder weights file",
+        checkpoint_message="is a sceneparse checkpoint (a whole model), not encoder weights",
+        checkpoint_hint=f"start from the whole model with model.weights={path} model.encoder_weights=null; "
+                        "model.encoder_weights takes encoder-only weight files (ImageNet backbones)")
     head = encoder.head_prefixes
     body = {k: v for k, v in drop_syncbn_extras(state).items() if not k.startswith(head)}
     load_state_dict_strict(encoder, encoder.adapt_state_dict(body), f"encoder weights file {path}")

@@ -34,7 +34,11 @@ def get_arch(name: str) -> ZooEntry:
 def _state(source: str | os.PathLike | dict, what: str) -> dict[str, Tensor]:
     if isinstance(source, dict):
         return dict(source)
-    return read_state_dict(source, what)
+    return read_state_dict(
+        source, what,
+        checkpoint_message="is already a sceneparse checkpoint: there is nothing to convert",
+        checkpoint_hint=f"use it as it is: sceneparse predict --model {source} / sceneparse eval --model {source}",
+    )
 
 
 def _describe(source, what: str) -> str:
