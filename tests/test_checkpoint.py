@@ -151,9 +151,9 @@ def test_missing_truncated_garbage_and_foreign_files(tmp_path):
         load_checkpoint(pickled)
     assert "holds Python objects beyond tensors" in err.value.message and "weights_only" not in err.value.message
 
-    foreign = tmp_path / "encoder_epoch_20.pth"  # what CSAIL publishes: a bare state_dict
+    foreign = tmp_path / "weights.pth"  # a bare state_dict, as torch.save(model.state_dict()) writes
     torch.save(tiny_model().state_dict(), foreign)
-    with pytest.raises(SceneparseError, match="encoder_epoch_20.pth is not a sceneparse checkpoint"):
+    with pytest.raises(SceneparseError, match="weights.pth is not a sceneparse checkpoint"):
         load_model(foreign)
 
 
