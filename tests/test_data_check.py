@@ -11,6 +11,7 @@ from PIL import Image
 from sceneparse.cli.main import main
 from sceneparse.data import Folder
 from sceneparse.data.check import check_datasets, datasets_to_check, quick_check
+from sceneparse.errors import SceneparseError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
 
@@ -239,8 +240,8 @@ def test_a_synthetic_config_is_checked_with_its_own_options(tmp_path, capsys):
 
 def test_a_turned_photo_whose_label_has_the_turned_size_is_accepted(tmp_path):
     """Orientation 6 (90 degrees) of a non-square image: a label with the rotated size can only
-    match the view the image is read as, so both checks accept it; with the stored size it is an
-    error (sizes and EXIF), and so is every 180-degree turn (the size tells nothing)."""
+    match the view the image is read as, so both checks accept it; with the stored size it is one
+    error that says so (the size tells: remove the tag or turn the label), in training's words."""
     exif = Image.Exif()
     exif[0x0112] = 6
     root = clean_dataset(tmp_path / "d")
@@ -250,9 +251,19 @@ def test_a_turned_photo_whose_label_has_the_turned_size_is_accepted(tmp_path):
     datasets, _ = datasets_to_check(root)
     assert check_datasets(datasets, progress=False).ok
     _label(root / "labels" / "turned.png", np.zeros((H, W), np.uint8))  # drawn on the stored pixels
-    assert {p.code for p in quick_check(Folder(root, None, strict=False))} == {"exif_rotated", "size_mismatch"}
-    found = check_datasets(datasets_to_check(root)[0], progress=False).problems
-    assert {p.code for p in found if p.severity == "error"} == {"exif_rotated", "size_mismatch"}
+    quick = quick_check(Folder(root, None, strict=False))
+    full = [p for p in check_datasets(datasets_to_check(root)[0], progress=False).problems if p.severity == "error"]
+    with pytest.raises(SceneparseError) as training:
+        Folder(root, None).load([Path(i).name for i, _ in Folder(root, None).files].index("turned.jpg"))
+    for found in (quick, full):
+        assert [p.code for p in found] == ["exif_rotated"]
+        message = found[0].message
+        assert "label fits the pixels as stored" in message and "remove the image's orientation tag" in message
+        assert "nothing tells" not in message
+        assert message.startswith(training.value.message)  # the words training uses
+    # a label of neither view's size is a plain size mismatch, not an EXIF guess
+    _label(root / "labels" / "turned.png", np.zeros((H + 1, W), np.uint8))
+    assert [p.code for p in quick_check(Folder(root, None, strict=False))] == ["size_mismatch"]
 
 
 def test_training_warns_when_val_holds_the_training_images(tmp_path, capsys):

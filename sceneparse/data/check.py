@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sceneparse.data.datasets import TURNED_LABEL_FIX, Folder, _size_mismatch, label_fits_stored_pixels
 from sceneparse.data.io import ColorLabelError, decode_image_bytes, exif_orientation, image_header, label_size
 from sceneparse.data.meta import IGNORE_INDEX
 from sceneparse.errors import SceneparseError
@@ -45,7 +46,8 @@ def _listing_problems(dataset) -> list[Problem]:
         for p in listing.missing
     ]
     problems += [
-        Problem("image_without_label", ERROR, f"image {p} has no label file", [str(p)])
+        Problem("image_without_label", ERROR, listing.no_label_message(p),
+                [str(p)] + ([str(listing.unsupported_labels[p])] if p in listing.unsupported_labels else []))
         for p in listing.images_without_labels
     ]
     problems += [
@@ -68,28 +70,32 @@ def _quick_pair(pair: tuple[str, str]) -> list[Problem]:
         label_hw = label_size(label)
     except SceneparseError as err:
         return [Problem("unreadable_label", ERROR, err.message, [label])]
-    problems += _exif_problems(image, label, orientation, image_hw, label_hw)
-    if image_hw != label_hw:
-        problems.append(_size_problem(image, image_hw, label, label_hw))
-    return problems
+    return problems + _size_problems(image, label, orientation, image_hw, label_hw)
 
 
-def _exif_problems(image, label, orientation: int, image_hw, label_hw) -> list[Problem]:
-    """An EXIF-oriented image whose label may have been drawn on the other view. Images are read
-    with their orientation applied (as photo viewers and labelling tools show them). A label with
-    the rotated size of a non-square image (orientations 5-8) can only fit that view; otherwise
-    nothing tells: a 180-degree turn (3) or a mirror (2, 4) keeps the size, so a label drawn on the
-    stored pixels passes every size check and is silently misaligned."""
+def _size_problems(image, label, orientation: int, image_hw, label_hw) -> list[Problem]:
+    """Size and EXIF problems of a pair. Images are read with their orientation applied (as photo
+    viewers and labelling tools show them). For a non-square image turned by 90 degrees
+    (orientations 5-8) the label's size tells which view it was drawn on: the turned one is right,
+    the stored one is one problem (remove the tag or turn the label), any other is a size mismatch.
+    Otherwise nothing tells: a 180-degree turn (3) or a mirror (2, 4) keeps the size, so a label
+    drawn on the stored pixels passes every size check and is silently misaligned."""
+    image_hw, label_hw = tuple(image_hw), tuple(label_hw)
+    if label_fits_stored_pixels(orientation, image_hw, label_hw):  # the same words as training's error
+        err = _size_mismatch(image, image_hw, label, label_hw, orientation)
+        return [Problem("exif_rotated", ERROR, f"{err.message} ({TURNED_LABEL_FIX})", [str(image), str(label)],
+                        {"orientation": orientation, "image_size": list(image_hw), "label_size": list(label_hw)})]
+    problems = [] if image_hw == label_hw else [_size_problem(image, image_hw, label, label_hw)]
     turned = orientation in (5, 6, 7, 8) and image_hw[0] != image_hw[1]
-    if orientation == 1 or (turned and tuple(image_hw) == tuple(label_hw)):
-        return []
+    if orientation == 1 or turned:
+        return problems
     return [Problem(
         "exif_rotated", ERROR,
         f"image {image} has EXIF orientation {orientation}: it is read rotated/mirrored, and nothing "
         f"tells whether its label {label} was drawn on the stored pixels or on the rotated view "
         "(save the image upright, e.g. with Pillow's ImageOps.exif_transpose, with its label to match)",
         [image, label], {"orientation": orientation},
-    )]
+    ), *problems]
 
 
 def _size_problem(image, image_hw, label, label_hw) -> Problem:
@@ -143,20 +149,14 @@ def _full_pair(dataset, image: str, label: str) -> _PairResult:
     orientation = exif_orientation(data) if image_hw else 1
     try:
         raw = dataset.read_raw_label(label)
-    except ColorLabelError:
-        result.problems.append(Problem(
-            "color_label", ERROR,
-            f"label {label} is an RGB colour image where class ids were expected "
-            "(convert colours to ids; palette PNGs are fine)", [label],
-        ))
+    except ColorLabelError as err:  # training's words, fix included (label_colors: in classes.yaml)
+        result.problems.append(Problem("color_label", ERROR, f"{err.message} (fix: {err.hint})", [label]))
         return result
     except SceneparseError as err:
         result.problems.append(Problem("unreadable_label", ERROR, err.message, [label]))
         return result
     if image_hw is not None:
-        result.problems += _exif_problems(image, label, orientation, image_hw, raw.shape)
-        if image_hw != raw.shape:
-            result.problems.append(_size_problem(image, image_hw, label, raw.shape))
+        result.problems += _size_problems(image, label, orientation, image_hw, raw.shape)
     mapped, bad = dataset.mapper.map_values(raw)
     if bad:
         result.problems.append(Problem(
@@ -220,10 +220,10 @@ class CheckReport:
                     lines.append(f"  [{code}] ... and {len(items) - max_per_code} more (--json lists all)")
         total = sum(self.pixel_counts) + self.ignore_pixels
         if total:
-            width = max(len(n) for n in self.class_names)
             lines.append("pixels per class:")
             rows = [(str(i), n, c) for i, (n, c) in enumerate(zip(self.class_names, self.pixel_counts))]
             rows.append(("-", "(ignored)", self.ignore_pixels))
+            width = max(len(name) for _, name, _ in rows)  # "(ignored)" too, or its row sticks out
             for ident, name, count in rows:
                 lines.append(f"  {ident:>3}  {name:<{width}}  {count:>12,}  {100 * count / total:6.2f}%")
         lines.append(f"result: {len(self.errors)} errors, {len(self.warnings)} warnings"
@@ -310,9 +310,10 @@ def overlap_problems(splits: list[tuple[str, object]]) -> list[Problem]:
                     "split_overlap", WARNING,
                     f"{len(shared)} {'image is' if len(shared) == 1 else 'images are'} in both {a} and {b} "
                     f"(e.g. {shared[0]}): validating on {b} after training on {a} would score images the "
-                    "model has seen; give each split its own files (a folder dataset: train/ and val/ "
-                    "subfolders, or train.txt and val.txt lists; other kinds: docs/datasets.md), or set "
-                    "train.val_every=0 when training on them is meant",
+                    "model has seen; give each split its own files (a folder dataset: ROOT/images/train/ + "
+                    "ROOT/labels/train/ and ROOT/images/val/ + ROOT/labels/val/, or ROOT/train/{images,labels}/ "
+                    "and ROOT/val/{images,labels}/, or train.txt and val.txt lists at ROOT; other kinds: "
+                    "docs/datasets.md), or set train.val_every=0 when training on them is meant",
                     shared,
                 ))
     return problems
@@ -342,8 +343,7 @@ def datasets_to_check(target, kind: str | None = None, split: str | None = None,
             raise SceneparseError(
                 f"cannot tell the dataset layout of {target}",
                 f"pass --kind ({', '.join(k for k in DATASETS if k != 'synthetic')}) or point at a "
-                "YAML config; a folder dataset is "
-                "ROOT/images + ROOT/labels + ROOT/classes.yaml",
+                f"YAML config; a folder dataset is {Folder.layout}",
             )
     else:
         raise SceneparseError(f"{target} is neither a dataset folder nor a YAML config", "check the path")

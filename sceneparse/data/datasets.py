@@ -32,6 +32,7 @@ from sceneparse.data.io import (
     image_size,
     read_image,
     read_label,
+    read_list_file,
 )
 from sceneparse.data.meta import IGNORE_INDEX, builtin_meta, make_palette
 from sceneparse.errors import SceneparseError
@@ -47,6 +48,19 @@ class Listing:
     missing: list[Path] = field(default_factory=list)  # named by a list file, absent on disk
     sizes: list[tuple[int, int]] | None = None  # (H, W) per pair when a list file gives them
     where: str = ""  # the folders or list file searched, for messages
+    # image without label -> a file with its label's stem in a format labels cannot be (e.g. JPEG)
+    unsupported_labels: dict[Path, Path] = field(default_factory=dict)
+
+    def no_label_message(self, image: Path) -> str:
+        """Why `image` (one of images_without_labels) has no label: none at all, or one in a
+        format that is not read."""
+        other = self.unsupported_labels.get(image)
+        if other is None:
+            return f"image {image} has no label file"
+        lossy = " (JPEG is lossy: its compression changes the ids along every edge)" if other.suffix.lower() in (
+            ".jpg", ".jpeg") else ""
+        return (f"image {image} has no usable label: {other} has its stem but is in an unsupported "
+                f"format{lossy}; save labels as PNG ({', '.join(LABEL_EXTENSIONS)} are read)")
 
 
 class LabelMapper:
@@ -124,19 +138,31 @@ class LabelMapper:
         return mapped
 
 
-def _size_mismatch(image_path, image_hw: tuple, label_path, label_hw: tuple) -> SceneparseError:
-    """The error for an image and label of different sizes. Images are read with their EXIF
-    orientation applied; a label that fits the stored (unrotated) pixels needs the tag removed,
-    not the image turned."""
-    orientation = exif_orientation(image_path)
+TURNED_LABEL_FIX = "remove the image's orientation tag (keeping its pixels), or turn the label to match"
+
+
+def label_fits_stored_pixels(orientation: int, image_hw: tuple, label_hw: tuple) -> bool:
+    """A non-square image read turned by 90 degrees (EXIF 5-8) whose label has the size of the
+    pixels as stored, i.e. was drawn on them."""
+    return (orientation in (5, 6, 7, 8) and tuple(image_hw)[0] != tuple(image_hw)[1]
+            and tuple(label_hw) == tuple(image_hw)[::-1])
+
+
+def _size_mismatch(image_path, image_hw: tuple, label_path, label_hw: tuple,
+                   orientation: int | None = None) -> SceneparseError:
+    """The error for an image and label of different sizes (training and `data check` say the
+    same). Images are read with their EXIF orientation applied; a label that fits the stored
+    (unrotated) pixels needs the tag removed, not the image turned. `orientation`: the image's
+    EXIF tag when the caller has it (else read from the file)."""
+    if orientation is None:
+        orientation = exif_orientation(image_path)
     problem = (f"image {image_path} is {image_hw[0]}x{image_hw[1]} (HxW) but its label {label_path} "
                f"is {label_hw[0]}x{label_hw[1]}")
-    if orientation in (5, 6, 7, 8) and tuple(label_hw) == tuple(image_hw)[::-1]:
+    if label_fits_stored_pixels(orientation, image_hw, label_hw):
         return SceneparseError(
             f"{problem}: the image has EXIF orientation {orientation}, so it is read turned by 90 degrees, "
             "and its label fits the pixels as stored",
-            "remove the image's orientation tag (keeping its pixels), or turn the label to match; "
-            "`sceneparse data check` lists every such image")
+            f"{TURNED_LABEL_FIX}; `sceneparse data check` lists every such image")
     return SceneparseError(problem, "a label must have its image's size; `sceneparse data check` lists every mismatch")
 
 
@@ -207,6 +233,14 @@ class SegmentationDataset(Dataset):
                 f"check the dataset root and list file ({listing.where})",
             )
         if listing.images_without_labels:
+            unsupported = [p for p in listing.images_without_labels if p in listing.unsupported_labels]
+            if unsupported:  # the label is there, in a format that is not read: say that, not "no label"
+                more = len(listing.images_without_labels) - 1
+                raise SceneparseError(
+                    listing.no_label_message(unsupported[0])
+                    + (f" ({more} more images have no usable label)" if more else ""),
+                    "save the labels as PNG (lossless), same file stem; `sceneparse data check` lists every problem",
+                )
             raise SceneparseError(
                 f"{len(listing.images_without_labels)} images have no label file: "
                 f"{_some(listing.images_without_labels)}",
@@ -276,17 +310,10 @@ def join_splits(parts: list[SegmentationDataset]) -> SegmentationDataset:
     first = parts[0]
     if not all(p.on_disk for p in parts):  # generated samples depend on their split: no joining
         raise SceneparseError(f"the {first.kind} dataset cannot join splits", "use a single split")
-    listings = [p.listing for p in parts]
-    sizes = [p._sizes for p in parts]
     joined = copy.copy(first)
-    joined.listing = Listing(
-        pairs=[pair for listing in listings for pair in listing.pairs],
-        images_without_labels=[x for listing in listings for x in listing.images_without_labels],
-        labels_without_images=[x for listing in listings for x in listing.labels_without_images],
-        missing=[x for listing in listings for x in listing.missing],
-        sizes=None if any(s is None for s in sizes) else [hw for s in sizes for hw in s],
-        where=" + ".join(listing.where for listing in listings),
-    )
+    joined.listing = _merge([p.listing for p in parts])
+    sizes = [p._sizes for p in parts]  # a part's sizes may have been read from the headers since
+    joined.listing.sizes = None if any(s is None for s in sizes) else [hw for s in sizes for hw in s]
     joined.files = [f for p in parts for f in p.files]
     joined._sizes = joined.listing.sizes
     joined._memory = None
@@ -341,7 +368,18 @@ def pair_folders(image_dir: Path, label_dir: Path, keep=None) -> Listing:
     pairs = [(p, labels[p.stem]) for p in images if p.stem in labels]
     unlabelled = [p for p in images if p.stem not in labels]
     orphans = sorted(p for stem, p in labels.items() if stem not in stems and (keep is None or keep(p)))
-    return Listing(pairs, unlabelled, orphans, where=f"{image_dir} + {label_dir}")
+    return Listing(pairs, unlabelled, orphans, where=f"{image_dir} + {label_dir}",
+                   unsupported_labels=_unsupported_labels(unlabelled, label_dir))
+
+
+def _unsupported_labels(unlabelled: list[Path], label_dir: Path) -> dict[Path, Path]:
+    """For images without a label: a file of the label's stem in another format (labels saved as
+    JPEG), so that the message says why it is not taken instead of "no label file"."""
+    if not unlabelled or not label_dir.is_dir():
+        return {}
+    others = {p.stem: p for p in sorted(label_dir.iterdir(), reverse=True)
+              if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in LABEL_EXTENSIONS}
+    return {image: others[image.stem] for image in unlabelled if image.stem in others}
 
 
 def _split(split: str | None, names: Mapping[str, str], kind: str) -> str:
@@ -420,29 +458,28 @@ def read_odgt(odgt, root) -> Listing:
         raise SceneparseError(f"odgt list {odgt} does not exist", "set `data.odgt` to an existing .odgt file")
     base = Path(root).expanduser() if root else odgt.parent
     pairs, sizes, missing, unlabelled = [], [], [], []
-    with open(odgt, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                img_rel, seg_rel = record["fpath_img"], record["fpath_segm"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise SceneparseError(
-                    f"{odgt} line {number} is not an odgt record",
-                    'each line must be JSON like {"fpath_img": ..., "fpath_segm": ..., "width": W, "height": H}',
-                ) from None
-            image = _resolve(base, img_rel)
-            label = _resolve(base, seg_rel)
-            if not image.is_file():
-                missing.append(image)
-                continue
-            if not label.is_file():
-                unlabelled.append(image)
-                continue
-            pairs.append((image, label))
-            if "width" in record and "height" in record:
-                sizes.append((int(record["height"]), int(record["width"])))
+    for number, line in enumerate(read_list_file(odgt), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            img_rel, seg_rel = record["fpath_img"], record["fpath_segm"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SceneparseError(
+                f"{odgt} line {number} is not an odgt record",
+                'each line must be JSON like {"fpath_img": ..., "fpath_segm": ..., "width": W, "height": H}',
+            ) from None
+        image = _resolve(base, img_rel)
+        label = _resolve(base, seg_rel)
+        if not image.is_file():
+            missing.append(image)
+            continue
+        if not label.is_file():
+            unlabelled.append(image)
+            continue
+        pairs.append((image, label))
+        if "width" in record and "height" in record:
+            sizes.append((int(record["height"]), int(record["width"])))
     return Listing(
         pairs, unlabelled, [], missing, sizes if len(sizes) == len(pairs) else None, where=str(odgt)
     )
@@ -598,7 +635,7 @@ def _listed_pairs(list_file: Path, image_dir: Path, label_dir: Path) -> Listing:
     images may have any image extension, labels are `<id>.png`."""
     images = {p.stem: p for p in _files(image_dir, IMAGE_EXTENSIONS)} if image_dir.is_dir() else {}
     pairs, missing, unlabelled = [], [], []
-    for line in list_file.read_text(encoding="utf-8").splitlines():
+    for line in read_list_file(list_file):
         if not line.strip():
             continue
         stem = Path(line.split()[0]).stem
@@ -785,19 +822,35 @@ def find_classes_file(root: Path) -> Path | None:
 
 
 class Folder(SegmentationDataset):
-    """The user's own data: `ROOT/images/*` and `ROOT/labels/*` paired by file stem.
+    """The user's own data: images and labels paired by file stem, plus a classes file, in one of
+    two trees:
 
-    Splits: `images/<split>/` + `labels/<split>/` subfolders, or a list file `ROOT/<split>.txt`
-    (one image stem or file name per line); with neither, every pair belongs to every split.
+    - `ROOT/images/...` + `ROOT/labels/...`: either split subfolders `images/<split>/` +
+      `labels/<split>/` (then ROOT/images holds folders, no images), or flat folders with split
+      lists `ROOT/<split>.txt` (one image stem or file name per line), or flat folders alone:
+      then every split is the whole folder.
+    - `ROOT/<split>/images/` + `ROOT/<split>/labels/` (CamVid's tree).
+
+    When `ROOT/images/` exists it is the dataset and `ROOT/<split>/` folders are not read. A folder
+    with split subfolders or lists refuses a split it does not have (a typo would otherwise
+    silently train or validate on everything).
     Labels hold class ids 0..C-1 (palette PNGs: the palette indices) and the classes file's
     `ignore_index` for unlabelled pixels, or colours with `label_colors`.
     """
 
     kind = "folder"
     layout = (
-        "ROOT/images/* and ROOT/labels/*.png with matching file stems (optionally in "
-        "<split>/ subfolders, or listed in ROOT/<split>.txt), plus ROOT/classes.yaml"
+        "ROOT/classes.yaml and one of these trees (an image and its label share a file stem; labels are PNG):\n"
+        "    ROOT/images/<split>/*  +  ROOT/labels/<split>/*.png     "
+        "e.g. ROOT/images/train/a.jpg + ROOT/labels/train/a.png\n"
+        "    ROOT/<split>/images/*  +  ROOT/<split>/labels/*.png     "
+        "e.g. ROOT/train/images/a.jpg + ROOT/train/labels/a.png\n"
+        "    ROOT/images/*  +  ROOT/labels/*.png, with lists ROOT/<split>.txt (one image name a line), or\n"
+        "      without lists (then every split is the whole folder)\n"
+        "  when ROOT/images/ exists, ROOT/<split>/ folders are not read"
     )
+    # list files that make a folder "split by lists": asking for another split is then an error
+    LIST_SPLITS = ("train", "training", "val", "valid", "validation", "test", "trainval", "dev")
 
     def __init__(self, root, split: str | None = "train", classes_file=None, transforms=None, strict: bool = True):
         root = _existing_root(root, self.layout)
@@ -824,22 +877,45 @@ class Folder(SegmentationDataset):
 
     @classmethod
     def splits_on_disk(cls, data: Mapping) -> list:
-        """Split subfolders, then list files, else everything as one split (None)."""
+        """Split subfolders (either tree), then list files (not trainval beside its parts), else
+        everything as one split (None)."""
         root = Path(data.get("root") or ".")
-        images = root / "images"
-        subdirs = sorted(p.name for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
-        return subdirs or [s for s in ("train", "val", "test") if (root / f"{s}.txt").is_file()] or [None]
+        if not (root / "images").is_dir():
+            return _split_tree_dirs(root) or [None]
+        lists = [s for s in cls.LIST_SPLITS if (root / f"{s}.txt").is_file()]
+        if "trainval" in lists and len(lists) > 1:
+            lists.remove("trainval")
+        return _image_subfolders(root) or lists or [None]
 
     def _scan(self, root: Path, split: str | None) -> Listing:
-        if not (root / "images").is_dir():
-            raise SceneparseError(f"{root / 'images'} does not exist", f"expected layout: {self.layout}")
-        if split and (root / "images" / split).is_dir():
-            return pair_folders(root / "images" / split, root / "labels" / split)
-        listing = pair_folders(root / "images", root / "labels")
+        images = root / "images"
+        if not images.is_dir():
+            splits = _split_tree_dirs(root)
+            if not splits:
+                raise SceneparseError(f"{root} has neither an images/ folder nor <split>/images/ folders",
+                                      f"expected layout: {self.layout}")
+            if split is None:  # every split
+                return _merge([pair_folders(root / s / "images", root / s / "labels") for s in splits])
+            if split not in splits:
+                raise self._no_split(root, split, root / split / "images", f"folders {root}/<split>/images", splits,
+                                     f"make {root / split / 'images'} and {root / split / 'labels'}")
+            return pair_folders(root / split / "images", root / split / "labels")
+        if split and (images / split).is_dir():
+            return pair_folders(images / split, root / "labels" / split)
+        subfolders = _image_subfolders(root)
+        if split and subfolders:
+            raise self._no_split(root, split, images / split, f"subfolders of {images}", subfolders,
+                                 f"make {images / split} and {root / 'labels' / split}")
+        listing = pair_folders(images, root / "labels")
         list_file = root / f"{split}.txt" if split else None
         if list_file is None or not list_file.is_file():
-            return listing
-        wanted = [line.strip() for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            lists = [s for s in self.LIST_SPLITS if (root / f"{s}.txt").is_file()]
+            if split and lists:
+                raise self._no_split(root, split, list_file, f"lists {root}/<split>.txt",
+                                     [f"{s} ({s}.txt)" for s in lists],
+                                     f"write {list_file} naming that split's images, one a line")
+            return listing  # no lists: every split is the whole folder
+        wanted = [line.strip() for line in read_list_file(list_file) if line.strip()]
         by_stem = {image.stem: (image, label) for image, label in listing.pairs}
         unlabelled = {p.stem: p for p in listing.images_without_labels}
         pairs, missing, no_label = [], [], []
@@ -851,13 +927,56 @@ class Folder(SegmentationDataset):
                 no_label.append(unlabelled[stem])
             else:
                 missing.append(root / "images" / entry)
-        return Listing(pairs, no_label, [], missing, where=str(list_file))
+        unsupported = {p: listing.unsupported_labels[p] for p in no_label if p in listing.unsupported_labels}
+        return Listing(pairs, no_label, [], missing, where=str(list_file), unsupported_labels=unsupported)
+
+    @staticmethod
+    def _no_split(root: Path, split: str, missing: Path, what: str, have: list[str], make: str) -> SceneparseError:
+        return SceneparseError(
+            f"the folder dataset {root} has no split {split!r}: {missing} does not exist; "
+            f"the splits it has ({what}): {', '.join(have)}",
+            "name one of those splits (data.train_split / data.val_split for training, --split for "
+            f"`sceneparse eval` and `sceneparse data check`), or {make}",
+        )
+
+
+def _image_subfolders(root: Path) -> list[str]:
+    """The split subfolders of ROOT/images: its folders, when it holds no images itself (flat
+    images make any folder beside them something else)."""
+    images = root / "images"
+    if not images.is_dir() or _files(images, IMAGE_EXTENSIONS):
+        return []
+    return sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _split_tree_dirs(root: Path) -> list[str]:
+    """The splits of the ROOT/<split>/images tree."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / "images").is_dir())
+
+
+def _merge(listings: list[Listing]) -> Listing:
+    """One listing holding several (splits joined)."""
+    sizes = [listing.sizes for listing in listings]
+    return Listing(
+        pairs=[pair for listing in listings for pair in listing.pairs],
+        images_without_labels=[x for listing in listings for x in listing.images_without_labels],
+        labels_without_images=[x for listing in listings for x in listing.labels_without_images],
+        missing=[x for listing in listings for x in listing.missing],
+        sizes=None if any(s is None for s in sizes) else [hw for s in sizes for hw in s],
+        where=" + ".join(listing.where for listing in listings),
+        unsupported_labels={k: v for listing in listings for k, v in listing.unsupported_labels.items()},
+    )
 
 
 def detect_kind(root: Path) -> str | None:
     """Guess a folder's dataset layout (a kind of `DATASETS`; None when unknown)."""
     root = Path(root)
-    if find_classes_file(root) is not None and (root / "images").is_dir():  # the user's own data says so
+    # the classes file is the folder kind's own: it wins over a tree that also looks like another
+    # kind (ROOT/{train,val}/{images,labels} is CamVid's too)
+    if find_classes_file(root) is not None:
         return "folder"
     if any((root / "images" / s).is_dir() and (root / "annotations" / s).is_dir() for s in ("train2017", "val2017")):
         return "coco_stuff"

@@ -84,7 +84,7 @@ def _decode_image_pil(data: bytes, path: Path) -> torch.Tensor:
             array = np.asarray(img.convert("RGB"))
     except _PIL_ERRORS as err:
         raise SceneparseError(
-            f"cannot decode image {path}: {err}",
+            f"cannot decode image {path}: {_pil_reason(err)}",
             "the file is corrupt, truncated or not an image: re-export it or remove it from the dataset",
         ) from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
@@ -112,10 +112,7 @@ def read_label(path: str | Path, colors: dict[tuple[int, int, int], int] | None 
     except FileNotFoundError:
         raise SceneparseError(f"label file {path} does not exist") from None
     except _PIL_ERRORS as err:
-        raise SceneparseError(
-            f"cannot decode label {path}: {err}",
-            "the file is corrupt or truncated: re-export it or remove it from the dataset",
-        ) from None
+        raise _unreadable("label file", path, err, "decode") from None
     if mode == "LA":
         return array[..., 0]
     if array.ndim == 3:
@@ -131,12 +128,19 @@ def read_label(path: str | Path, colors: dict[tuple[int, int, int], int] | None 
             return array[..., 0].copy()  # ids saved as a grey RGB image
         raise ColorLabelError(
             f"label file {path} is an RGB colour image; sceneparse expects one channel of class ids",
-            "convert the colours to class ids (a single-channel or palette PNG), or for a folder "
-            "dataset give `label_colors` in the classes file",
+            "convert the colours to class ids (a single-channel or palette PNG), or, for a folder "
+            "dataset, map each colour to its class with `label_colors:` in its classes file (classes.yaml)",
         )
     if array.dtype == bool:
         return array.astype(np.uint8)
-    if array.dtype.kind == "f":
+    if array.dtype.kind == "f":  # float TIFFs (mode F): ids only if every value is a whole number
+        whole = np.isfinite(array) & (array == np.round(array))
+        if not whole.all():
+            raise SceneparseError(
+                f"label file {path} holds non-integer values (e.g. {array[~whole].flat[0]:g}): "
+                "a label holds whole class ids",
+                "save the labels as integer class ids (an 8-bit or 16-bit PNG), not as floating point",
+            )
         return array.astype(np.int64)
     return array
 
@@ -175,7 +179,7 @@ def image_header(path: str | Path) -> tuple[tuple[int, int], int]:
     except FileNotFoundError:
         raise SceneparseError(f"image {path} does not exist") from None
     except _PIL_ERRORS as err:
-        raise SceneparseError(f"cannot read the header of {path}: {err}") from None
+        raise _unreadable("image", path, err, "read the header of") from None
     if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees: width and height swap
         return (width, height), orientation
     return (height, width), orientation
@@ -190,7 +194,7 @@ def label_size(path: str | Path) -> tuple[int, int]:
     except FileNotFoundError:
         raise SceneparseError(f"label file {path} does not exist") from None
     except _PIL_ERRORS as err:
-        raise SceneparseError(f"cannot read the header of {path}: {err}") from None
+        raise _unreadable("label file", path, err, "read the header of") from None
     return height, width
 
 
@@ -210,6 +214,51 @@ def _orientation(img: Image.Image) -> int:
             return int(img.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
         except Exception:  # noqa: BLE001 - a broken EXIF block means "no orientation"
             return 1
+
+
+def _unreadable(what: str, path: Path, err: Exception, action: str) -> SceneparseError:
+    """The error for a file Pillow cannot open: an empty file says so (Pillow only says it cannot
+    identify it)."""
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        empty = False
+    if empty:
+        return SceneparseError(f"{what} {path} is an empty file", "re-export it or remove it from the dataset")
+    return SceneparseError(
+        f"cannot {action} {what} {path}: {_pil_reason(err)}",
+        "the file is corrupt, truncated or not an image: re-export it or remove it from the dataset",
+    )
+
+
+def _pil_reason(err: Exception) -> str:
+    """Pillow's message without what it names the file by (the caller names the path): a path
+    repeated, or the repr of the in-memory buffer the bytes were read from."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format Pillow or torchvision can read"
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)).strip() or type(err).__name__
+
+
+def read_list_file(path: str | Path) -> list[str]:
+    """The lines of a split list (one image id or file name a line; blank lines kept, so that an
+    index is a line number - 1). Must be UTF-8 (a BOM is allowed); anything else is an error naming
+    the file and the line, not a bare UnicodeDecodeError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SceneparseError(f"cannot read list file {path}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        start = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # err.start counts after the BOM
+        line = data.count(b"\n", 0, start) + 1
+        text = data[data.rfind(b"\n", 0, start) + 1:].split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
+        raise SceneparseError(
+            f"list file {path} is not UTF-8 text: line {line} ({text!r}) has the byte 0x{data[start]:02x}",
+            "save the list as UTF-8 (e.g. `iconv -f latin1 -t utf-8 OLD > NEW`, or your editor's "
+            "'save with encoding UTF-8'), with the file names spelled as on disk",
+        ) from None
 
 
 def _short(err: Exception) -> str:

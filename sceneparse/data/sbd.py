@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sceneparse.data.datasets import voc_base
+from sceneparse.data.io import read_list_file
 from sceneparse.data.meta import builtin_meta
 from sceneparse.errors import SceneparseError
 
@@ -66,7 +67,7 @@ def read_sbd_label(path: str | Path) -> np.ndarray:
 def _ids(list_file: Path) -> list[str]:
     if not list_file.is_file():
         raise SceneparseError(f"{list_file} does not exist", f"expected VOC's and SBD's split lists ({SBD_LAYOUT})")
-    return [Path(line.split()[0]).stem for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Path(line.split()[0]).stem for line in read_list_file(list_file) if line.strip()]
 
 
 def _write_atomic(path: Path, write) -> None:
