@@ -78,10 +78,29 @@ def test_wrong_types_are_refused_with_the_key():
     (["data.color_jitter=-1"], "data.color_jitter=-1.0: expected a strength >= 0"),
     (["data.std=[1, 0, 1]"], "data.std=.*std positive"),
     (["data.mean=[0.5, 0.5]"], "data.mean=.*three values each"),
+    # torch would refuse these at the optimizer or the seed (bare tracebacks), or train on nonsense
+    (["train.momentum=-0.5"], r"train.momentum=-0.5: expected a value in \[0, 1\)"),
+    (["train.momentum=1"], r"train.momentum=1.0: expected a value in \[0, 1\)"),
+    (["train.lr_decoder=-0.01"], "train.lr_decoder=-0.01: expected a learning rate >= 0"),
+    (["train.lr_encoder=-1"], "train.lr_encoder=-1.0: expected a learning rate >= 0"),
+    (["train.weight_decay=-1"], "train.weight_decay=-1.0: expected a value >= 0"),
+    (["train.poly_power=-1"], "train.poly_power=-1.0: expected a power >= 0"),
+    (["train.seed=-1"], r"train.seed=-1: expected a seed in 0..2\*\*32-1"),
+    (["train.seed=4294967296"], "train.seed=4294967296: expected a seed"),
+    (["train.warmup_iters=-5"], r"^train.warmup_iters=-5 must not be negative \(0: no warm-up\)$"),
+    (["train.val_every=-1"], r"^train.val_every=-1 must not be negative \(0: never\)$"),
+    (["train.device=gpu"], "train.device='gpu' is not a device"),
+    (["train.device=cuda:x"], "train.device='cuda:x' is not a device"),
 ])
 def test_values_that_would_fail_later_are_refused_at_load(overrides, message):
     with pytest.raises(SceneparseError, match=message):
         load_config(None, overrides)
+
+
+def test_edge_values_that_mean_something_load():
+    cfg = load_config(None, ["train.lr_encoder=0", "train.momentum=0", "train.poly_power=0", "train.seed=0",
+                             "train.device=cuda:1", "train.warmup_iters=0", "train.weight_decay=0"])
+    assert cfg.train.lr_encoder == 0 and cfg.train.device == "cuda:1"  # a GPU config loads on a CPU machine
 
 
 def test_an_override_cut_by_the_shell_says_to_quote_it():

@@ -543,6 +543,13 @@ def test_cuda_request_without_cuda_is_a_user_error():
         D.init_from_env("cuda")
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda0"])
+def test_a_device_name_torch_would_not_parse_is_a_user_error(device):
+    with pytest.raises(SceneparseError, match=f"'{device}' is not a device") as err:
+        D.resolve_device(device)
+    assert "cuda:N" in err.value.hint
+
+
 def _worker_draws(seed: int, rank: int) -> list[float]:
     dataset = list(range(4))
     loader = torch.utils.data.DataLoader(

@@ -191,8 +191,10 @@ def test_unknown_names_and_options_are_user_errors():
         build_model("resnet18", "ppm", 3, decoder_options={"fpn_dim": 8})
     with pytest.raises(SceneparseError, match="bad options for encoder 'resnet18'"):
         build_model("resnet18", "ppm", 3, encoder_options={"depth": 8})
-    with pytest.raises(SceneparseError, match="bad options for encoder timm:test_resnet: .*'foo'"):
+    with pytest.raises(SceneparseError, match="bad options for encoder timm:test_resnet .*: TypeError: .*'foo'"):
         build_model("timm:test_resnet", "c1", 3, encoder_options={"foo": 1})
+    with pytest.raises(SceneparseError, match=r"bad options for encoder timm:resnet18 \{'out_indices': \[9\]\}: IndexError"):
+        build_model("timm:resnet18", "c1", 3, encoder_options={"out_indices": [9]})
     with pytest.raises(SceneparseError, match="at least 2 feature maps"):
         build_model("timm:resnet18", "upernet", 3, encoder_options={"out_indices": (4,)})
 

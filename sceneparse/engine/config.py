@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sceneparse.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sceneparse.engine.distributed import DEVICE_FORMS, DEVICE_PATTERN
 from sceneparse.engine.losses import LOSSES
 from sceneparse.engine.optim import OPTIMIZERS
 from sceneparse.errors import SceneparseError
@@ -191,8 +192,12 @@ def _check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None or value < 1:
             raise SceneparseError(f"{key}={value!r} must be a positive number")
-    if cfg.train.val_every < 0 or cfg.data.num_workers < 0:
-        raise SceneparseError("train.val_every (0: never) and data.num_workers must not be negative")
+    for key, meaning in (("train.val_every", " (0: never)"), ("data.num_workers", " (0: load in the main process)"),
+                         ("train.warmup_iters", " (0: no warm-up)")):
+        if OmegaConf.select(cfg, key) < 0:
+            raise SceneparseError(f"{key}={OmegaConf.select(cfg, key)!r} must not be negative{meaning}")
+    if not DEVICE_PATTERN.fullmatch(str(cfg.train.device)):  # its form only: a GPU config loads on a CPU
+        raise SceneparseError(f"train.device={cfg.train.device!r} is not a device", DEVICE_FORMS)
     if cfg.train.time_budget_s is not None and cfg.train.time_budget_s <= 0:
         raise SceneparseError(f"train.time_budget_s={cfg.train.time_budget_s!r} must be positive (or null: no budget)")
     if cfg.model.weights and cfg.model.encoder_weights:
@@ -260,6 +265,12 @@ def _check_sizes(cfg: DictConfig) -> None:
         (["data.color_jitter"], d.color_jitter >= 0, "a strength >= 0 (0: off)"),
         (["data.mean", "data.std"], len(d.mean) == len(d.std) == 3 and all(v > 0 for v in d.std),
          "three values each (RGB), std positive"),
+        (["train.lr_encoder"], cfg.train.lr_encoder >= 0, "a learning rate >= 0 (0: that part stays as it is)"),
+        (["train.lr_decoder"], cfg.train.lr_decoder >= 0, "a learning rate >= 0 (0: that part stays as it is)"),
+        (["train.momentum"], 0 <= cfg.train.momentum < 1, "a value in [0, 1)"),
+        (["train.weight_decay"], cfg.train.weight_decay >= 0, "a value >= 0 (0: none)"),
+        (["train.poly_power"], cfg.train.poly_power >= 0, "a power >= 0 (0: a constant learning rate)"),
+        (["train.seed"], 0 <= cfg.train.seed < 2**32, "a seed in 0..2**32-1"),
         (["train.deepsup_weight"], cfg.train.deepsup_weight >= 0, "a weight >= 0 (0: no auxiliary loss)"),
         (["train.se_weight"], cfg.train.se_weight >= 0, "a weight >= 0 (0: no SE-loss)"),
         (["train.loss.label_smoothing"], 0 <= loss.label_smoothing <= 1, "a value in 0..1"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -79,16 +80,28 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
+# What train.device and every --device may be (config load checks the form alone, so that a config
+# written on a CPU machine for a GPU one loads; resolve_device checks that the device exists).
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_FORMS = "use auto (CUDA when available), cpu, cuda or cuda:N (N: the GPU's index)"
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """'auto' -> cuda when available, else cpu; a CUDA device without CUDA is a user error."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, torch.device) and not DEVICE_PATTERN.fullmatch(str(device)):
+        raise SceneparseError(f"{str(device)!r} is not a device", DEVICE_FORMS)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SceneparseError(
             f"device {str(device)!r} requested but CUDA is not available",
             "use --device cpu (or 'auto'), or install a CUDA build of torch",
         )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SceneparseError(f"device {str(device)!r} requested but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)",
+                              "use cuda:0 .. cuda:N-1 (nvidia-smi lists them), or cuda")
     return device
 
 

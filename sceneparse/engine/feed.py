@@ -170,7 +170,8 @@ def build_data(cfg: DictConfig, verbose: bool = True):
     if num_classes != train_set.num_classes:
         raise SceneparseError(
             f"model.num_classes={num_classes} but the {dc.kind} dataset has {train_set.num_classes} classes",
-            "remove model.num_classes (it is taken from the dataset) or fix the dataset's classes",
+            f"set model.num_classes=null (taken from the dataset) or model.num_classes={train_set.num_classes}, "
+            "or fix the dataset's classes",
         )
     return train_set, val_set, num_classes
 

@@ -261,9 +261,15 @@ class TimmEncoder(Encoder):
         self.options = options
         try:
             self.body = self._create(options)
-        except TypeError as err:  # an option the model's constructor does not take
-            raise SceneparseError(f"bad options for encoder timm:{model_name}: {err}",
-                                  hint="check model.encoder_options against the timm model's arguments") from None
+        except (TypeError, IndexError, ValueError, AssertionError) as err:
+            if not options:  # no option of the user's to blame: a real failure, keep its traceback
+                raise
+            # an option the constructor does not take (TypeError), out_indices beyond the model's
+            # stages (IndexError), a value timm refuses (ValueError, AssertionError)
+            raise SceneparseError(
+                f"bad options for encoder timm:{model_name} {options}: {type(err).__name__}: {err}",
+                hint="check model.encoder_options against the timm model's arguments (out_indices: "
+                     "indices of its feature stages, e.g. [1, 2, 3, 4])") from None
         self.channels = list(self.body.feature_info.channels())
         self.reductions = list(self.body.feature_info.reduction())
         self.pad_multiple = max(32, max(self.reductions))
