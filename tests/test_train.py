@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -14,6 +15,7 @@ from sceneparse.engine.config import load_config
 from sceneparse.engine.feed import SeededDataset, TrainBatches, epoch_batches_fn
 from sceneparse.engine.optim import PolySchedule, param_groups
 from sceneparse.engine.train import (
+    clear_previous,
     median_frequency_weights,
     prepare_output,
     segmentation_loss,
@@ -181,14 +183,16 @@ def test_previous_run_in_output_folder_is_refused_unless_overwrite_or_resume(tmp
     with pytest.raises(SceneparseError, match="already holds a run") as info:
         prepare_output(out, overwrite=False, resuming=False)
     assert "--resume" in info.value.hint and "--overwrite" in info.value.hint
-    prepare_output(out, overwrite=False, resuming=True)
+    assert prepare_output(out, overwrite=False, resuming=True) == []
     assert (out / "metrics.jsonl").exists()
-    prepare_output(out, overwrite=True, resuming=False)
+    # --overwrite names the files to replace; they go only once set-up has succeeded
+    replaced = prepare_output(out, overwrite=True, resuming=False)
+    assert replaced == ["last.pt", "metrics.jsonl"] and (out / "metrics.jsonl").exists()
+    clear_previous(out, replaced)
     assert not (out / "metrics.jsonl").exists() and (out / "notes.txt").read_text() == "mine"
     # a run that stopped before its first checkpoint has nothing to continue: it is replaced
     (out / "config.yaml").write_text("model: {}\n")
-    prepare_output(out, overwrite=False, resuming=False)
-    assert not (out / "config.yaml").exists() and (out / "notes.txt").read_text() == "mine"
+    assert prepare_output(out, overwrite=False, resuming=False) == ["config.yaml"]
     (out / "best.pt").write_bytes(b"weights")  # but a best.pt is worth keeping, last.pt or not
     with pytest.raises(SceneparseError, match="already holds a run"):
         prepare_output(out, overwrite=False, resuming=False)
@@ -215,6 +219,37 @@ def test_train_command_overwrites_a_previous_run_only_when_told(tmp_path, capsys
     assert main(["train", str(tmp_path / "cfg.yaml"), "train.iterations=2", "--overwrite"]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records] == [2]  # the second run's alone (log_every 2)
+
+
+def test_overwrite_keeps_the_earlier_run_when_set_up_fails(tmp_path, capsys):
+    from sceneparse.cli.main import main
+    from sceneparse.engine.config import save_config
+
+    save_config(tiny_config(tmp_path, "train.iterations=2", "train.val_every=0"), tmp_path / "cfg.yaml")
+    assert main(["train", str(tmp_path / "cfg.yaml")]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert "last.pt" in before and "metrics.jsonl" in before
+    # a mistake found during set-up (the class count, after the data is read) costs nothing
+    assert main(["train", str(tmp_path / "cfg.yaml"), "model.num_classes=7", "--overwrite"]) == 2
+    assert "model.num_classes=7" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    from sceneparse.engine import distributed as D
+    from sceneparse.engine.train import locked_output
+
+    cfg = tiny_config(tmp_path, "train.iterations=2", "train.val_every=0")
+    with locked_output(tmp_path / "run", D.DistInfo()):  # the first run, still going
+        with pytest.raises(SceneparseError, match=f"is in use by another training run \\(process {os.getpid()}\\)"):
+            train(cfg)
+        assert not (tmp_path / "run" / "config.yaml").exists()  # nothing of the first run was touched
+    assert train(cfg)["iterations"] == 2  # the lock goes with the run that held it
+
+
+def test_a_run_shorter_than_its_warm_up_is_warned_about(tmp_path, capsys):
+    train(tiny_config(tmp_path, "train.iterations=2", "train.warmup_iters=5", "train.val_every=0"))
+    assert "warning: train.warmup_iters=5 >= train.iterations=2" in capsys.readouterr().err
 
 
 def test_class_count_mismatch_is_refused(tmp_path):
@@ -382,6 +417,22 @@ def test_resume_with_more_iterations_extends_the_run_and_its_schedule(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "loss" in r][-1]
     assert last["iter"] == 16 and last["lr"] == pytest.approx(0.05 * (1 - 15 / 16) ** 0.9)
+
+
+def test_other_class_names_in_a_checkpoint_are_told_when_fine_tuning_or_resuming(tmp_path, capsys):
+    train(tiny_config(tmp_path, "train.iterations=2", "train.val_every=0"))
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    names = ckpt["class_names"]
+    ckpt["class_names"] = ["zebra", *names[1:]]
+    torch.save(ckpt, tmp_path / "renamed.pt")
+    capsys.readouterr()
+    train(tiny_config(tmp_path, "train.iterations=2", "train.val_every=0", f"output_dir={tmp_path / 'tuned'}",
+                      f"model.weights={tmp_path / 'renamed.pt'}"))
+    assert f"note: 1 class id(s) name other classes in this data than in {tmp_path / 'renamed.pt'} " \
+           f"(0: 'zebra' -> {names[0]!r})" in capsys.readouterr().err
+    train(tiny_config(tmp_path, "train.iterations=3", "train.val_every=0"), resume=tmp_path / "renamed.pt")
+    assert f"was trained with other class names than this dataset's (id: checkpoint / dataset: 0: 'zebra' / " \
+           f"{names[0]!r})" in capsys.readouterr().err
 
 
 def test_an_encnet_run_from_before_the_se_head_resumes_with_the_setting_the_error_names(tmp_path):

@@ -284,7 +284,8 @@ def load_initial_weights(model, source: str | Path) -> dict:
     zoo name): fine-tuning. The checkpoint must hold the same encoder, decoder and options; every
     tensor must match, except that with another class count the class-specific tensors (the
     classifiers' weights and biases, whose first dimension is the class count) keep the model's
-    fresh initialisation. Returns {"path", "fresh": those keys, "normalization": the checkpoint's}."""
+    fresh initialisation. Returns {"path", "fresh": those keys, "normalization" and "class_names":
+    the checkpoint's}."""
     path = resolve_model(source)
     ckpt = load_checkpoint(path)
     theirs = _comparable(model_config(ckpt))
@@ -299,7 +300,8 @@ def load_initial_weights(model, source: str | Path) -> dict:
              and v.shape[0] == old and own[k].shape[0] == new and v.shape[1:] == own[k].shape[1:]]
     state = {**state, **{k: own[k] for k in fresh}}
     load_state_dict_strict(model, state, f"{path}: the weights of {theirs.get('encoder')}+{theirs.get('decoder')}")
-    return {"path": path, "fresh": fresh, "normalization": dict(ckpt.get("normalization") or DEFAULT_NORMALIZATION)}
+    return {"path": path, "fresh": fresh, "normalization": dict(ckpt.get("normalization") or DEFAULT_NORMALIZATION),
+            "class_names": list(ckpt["class_names"])}
 
 
 # ----------------------------------------------------------------- RNG state, weights_only-safe

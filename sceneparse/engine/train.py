@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import shutil
 import signal
@@ -23,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -102,8 +103,10 @@ class TimeBudget:
 
 
 # --------------------------------------------------------------------------- set-up helpers
-def prepare_output(output_dir: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse to mix two runs in one folder; make sure we can write there before training."""
+def prepare_output(output_dir: Path, overwrite: bool, resuming: bool) -> list[str]:
+    """Refuse to mix two runs in one folder; make sure we can write there before training.
+    Returns the earlier run's files that this run replaces: `clear_previous` removes them once
+    set-up has succeeded (a mistake found during set-up must not cost the earlier run)."""
     previous = [name for name in RUN_FILES if (output_dir / name).exists()]
     if previous and not {"last.pt", "best.pt"} & set(previous) and not resuming:
         # a run that stopped before its first checkpoint (a set-up error, say): nothing to keep
@@ -115,10 +118,6 @@ def prepare_output(output_dir: Path, overwrite: bool, resuming: bool) -> None:
             f"output folder {output_dir} already holds a run ({', '.join(previous)})",
             "continue it with --resume, start over with --overwrite, or set output_dir=OTHER_FOLDER",
         )
-    if previous and overwrite and not resuming:
-        for name in previous:
-            target = output_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / ".write_test"
@@ -129,6 +128,55 @@ def prepare_output(output_dir: Path, overwrite: bool, resuming: bool) -> None:
             f"cannot write to output folder {output_dir}: {err.strerror or err}",
             "choose a writable output_dir",
         ) from None
+    return previous if overwrite and not resuming else []
+
+
+def clear_previous(output_dir: Path, names: list[str]) -> None:
+    for name in names:
+        target = output_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked_output(output_dir: Path, info) -> Iterator[None]:
+    """Rank 0 holds an exclusive lock on OUTPUT/.lock for the whole run, so a second run into the
+    same folder is refused at once instead of clearing the first one's files under it. The OS
+    drops the lock with its process: a killed run leaves nothing that blocks the next."""
+    handle = dist_utils.run_on_main(lambda: _lock_folder(output_dir), info)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _lock_folder(output_dir: Path):
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; runs are not guarded against each other
+        return None
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(output_dir / ".lock", "a+", encoding="utf-8")
+    except OSError as err:
+        raise SceneparseError(f"cannot write to output folder {output_dir}: {err.strerror or err}",
+                              "choose a writable output_dir") from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise SceneparseError(
+            f"output folder {output_dir} is in use by another training run"
+            + (f" (process {holder})" if holder else ""),
+            "wait for it to finish (or stop it), or set output_dir=OTHER_FOLDER",
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _resumable_checkpoint(path: Path) -> dict:
@@ -261,7 +309,7 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
     Returns {"output_dir", "last", "best", "curves", "iterations", "metrics" (last validation),
     "best_miou", "skipped", "rank"}.
     """
-    with dist_utils.process_group(cfg.train.device) as info:
+    with dist_utils.process_group(cfg.train.device) as info, locked_output(Path(cfg.output_dir), info):
         return Trainer(cfg, resume, info).run()
 
 
@@ -279,7 +327,8 @@ class Trainer:
         self.output_dir = output_dir = Path(cfg.output_dir)
         resume_path = (output_dir / "last.pt") if resume is True else (Path(resume) if resume else None)
         # Rank 0 checks/clears the folder while the others wait; then all of them fail alike or go on.
-        dist_utils.run_on_main(lambda: prepare_output(output_dir, cfg.overwrite, resume_path is not None), info)
+        replaced = dist_utils.run_on_main(lambda: prepare_output(output_dir, cfg.overwrite, resume_path is not None),
+                                          info)
         _check_batch_of_one(cfg, info)  # a config mistake: before the data check and any download
         ckpt = _resumable_checkpoint(resume_path) if resume_path is not None else None
 
@@ -290,8 +339,19 @@ class Trainer:
                 f"this config/dataset has {self.num_classes}",
                 "resume with the config the checkpoint was trained with",
             )
+        if ckpt is not None and info.is_main and ckpt["class_names"] != list(self.train_set.class_names):
+            # a warning, not an error: a corrected spelling in the classes file is a fine reason
+            differ = [f"{i}: {a!r} / {b!r}" for i, (a, b) in enumerate(zip(ckpt["class_names"],
+                                                                          self.train_set.class_names)) if a != b]
+            print(f"warning: {resume_path} was trained with other class names than this dataset's (id: checkpoint "
+                  f"/ dataset: {', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''}); the run goes on "
+                  "with the dataset's, each id keeping its class layers", file=sys.stderr)
         model = self._build_model(ckpt, resume_path)
         self.optimizer, self.scheduler = build_optimizer(model, tc, fused=device.type == "cuda")
+        if info.is_main and tc.warmup_iters >= tc.iterations:  # legal, but rarely meant (a shortened run)
+            print(f"warning: train.warmup_iters={tc.warmup_iters} >= train.iterations={tc.iterations}: the run ends "
+                  "inside its warm-up and never reaches its learning rate (train.warmup_iters=0 for none)",
+                  file=sys.stderr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and device.type == "cuda")
 
         def raw_train_set():  # labels as stored: the training set itself when it has no transforms
@@ -311,6 +371,7 @@ class Trainer:
         if ckpt is not None:
             started -= self._restore(ckpt["train_state"], resume_path)
         if info.is_main:
+            clear_previous(output_dir, replaced)  # set-up went through: now the earlier run goes
             save_config(cfg, output_dir / "config.yaml")
 
         self.sampler = TrainBatches(epoch_batches_fn(self.train_set, dc, tc.seed, info), tc.seed, tc.iterations,
@@ -371,6 +432,13 @@ class Trainer:
         if loaded["fresh"]:
             note += f"; new class layers (another class count): {', '.join(loaded['fresh'])}"
         print(note, file=sys.stderr)
+        renamed = [(i, a, b) for i, (a, b) in enumerate(zip(loaded["class_names"], self.train_set.class_names))
+                   if not loaded["fresh"] and a.lower() != b.lower()]
+        if renamed:  # the class layers are kept as they are: class i learns the data's class i
+            shown = ", ".join(f"{i}: {a!r} -> {b!r}" for i, a, b in renamed[:6])
+            print(f"note: {len(renamed)} class id(s) name other classes in this data than in {loaded['path']} "
+                  f"({shown}{', ...' if len(renamed) > 6 else ''}); their class layers start from the "
+                  "checkpoint's classes of the same ids", file=sys.stderr)
         ours = {"mean": list(self.cfg.data.mean), "std": list(self.cfg.data.std)}
         if loaded["normalization"] != ours:  # not an error: it may be deliberate
             print(f"note: {loaded['path']} was trained with normalization {loaded['normalization']}, this run "
@@ -588,7 +656,8 @@ class Trainer:
         with torch.random.fork_rng(devices=cuda):
             metrics = evaluate(core, self.val_set, device=self.info.device, scales=list(cfg.eval.scales),
                                flip=cfg.eval.flip, max_size=cfg.eval.max_size, mean=list(dc.mean),
-                               std=list(dc.std), num_workers=dc.num_workers)
+                               std=list(dc.std), num_workers=dc.num_workers,
+                               progress=self.info.is_main)  # a long validation must not look like a hang
         self.last_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         improved = metrics["mean_iou"] > self.best_miou
         self.best_miou = max(self.best_miou, metrics["mean_iou"])
