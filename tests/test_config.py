@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from sceneparse.engine.config import dataset_settings, load_config
@@ -91,6 +92,16 @@ def test_wrong_types_are_refused_with_the_key():
     (["train.val_every=-1"], r"^train.val_every=-1 must not be negative \(0: never\)$"),
     (["train.device=gpu"], "train.device='gpu' is not a device"),
     (["train.device=cuda:x"], "train.device='cuda:x' is not a device"),
+    (["train.device=mps"], "train.device='mps' is not a device"),  # no backend of ours: torch would fail later
+    # 0 would silently become the dataset's count; weights < 0 train a class away from its label
+    (["model.num_classes=0"], "model.num_classes=0: expected a positive class count"),
+    (["train.class_weights=[1, -0.5]"], r"train.class_weights=\[1, -0.5\]: expected numbers >= 0"),
+    (["train.class_weights=[0, 0]"], r"train.class_weights=\[0, 0\]: expected numbers >= 0 \(one per class, not all 0"),
+    (["train.class_weights=[a, b]"], "train.class_weights=.*expected numbers"),
+    (["data.synthetic={num_images: {train: 0, val: 3}}"], "data.synthetic.num_images=.*expected a positive number"),
+    (["data.synthetic={image_size: 0}"], "data.synthetic.image_size=0: expected a positive size"),
+    (["data.synthetic={seed: -1}"], "data.synthetic.seed=-1: expected a seed >= 0"),
+    (["data.num_workers=-1"], r"^data.num_workers=-1 must not be negative"),
 ])
 def test_values_that_would_fail_later_are_refused_at_load(overrides, message):
     with pytest.raises(SceneparseError, match=message):
@@ -101,6 +112,21 @@ def test_edge_values_that_mean_something_load():
     cfg = load_config(None, ["train.lr_encoder=0", "train.momentum=0", "train.poly_power=0", "train.seed=0",
                              "train.device=cuda:1", "train.warmup_iters=0", "train.weight_decay=0"])
     assert cfg.train.lr_encoder == 0 and cfg.train.device == "cuda:1"  # a GPU config loads on a CPU machine
+    cfg = load_config(None, ["model.num_classes=1", "train.class_weights=[0, 2.5]",
+                             "data.synthetic={num_images: {train: 4, val: 1}, image_size: 16, seed: 0}"])
+    assert list(cfg.train.class_weights) == [0, 2.5] and cfg.data.synthetic.num_images.train == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_a_device_sceneparse_cannot_use_is_refused_with_the_forms_it_takes():
+    from sceneparse.engine.distributed import resolve_device
+
+    with pytest.raises(SceneparseError, match="'mps' is not a device") as err:  # as --device of predict, serve
+        resolve_device("mps")
+    assert "auto" in err.value.hint and "cuda:N" in err.value.hint
+    with pytest.raises(SceneparseError, match="'cuda:0' requested but CUDA is not available") as err:
+        resolve_device("cuda:0")
+    assert "train.device" in err.value.hint
 
 
 def test_an_override_cut_by_the_shell_says_to_quote_it():
@@ -238,3 +264,14 @@ def test_mmsegmentations_base_key_is_pointed_at_ours(tmp_path):
     with pytest.raises(SceneparseError, match="_base_ is MMSegmentation's key") as err:
         load_config(tmp_path / "a.yaml")
     assert "base:" in err.value.hint
+
+
+def test_a_class_count_the_dataset_does_not_have_says_how_to_override_the_files(tmp_path):
+    from sceneparse.engine.feed import build_data
+
+    # a file that sets model.num_classes: "remove it" cannot be done on the command line
+    path = write(tmp_path, "model: {num_classes: 7}\ndata: {kind: synthetic, synthetic: {num_images: 2, image_size: 16}}\n")
+    with pytest.raises(SceneparseError, match="model.num_classes=7 but the synthetic dataset has 5 classes") as err:
+        build_data(load_config(path, ["train.val_every=0"]), verbose=False)
+    assert "model.num_classes=null" in err.value.hint and "model.num_classes=5" in err.value.hint
+    assert "remove" not in err.value.hint

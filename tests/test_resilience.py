@@ -121,8 +121,10 @@ def test_a_failing_validation_loses_no_training_and_the_run_resumes_exactly(tmp_
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(evaluate_mod, "evaluate", failing_second_time)
-    with pytest.raises(SceneparseError, match="truncated"):
+    with pytest.raises(SceneparseError, match="truncated") as err:
         train(config(out, *validating))
+    assert f"the training up to iteration 6 is saved: once fixed, `sceneparse train {out / 'config.yaml'} " \
+           f"--resume {out / 'last.pt'}` validates, then goes on" in err.value.hint
     assert torch.load(out / "last.pt", weights_only=True)["train_state"]["iteration"] == 6
 
     monkeypatch.setattr(evaluate_mod, "evaluate", real_evaluate)

@@ -249,11 +249,35 @@ def _check_loss_options(loss: DictConfig) -> None:
             f"choose that loss, or remove the option ({resets})")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_sizes(cfg: DictConfig) -> None:
     """Sizes, ranges and factors whose types alone let wrong values through (they would fail at
     the first batch or validation, or train on 1-pixel images)."""
-    d, loss = cfg.data, cfg.train.loss
+    d, loss, weights = cfg.data, cfg.train.loss, cfg.train.class_weights
+    counts = d.synthetic.get("num_images")
+    counts = list(counts.values()) if isinstance(counts, DictConfig) else [counts]
     checks = [  # (keys shown, whether the values are fine, what is expected)
+        # 0 would silently mean "the dataset's count" (`num_classes or ...`), a negative one fail later
+        (["model.num_classes"], cfg.model.num_classes is None or cfg.model.num_classes >= 1,
+         "a positive class count, or null (the dataset's)"),
+        # a negative weight trains that class away from its label; all 0 makes the loss 0/0
+        (["train.class_weights"], not OmegaConf.is_list(weights) or (
+            all(_is_number(w) and w >= 0 for w in weights) and any(_is_number(w) and w > 0 for w in weights)),
+         "numbers >= 0 (one per class, not all 0), null or 'auto'"),
+        # free-form, so untyped: an empty split or a 0-pixel image would fail at the first batch
+        (["data.synthetic.num_images"], all(c is None or _is_int(c) and c >= 1 for c in counts),
+         "a positive number of images, or {train: N, val: M}"),
+        (["data.synthetic.image_size"], d.synthetic.get("image_size") is None
+         or _is_int(d.synthetic.image_size) and d.synthetic.image_size >= 1, "a positive size in pixels"),
+        (["data.synthetic.seed"], d.synthetic.get("seed") is None
+         or _is_int(d.synthetic.seed) and d.synthetic.seed >= 0, "a seed >= 0"),
         (["data.scales"], all(s >= 1 for s in d.scales), "positive short sides (or [] with data.crop_size)"),
         (["eval.scales"], len(cfg.eval.scales) > 0 and all(s is None or s >= 1 for s in cfg.eval.scales),
          "at least one positive short side (null: each image's own size)"),

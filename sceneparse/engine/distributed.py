@@ -82,7 +82,8 @@ def _env_int(name: str, default: int) -> int:
 
 # What train.device and every --device may be (config load checks the form alone, so that a config
 # written on a CPU machine for a GPU one loads; resolve_device checks that the device exists).
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# No mps: nothing here runs or tests on Apple's backend, which would fail later with torch's errors.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DEVICE_FORMS = "use auto (CUDA when available), cpu, cuda or cuda:N (N: the GPU's index)"
 
 
@@ -96,7 +97,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SceneparseError(
             f"device {str(device)!r} requested but CUDA is not available",
-            "use --device cpu (or 'auto'), or install a CUDA build of torch",
+            "use cpu or auto (--device, or train.device in a config), or install a CUDA build of torch",
         )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise SceneparseError(f"device {str(device)!r} requested but this machine has "

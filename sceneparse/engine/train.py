@@ -147,6 +147,11 @@ def locked_output(output_dir: Path, info) -> Iterator[None]:
         yield
     finally:
         if handle is not None:
+            import fcntl
+
+            # unlocked explicitly: DataLoader workers forked during the run share the lock, and
+            # persistent ones may outlive the run in this process
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             handle.close()
 
 
@@ -548,7 +553,13 @@ class Trainer:
                     if checkpoint_now or stopping:
                         self._save_last(it, next_position, pending_validation=validate_now)
                     if validate_now:
-                        self._validate(it)
+                        try:
+                            self._validate(it)
+                        except SceneparseError as err:  # a bad val image, say: say that nothing is lost
+                            raise SceneparseError(
+                                err.message, f"{err.hint + '; ' if err.hint else ''}the training up to iteration "
+                                f"{it} is saved: once fixed, `{self.resume_command}` validates, then goes on",
+                            ) from None
                         self._save_last(it, next_position)
                     if validate_now or checkpoint_now:
                         self.window_time = time.perf_counter()  # the speed measures training steps only
