@@ -102,6 +102,11 @@ def test_wrong_types_are_refused_with_the_key():
     (["data.synthetic={image_size: 0}"], "data.synthetic.image_size=0: expected a positive size"),
     (["data.synthetic={seed: -1}"], "data.synthetic.seed=-1: expected a seed >= 0"),
     (["data.num_workers=-1"], r"^data.num_workers=-1 must not be negative"),
+    # inf passes every ">= 0" check and would make the first step nan
+    (["train.lr_encoder=inf"], r"^train.lr_encoder=inf: expected a finite number$"),
+    (["train.class_weights=[1, .inf]"], r"^train.class_weights\[1\]=inf: expected a finite number$"),
+    (["data.mean=[0.4, nan, 0.4]"], r"^data.mean\[1\]=nan: expected a finite number$"),
+    (["model.decoder_options={dropout: .inf}"], r"^model.decoder_options.dropout=inf: expected a finite"),
 ])
 def test_values_that_would_fail_later_are_refused_at_load(overrides, message):
     with pytest.raises(SceneparseError, match=message):

@@ -7,6 +7,7 @@ key or file and list the valid keys next to it.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -225,6 +226,7 @@ def _check_choices(cfg: DictConfig) -> None:
         raise SceneparseError(
             f"train.class_weights={weights!r}: expected null, 'auto' or a list of numbers"
         )
+    _check_finite(OmegaConf.to_container(cfg, resolve=True))
     _check_sizes(cfg)
     _check_loss_options(cfg.train.loss)  # after the range checks, which name a bad value first
 
@@ -247,6 +249,17 @@ def _check_loss_options(loss: DictConfig) -> None:
             f"{shown} only {'applies' if len(unused) == 1 else 'apply'} to train.loss.name="
             f"{' or '.join(owners)}, not {loss.name}: {'it' if len(unused) == 1 else 'they'} would do nothing",
             f"choose that loss, or remove the option ({resets})")
+
+
+def _check_finite(node: Any, key: str = "") -> None:
+    """No setting may be inf or nan (YAML's .inf/.nan, or `=inf` on the command line): an
+    infinite learning rate or weight passes every `>= 0` check and turns the first step into nan."""
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for name, value in children:
+        child = f"{key}.{name}" if isinstance(node, dict) and key else str(name) if not key else f"{key}[{name}]"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SceneparseError(f"{child}={value}: expected a finite number")
+        _check_finite(value, child)
 
 
 def _is_int(value: Any) -> bool:
