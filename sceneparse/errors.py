@@ -6,6 +6,8 @@ to do. The CLI prints it without a traceback and exits with status 2. Bugs stay 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class SceneparseError(Exception):
     """A user-facing error: `str(err)` is the whole message, `hint` is the fix (optional)."""
@@ -19,6 +21,18 @@ class SceneparseError(Exception):
 class UnreadableFileError(SceneparseError):
     """A weights file that cannot be read at all (truncated, corrupt, not a state_dict): the zoo
     deletes such a cached download, unlike a file that reads but does not fit."""
+
+
+def ensure_writable(folder: Path, what: str, fix: str) -> None:
+    """Create `folder` and write a probe file there, so that a read-only or full disk, or a file
+    where the folder should be, is found before hours of work rather than when saving it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise SceneparseError(f"cannot write {what} to {folder}: {err.strerror or err}", fix) from None
 
 
 def user_message(err: BaseException) -> str:

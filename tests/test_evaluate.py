@@ -410,6 +410,20 @@ def test_a_failing_torch_compile_is_one_clear_message(tiny_checkpoint, real_data
     assert "torch.compile failed:" in err and "train.compile=false" in err and "Traceback" not in err
 
 
+def test_cli_predict_checks_its_output_folder_before_loading_the_model(tiny_checkpoint, tmp_path, capsys,
+                                                                     monkeypatch):
+    from sceneparse.engine import checkpoint
+
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "b.png")
+    taken = tmp_path / "a file"
+    taken.write_text("not a folder")
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    code = main(["predict", "--model", str(tiny_checkpoint), str(tmp_path / "b.png"), "--output", str(taken)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot write the predictions to {taken}" in err and "--output" in err
+    assert taken.read_text() == "not a folder" and "Traceback" not in err
+
+
 def test_cli_predict_nothing_matched(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["predict", "--model", str(tiny_checkpoint), str(tmp_path / "empty"), "--output",

@@ -198,7 +198,7 @@ def test_previous_run_in_output_folder_is_refused_unless_overwrite_or_resume(tmp
         prepare_output(out, overwrite=False, resuming=False)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(SceneparseError, match="cannot write to output folder"):
+    with pytest.raises(SceneparseError, match="cannot write the run to"):
         prepare_output(blocker / "run", overwrite=False, resuming=False)
 
 

@@ -9,7 +9,7 @@ from sceneparse.cli.options import (
     compile_errors_explained,
     inference_speed_options,
 )
-from sceneparse.errors import SceneparseError
+from sceneparse.errors import SceneparseError, ensure_writable
 
 
 def register(subparsers) -> None:
@@ -127,7 +127,7 @@ def _evaluate(args, info, settings: dict, split: str, options: dict, where: str)
     from sceneparse.engine.visualize import save_confusion_png
 
     output = Path(args.output) if args.output else _default_output(args.model, split)
-    run_on_main(lambda: _writable(output), info)  # before the evaluation, not after it
+    run_on_main(lambda: ensure_writable(output, "the evaluation results", "choose a writable --output folder"), info)  # before the evaluation, not after it
     dataset = build_dataset(settings, split)
     # a zoo name's cached files are converted by rank 0 alone; then every rank reads the checkpoint
     path = broadcast_object(run_on_main(lambda: str(resolve_model(args.model)), info))
@@ -163,14 +163,3 @@ def _default_output(model: str, split: str) -> Path:
     path = Path(str(model))
     parent = path.parent.name if path.suffix else ""
     return Path("outputs") / "eval" / "-".join(part for part in (parent, path.stem, split) if part)
-
-
-def _writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise SceneparseError(f"cannot write the evaluation results to {folder}: {err.strerror or err}",
-                              "choose a writable --output folder") from None

@@ -12,7 +12,7 @@ from sceneparse.cli.options import (
     compile_errors_explained,
     inference_speed_options,
 )
-from sceneparse.errors import SceneparseError
+from sceneparse.errors import SceneparseError, ensure_writable
 
 
 def register(subparsers) -> None:
@@ -128,16 +128,14 @@ def _predict(args, info, inputs: list[tuple[Path, str]], output: Path, speed: di
     from sceneparse.engine.infer import Predictor
     from sceneparse.engine.visualize import colorize, overlay
 
+    # before loading the model; on rank 0 alone, since every rank would race for the same probe file
+    run_on_main(lambda: ensure_writable(output, "the predictions", "choose a writable --output folder"), info)
     # a zoo name's cached files are converted by rank 0 alone; then every rank reads the checkpoint
     model = load_model(broadcast_object(run_on_main(lambda: str(resolve_model(args.model)), info)), device=info.device)
     num_classes = len(model.class_names)
     palette = getattr(model, "palette", None) or make_palette(num_classes)
     predictor = Predictor(model, scales=tuple(args.scales) if args.scales else (None,), flip=args.flip,
                           max_size=args.max_size, device=info.device, window=args.window, **speed)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SceneparseError(f"cannot create the output folder {output}: {err.strerror or err}") from None
 
     jobs = list(zip([path for path, _ in inputs], output_stems([name for _, name in inputs])))
     skipped = 0

@@ -40,7 +40,7 @@ from sceneparse.engine.config import dataset_settings, save_config
 from sceneparse.engine.feed import TrainBatches, build_data, epoch_batches_fn, next_batch, training_feed
 from sceneparse.engine.logger import RunLogger
 from sceneparse.engine.optim import build_optimizer
-from sceneparse.errors import SceneparseError
+from sceneparse.errors import SceneparseError, ensure_writable
 
 # What a previous run leaves in its output folder (an existing one is refused without --overwrite).
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "curves.png", "tb")
@@ -118,16 +118,7 @@ def prepare_output(output_dir: Path, overwrite: bool, resuming: bool) -> list[st
             f"output folder {output_dir} already holds a run ({', '.join(previous)})",
             "continue it with --resume, start over with --overwrite, or set output_dir=OTHER_FOLDER",
         )
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write_test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise SceneparseError(
-            f"cannot write to output folder {output_dir}: {err.strerror or err}",
-            "choose a writable output_dir",
-        ) from None
+    ensure_writable(output_dir, "the run", "choose a writable output_dir")
     return previous if overwrite and not resuming else []
 
 
