@@ -417,6 +417,13 @@ def test_resume_with_more_iterations_extends_the_run_and_its_schedule(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "loss" in r][-1]
     assert last["iter"] == 16 and last["lr"] == pytest.approx(0.05 * (1 - 15 / 16) ** 0.9)
+    # Fewer iterations than done: refused before anything in the run folder changes.
+    run = tmp_path / "run"
+    before = {name: (run / name).read_bytes() for name in ("last.pt", "config.yaml", "metrics.jsonl")}
+    with pytest.raises(SceneparseError, match=r"(?s)last.pt is at iteration 16, past train.iterations=10: .*"
+                                              r"resume with train.iterations above 16"):
+        train(tiny_config(tmp_path, "train.iterations=10"), resume=True)
+    assert {name: (run / name).read_bytes() for name in before} == before
 
 
 def test_other_class_names_in_a_checkpoint_are_told_when_fine_tuning_or_resuming(tmp_path, capsys):

@@ -485,6 +485,12 @@ class Trainer:
         if state["scaler"]:  # empty when saved without fp16 (then a resumed fp16 run starts a fresh scale)
             self.scaler.load_state_dict(state["scaler"])
         self.start_iter, self.position = state["iteration"], tuple(state["data_position"])
+        if self.start_iter > self.cfg.train.iterations:  # else it would "finish" and record the smaller count
+            raise SceneparseError(
+                f"{path} is at iteration {self.start_iter}, past train.iterations={self.cfg.train.iterations}: "
+                "a resumed run can go on, not back",
+                f"to train it further, resume with train.iterations above {self.start_iter}; to use it as it "
+                "is, evaluate or predict with it")
         self.pending_validation = bool(state.get("pending_validation")) and self.cfg.train.val_every > 0
         self.best_miou, self.skipped = state["best_miou"], state["skipped"]
         # Each rank's own RNG streams (dropout draws differ per rank); rank 0's when the process
