@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except SceneparseError as err:
         print(f"sceneparse {args.command}: error: {user_message(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # a training's TrainingInterrupted says which signal: 130 or 143
         print(f"sceneparse {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return getattr(err, "exit_code", 130)
     return int(code or 0)
 
 

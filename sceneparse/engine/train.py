@@ -47,7 +47,13 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "curves.png",
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM: the current step finished, `last.pt` was saved; `str()` says how to resume."""
+    """SIGINT/SIGTERM: the current step finished, `last.pt` was saved; `str()` says how to resume.
+    `exit_code` follows the shell's 128 + signal number (130 Ctrl-C, 143 SIGTERM), which job
+    schedulers and scripts read as "stopped by that signal"."""
+
+    def __init__(self, message: str, signal_name: str | None = None):
+        super().__init__(message)
+        self.exit_code = 128 + int(getattr(signal.Signals, signal_name or "SIGINT", signal.SIGINT))
 
 
 class TimeBudget:
@@ -701,12 +707,11 @@ class Trainer:
 
     def _interrupted(self, it: int, reason: str | None):
         self.bar.close()
-        reason = reason or "stop signal on another process"
-        message = (f"{reason} received: stopped after iteration {it}, saved "
+        message = (f"{reason or 'stop signal on another process'} received: stopped after iteration {it}, saved "
                    f"{self.output_dir / 'last.pt'}.\nResume with:\n  {self.resume_command}")
         if self.info.is_main:
             print(message, file=sys.stderr)
-        raise TrainingInterrupted(message)
+        raise TrainingInterrupted(message, reason)
 
     def _finish(self, it: int) -> dict:
         from sceneparse.engine.visualize import save_curves_png
