@@ -566,6 +566,11 @@ def test_worker_seeds_differ_per_worker_and_rank_and_repeat():
     # Items 0 and 1 come from workers 0 and 1: their NumPy draws differ.
     assert first[0] != first[2]
     assert D.rank_seed(7, 0) != D.rank_seed(7, 1) and D.rank_seed(7, 0) == D.rank_seed(7, 0)
+    # Each stream its own numbers: rank 0's dropout, epoch 0's crop order and the first sample's
+    # augmentation were once all one seed (SeedSequence ignores trailing zeros).
+    seeds = {D.rank_seed(7, 0), D.mix_seed("crop order", 7, 0), D.mix_seed("sample", 7, 0, 0, 0),
+             D.mix_seed("sample", 7), D.mix_seed("sample", 7, 0)}
+    assert len(seeds) == 5
 
 
 if __name__ == "__main__":  # run by torchrun from the `ranks` fixture

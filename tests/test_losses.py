@@ -29,6 +29,9 @@ def test_ohem_keeps_pixels_at_or_below_the_threshold():
     target = torch.tensor([[[0, 0, 0, IGNORE]]])
     loss = OhemCrossEntropy(threshold=0.7, min_kept=1)(logits, target)
     assert loss.item() == pytest.approx(-(math.log(0.6) + math.log(0.3)) / 2, rel=1e-5)
+    # min_kept=0 (Python API; configs ask for >= 1): the threshold alone, not every pixel
+    loss = OhemCrossEntropy(threshold=0.7, min_kept=0)(logits, target)
+    assert loss.item() == pytest.approx(-(math.log(0.6) + math.log(0.3)) / 2, rel=1e-5)
 
 
 def test_ohem_keeps_at_least_min_kept_hardest_pixels():

@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -364,14 +365,18 @@ def shard(dataset: torch.utils.data.Dataset, info: DistInfo) -> torch.utils.data
     return torch.utils.data.Subset(dataset, range(info.rank, len(dataset), info.world_size))
 
 
-def mix_seed(*numbers: int) -> int:
-    """A 32-bit seed mixing the given non-negative ints (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1)[0])
+def mix_seed(stream: str, *numbers: int) -> int:
+    """A 32-bit seed mixing the given non-negative ints (numpy's SeedSequence hashing), for one
+    named stream of random numbers. The name and the count of numbers are mixed in too: SeedSequence
+    ignores trailing zeros, so without them (seed, 0) of one stream would equal (seed,) or
+    (seed, 0, 0) of another, and e.g. rank 0's dropout would draw what epoch 0's shuffle draws."""
+    return int(np.random.SeedSequence([zlib.crc32(stream.encode()), len(numbers), *(int(n) for n in numbers)])
+               .generate_state(1)[0])
 
 
 def rank_seed(seed: int, rank: int) -> int:
     """A 32-bit seed derived from (seed, rank): different per rank, the same on every rerun."""
-    return mix_seed(seed, rank)
+    return mix_seed("rank", seed, rank)
 
 
 def loader_generator(seed: int, rank: int = 0) -> torch.Generator:

@@ -87,7 +87,7 @@ class TrainBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         for it, _, _, batch in self.walk():
-            yield [(index, dist_utils.mix_seed(self.seed, self.rank, it, slot)) for slot, index in enumerate(batch)]
+            yield [(index, dist_utils.mix_seed("sample", self.seed, self.rank, it, slot)) for slot, index in enumerate(batch)]
 
     def __len__(self) -> int:
         return self.iterations - self.start_iter
@@ -120,7 +120,8 @@ def epoch_batches_fn(dataset, data_cfg, seed: int, info) -> Callable[[int], list
 
     @functools.lru_cache(maxsize=2)
     def batches(epoch: int) -> list[list[int]]:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(dist_utils.mix_seed(seed, epoch)))
+        shuffle = torch.Generator().manual_seed(dist_utils.mix_seed("crop order", seed, epoch))
+        order = torch.randperm(len(dataset), generator=shuffle)
         b = data_cfg.batch_size
         all_batches = [order[i : i + b].tolist() for i in range(0, len(order) - b + 1, b)]
         # Same order on every rank; each takes every world_size-th batch (equal counts).

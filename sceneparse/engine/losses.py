@@ -59,8 +59,8 @@ class OhemCrossEntropy(_PixelLoss):
         flat = prob.flatten()
         k = min(self.min_kept, flat.numel())
         # ignored pixels are +inf, so they sort last: with fewer valid pixels than min_kept the
-        # k-th value is inf and every valid pixel is kept
-        kth = flat.kthvalue(k).values if k > 0 else flat.new_tensor(float("inf"))
+        # k-th value is inf and every valid pixel is kept; min_kept=0: the threshold alone
+        kth = flat.kthvalue(k).values if k > 0 else flat.new_tensor(0.0)
         keep = valid & (prob <= torch.maximum(kth, flat.new_tensor(self.threshold)))
         return _weighted_mean(-log_p, weight * keep)
 
