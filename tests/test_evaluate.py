@@ -452,6 +452,12 @@ def test_colorize_and_overlay():
     # 0.75 * 100 + 0.25 * 255 = 138.75 -> 139; 0.75 * 100 + 0 = 75; unlabelled pixel unchanged
     assert blended[0, 0].tolist() == [139, 75, 75]
     assert blended[1, 1].tolist() == [100, 100, 100]
+    # a 3-pixel-wide image: a tensor is 3 x H x W, an array H x W x 3, whatever the sizes
+    tall = torch.arange(3 * 5 * 3, dtype=torch.uint8).reshape(3, 5, 3)
+    nothing_known = np.full((5, 3), 255)
+    np.testing.assert_array_equal(overlay(tall, nothing_known, PALETTE), tall.permute(1, 2, 0).numpy())
+    np.testing.assert_array_equal(overlay(tall.permute(1, 2, 0).numpy(), nothing_known, PALETTE),
+                                  tall.permute(1, 2, 0).numpy())
 
 
 def test_confusion_and_curves_png(tmp_path):

@@ -104,6 +104,43 @@ def test_exif_orientation_is_applied(tmp_path):
     assert out[:13].mean() < 30 and out[17:].mean() > 225
 
 
+@pytest.mark.parametrize("ext", ["webp", "tif"])
+def test_exif_orientation_is_applied_to_formats_torchvision_leaves_unturned(tmp_path, ext):
+    a = np.zeros((20, 30, 3), np.uint8)
+    a[:, 15:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / f"r.{ext}", exif=exif, lossless=True)
+    out = _hwc(read_image(tmp_path / f"r.{ext}"))
+    assert out.shape == (30, 20, 3) and image_size(tmp_path / f"r.{ext}") == (30, 20)
+    assert out[:13].mean() < 30 and out[17:].mean() > 225
+    # unoriented, the same format still goes through torchvision's decoder unchanged
+    Image.fromarray(a).save(tmp_path / f"u.{ext}", lossless=True)
+    np.testing.assert_array_equal(_hwc(read_image(tmp_path / f"u.{ext}")), a)
+
+
+def test_an_animated_gif_is_read_as_its_first_frame(tmp_path):
+    first, second = np.zeros((20, 30, 3), np.uint8), np.full((20, 30, 3), 255, np.uint8)
+    first[:, :10] = 255
+    frames = [Image.fromarray(f) for f in (first, second)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    np.testing.assert_array_equal(_hwc(read_image(tmp_path / "anim.gif")), first)
+
+
+def test_a_pil_image_is_read_as_its_file_is(tmp_path):
+    """Predictor takes PIL images: a 16-bit or an oriented one must give what the file gives."""
+    from sceneparse.data.io import pil_image_to_tensor
+
+    values = (np.arange(20 * 30).reshape(20, 30) % 256).astype(np.uint16)
+    Image.fromarray(values * 257).save(tmp_path / "16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(_rgb_array()).save(tmp_path / "r.png", exif=exif)
+    for name in ("16.png", "r.png"):
+        with Image.open(tmp_path / name) as img:
+            torch.testing.assert_close(pil_image_to_tensor(img), read_image(tmp_path / name), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["corrupt.jpg", "corrupt.png", "corrupt.bmp"])
 def test_corrupt_image_names_the_file(tmp_path, name):
     (tmp_path / name).write_bytes(b"this is not an image")

@@ -54,6 +54,11 @@ def decode_image_bytes(data: bytes, path: str | Path) -> torch.Tensor:
 
     if not data:
         raise SceneparseError(f"image {path} is an empty file", "re-export it or remove it from the dataset")
+    # torchvision applies EXIF orientation to JPEG and PNG only: an oriented WebP (or other) goes to
+    # Pillow, which rotates every format
+    exif_by_torchvision = data.startswith((b"\xff\xd8", b"\x89PNG"))
+    if not exif_by_torchvision and exif_orientation(data) != 1:
+        return _decode_image_pil(data, Path(path))
     try:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
@@ -64,29 +69,37 @@ def decode_image_bytes(data: bytes, path: str | Path) -> torch.Tensor:
                 "the file is corrupt or truncated: re-export it or remove it from the dataset",
             ) from None
         image = _decode_image_pil(data, Path(path))
+    if image.ndim == 4:  # an animated GIF: its frames; the first is the picture, as viewers show it
+        image = image[0]
     if image.dtype != torch.uint8:  # 16-bit PNG: keep the top 8 bits
         image = to_dtype(image, torch.uint8, scale=True)
     return image
 
 
 def _decode_image_pil(data: bytes, path: Path) -> torch.Tensor:
-    """Formats torchvision does not decode (BMP, TIFF, PPM...)."""
-    from PIL import ImageOps
-
+    """Formats torchvision does not decode (BMP, TIFF, PPM...), and oriented ones it would not turn."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(img).astype(np.int64)
-                if array.max() > 255:  # 16-bit: keep the top 8 bits, as for PNG above
-                    array = array >> 8
-                img = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
-            array = np.asarray(img.convert("RGB"))
+            return pil_image_to_tensor(img)
     except _PIL_ERRORS as err:
         raise SceneparseError(
             f"cannot decode image {path}: {_pil_reason(err)}",
             "the file is corrupt, truncated or not an image: re-export it or remove it from the dataset",
         ) from None
+
+
+def pil_image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """A Pillow image (its first frame) as `read_image` reads files: EXIF orientation applied,
+    16-bit values reduced to their top 8 bits, RGB `uint8` 3xHxW."""
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(img).astype(np.int64)
+        if array.max() > 255:  # 16-bit: keep the top 8 bits, as for PNG above
+            array = array >> 8
+        img = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    array = np.asarray(img.convert("RGB"))
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -180,7 +193,11 @@ def image_header(path: str | Path) -> tuple[tuple[int, int], int]:
         raise SceneparseError(f"image {path} does not exist") from None
     except _PIL_ERRORS as err:
         raise _unreadable("image", path, err, "read the header of") from None
-    if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees: width and height swap
+    # rotated by 90 or 270 degrees: width and height swap (Pillow's TIFF reader, in Pillow 13 at least,
+    # already reports the turned size: then its size differs from the stored width and length tags)
+    tags = getattr(img, "tag_v2", None)
+    already_turned = tags is not None and (width, height) != (tags.get(256), tags.get(257))
+    if orientation in (5, 6, 7, 8) and not already_turned:
         return (width, height), orientation
     return (height, width), orientation
 

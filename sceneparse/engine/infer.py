@@ -181,9 +181,9 @@ class Predictor:
 
             image = read_image(image)
         elif isinstance(image, Image.Image):
-            from PIL import ImageOps
+            from sceneparse.data.io import pil_image_to_tensor
 
-            image = np.array(ImageOps.exif_transpose(image).convert("RGB"))  # as read_image reads files
+            image = pil_image_to_tensor(image)  # as read_image reads files (orientation, 16 bits)
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"expected a uint8 HxWx3 numpy image, got {image.dtype} {image.shape}")

@@ -35,9 +35,8 @@ def overlay(image, labels, palette: Sequence[Sequence[int]], alpha: float = 0.5)
 
     `alpha` is the weight of the colours; pixels without a palette entry show the image unchanged.
     """
-    image = _as_numpy(image)
-    if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
-        image = image.transpose(1, 2, 0)
+    # the layout follows the type, not the shape: a 3-pixel-wide 3 x H x 3 tensor is still CHW
+    image = _as_numpy(image).transpose(1, 2, 0) if isinstance(image, torch.Tensor) else np.asarray(image)
     labels = _as_numpy(labels).astype(np.int64)
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image size {image.shape[:2]} != label size {labels.shape}")
