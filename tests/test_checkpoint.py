@@ -313,6 +313,15 @@ def test_resume_from_truncated_last_pt_never_suggests_resuming_best_pt(tmp_path)
     assert "best.pt" not in err.value.hint and f"restore {last}" in err.value.hint
 
 
+@pytest.mark.parametrize("name, kind", [("m.onnx", "ONNX"), ("m.pt2", "torch.export"), ("M.PT2", "torch.export")])
+def test_an_exported_file_given_as_checkpoint_is_named_as_such(tmp_path, name, kind):
+    # a real .pt2 is a zip and an ONNX file a protobuf: either would read as a "corrupt" checkpoint
+    (tmp_path / name).write_bytes(b"PK\x03\x04 exported" if "pt2" in name.lower() else b"\x08\x09onnx")
+    with pytest.raises(SceneparseError, match=f"{name} is an exported model \\({kind}\\), not a sceneparse") as err:
+        load_model(tmp_path / name)
+    assert "exported from" in err.value.hint and "docs/deploy.md" in err.value.hint
+
+
 def test_folder_given_as_checkpoint_names_its_checkpoints(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

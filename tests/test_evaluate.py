@@ -424,6 +424,27 @@ def test_cli_predict_checks_its_output_folder_before_loading_the_model(tiny_chec
     assert taken.read_text() == "not a folder" and "Traceback" not in err
 
 
+def test_cli_predict_with_the_output_folder_among_the_inputs(tiny_checkpoint, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(photos / "a.png")
+    model = ["predict", "--model", str(tiny_checkpoint), "--device", "cpu"]
+    # named one by one, files inside the output folder are predicted
+    assert main([*model, str(photos / "a.png"), "--output", str(photos)]) == 0
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a_color.png", "a_labels.png", "a_overlay.png"]
+    # searched for, they are left out (they would include earlier outputs); all left out: said so
+    capsys.readouterr()
+    assert main([*model, str(photos), "--output", str(photos)]) == 2
+    err = capsys.readouterr().err
+    assert f"the 4 image(s) found in {photos} lie inside the output folder {photos}" in err and "--output" in err
+    # an output folder beneath the searched one: its files are skipped, the others predicted
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "b.png")
+    assert main([*model, str(tmp_path), "--output", str(photos)]) == 0
+    assert "wrote 3 files for 1 image to" in capsys.readouterr().out
+    assert sorted(p.name for p in photos.iterdir() if p.name.startswith("b")) == [
+        "b_color.png", "b_labels.png", "b_overlay.png"]
+
+
 def test_cli_predict_nothing_matched(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["predict", "--model", str(tiny_checkpoint), str(tmp_path / "empty"), "--output",

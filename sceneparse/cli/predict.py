@@ -39,34 +39,43 @@ def register(subparsers) -> None:
 
 def expand_inputs(items: list[str], exclude: Path | None = None) -> list[tuple[Path, str]]:
     """(image file, output name) for the images named by `items` (files, folders searched
-    recursively, glob patterns), in order, without duplicates and without anything under `exclude`
-    (the output folder). The output name is the file's stem; an image found in a folder keeps its
+    recursively, glob patterns), in order, without duplicates. Images that a folder or pattern finds
+    under `exclude` (the output folder: an earlier run's outputs) are left out; files named one by
+    one are always taken. The output name is the file's stem; an image found in a folder keeps its
     subfolders (`city/x.png` -> `city/x`), so a dataset's tree comes out with the same shape."""
     from sceneparse.data.io import IMAGE_EXTENSIONS
 
     def is_image(path: Path) -> bool:
         return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
-    found: list[tuple[Path, str]] = []
+    found: list[tuple[Path, str, bool]] = []  # (file, output name, named one by one)
     for item in items:
         path = Path(item).expanduser()
         if path.is_file():
-            found.append((path, path.stem))  # named explicitly: taken whatever its extension
+            found.append((path, path.stem, True))  # named explicitly: taken whatever its extension
         elif path.is_dir():
-            found.extend((p, p.relative_to(path).with_suffix("").as_posix())
+            found.extend((p, p.relative_to(path).with_suffix("").as_posix(), False)
                          for p in sorted(p for p in path.rglob("*") if is_image(p)))
         elif glob.has_magic(item):
-            found.extend((p, p.stem) for p in map(Path, sorted(glob.glob(str(path), recursive=True))) if is_image(p))
+            found.extend((p, p.stem, False)
+                         for p in map(Path, sorted(glob.glob(str(path), recursive=True))) if is_image(p))
         else:
             raise SceneparseError(f"input {item!r} does not exist", "check the file name, folder or pattern")
     excluded = exclude.resolve() if exclude is not None else None
-    unique, seen = [], set()
-    for path, name in found:
+    unique, seen, in_output = [], set(), 0
+    for path, name, named in found:
         resolved = path.resolve()
-        if resolved in seen or (excluded is not None and resolved.is_relative_to(excluded)):
+        if resolved in seen:
+            continue
+        if not named and excluded is not None and resolved.is_relative_to(excluded):
+            in_output += 1
             continue
         seen.add(resolved)
         unique.append((path, name))
+    if not unique and in_output:
+        raise SceneparseError(f"the {in_output} image(s) found in {' '.join(items)} lie inside the output folder "
+                              f"{exclude}, which is left out of searches (it holds the predictions)",
+                              "choose another --output folder, or name the image files one by one")
     if not unique:
         raise SceneparseError(f"no images found in {' '.join(items)}",
                               f"give image files ({', '.join(IMAGE_EXTENSIONS)}), folders or glob patterns")

@@ -112,6 +112,10 @@ def save_model(
     return atomic_save(ckpt, path)
 
 
+# What `sceneparse export` writes: deployable graphs, which predict, eval, serve and training do not read.
+EXPORTED_SUFFIXES = {".onnx": "ONNX", ".pt2": "torch.export"}
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read and validate a sceneparse checkpoint file (no code runs: weights_only=True)."""
     path = Path(path)
@@ -119,6 +123,12 @@ def load_checkpoint(path: str | Path) -> dict:
         raise SceneparseError(f"{path} is a folder, not a checkpoint file", hint=_folder_hint(path))
     if not path.is_file():
         raise SceneparseError(f"checkpoint not found: {path}", hint="check the path")
+    exported = EXPORTED_SUFFIXES.get(path.suffix.lower())
+    if exported:  # not damaged, just the wrong kind of file: say so rather than "corrupt"
+        raise SceneparseError(
+            f"{path} is an exported model ({exported}), not a sceneparse checkpoint",
+            "pass the checkpoint it was exported from (e.g. a run's best.pt); run the exported file "
+            "itself with onnxruntime or torch.export.load, as docs/deploy.md shows")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, garbage bytes, pickled code objects...
