@@ -329,6 +329,20 @@ def test_unwritable_folder_is_refused_before_the_capture(checkpoint, tmp_path, m
         folder.chmod(0o755)
 
 
+def test_an_output_that_is_a_folder_or_below_a_file_is_refused_before_the_capture(checkpoint, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(export_mod, "_capture", lambda *a: pytest.fail("captured before checking the output"))
+    model = load_model(checkpoint)
+    (tmp_path / "ex").mkdir()
+    with pytest.raises(SceneparseError, match=f"--output {tmp_path / 'ex'} is a folder") as err:
+        export_model(model, tmp_path / "ex", format="pt2", size=(40, 40), log=quiet)
+    assert str(tmp_path / "ex" / "model.pt2") in err.value.hint
+    (tmp_path / "photo.png").write_bytes(b"a file")
+    with pytest.raises(SceneparseError, match=f"{tmp_path / 'photo.png'} is a file, not a folder"):
+        export_model(model, tmp_path / "photo.png" / "sub" / "m.pt2", format="pt2", size=(40, 40), log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex", "photo.png"]
+
+
 def test_cli_pt2_needs_a_pt2_name(checkpoint, tmp_path, capsys):
     code = main(["export", "--model", str(checkpoint), "--output", str(tmp_path / "m.bin"), "--format", "pt2"])
     assert code == 2

@@ -274,6 +274,13 @@ def export_model(
                 raise SceneparseError(f"--opset {opset} is not an ONNX opset this installation can write",
                                       f"use {MIN_OPSET} to {newest}, or omit --opset (the exporter's default)")
     output = Path(output)
+    if output.is_dir():  # found now, not after the capture when the move fails
+        raise SceneparseError(f"--output {output} is a folder: it needs a file name",
+                              f"e.g. --output {output / ('model.' + format)}")
+    blocking = next((parent for parent in output.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise SceneparseError(f"cannot write {output}: {blocking} is a file, not a folder",
+                              "choose an --output in a folder")
     # Everything is written into a fresh hidden folder beside the output and moved over it once
     # verified: a failed export leaves an earlier file of that name as it was; the staged file has
     # its final name (torch wants a .pt2 name; ONNX names a weights side file after its file); and
