@@ -343,6 +343,19 @@ def test_an_output_that_is_a_folder_or_below_a_file_is_refused_before_the_captur
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ex", "photo.png"]
 
 
+@pytest.mark.parametrize("name", ["photo.png", "checkpoint.pt", "fake.pt2"])
+def test_read_metadata_of_a_file_that_is_no_export_names_it(checkpoint, tmp_path, name):
+    path = tmp_path / name
+    if name == "checkpoint.pt":
+        path.write_bytes(checkpoint.read_bytes())  # a zip, as .pt2 files are
+    else:
+        path.write_bytes(b"\x89PNG not onnx" if name.endswith("png") else b"PK\x03\x04 not a real zip")
+    if name == "photo.png":
+        pytest.importorskip("onnx")
+    with pytest.raises(SceneparseError, match=f"{name} is not a model exported by `sceneparse export`"):
+        read_metadata(path)
+
+
 def test_cli_pt2_needs_a_pt2_name(checkpoint, tmp_path, capsys):
     code = main(["export", "--model", str(checkpoint), "--output", str(tmp_path / "m.bin"), "--format", "pt2"])
     assert code == 2

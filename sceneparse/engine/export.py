@@ -432,17 +432,27 @@ def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SceneparseError(f"exported model not found: {path}")
-    if _is_onnx(path):
+    onnx_file = _is_onnx(path)
+    if onnx_file:
         try:
             import onnx
         except ImportError:
             raise SceneparseError("reading ONNX metadata needs the package 'onnx'", INSTALL_HINT) from None
-        proto = onnx.load(str(path), load_external_data=False)
-        prefix = "sceneparse."
-        return {p.key[len(prefix):]: json.loads(p.value) for p in proto.metadata_props if p.key.startswith(prefix)}
-    extra = {METADATA_FILE: ""}
-    torch.export.load(path, extra_files=extra)
-    return json.loads(extra[METADATA_FILE]) if extra[METADATA_FILE] else {}
+    try:  # a checkpoint, an image...: one message naming the file, not the parser's traceback
+        if onnx_file:
+            proto = onnx.load(str(path), load_external_data=False)
+            prefix = "sceneparse."
+            return {p.key[len(prefix):]: json.loads(p.value) for p in proto.metadata_props
+                    if p.key.startswith(prefix)}
+        if path.suffix != ".pt2":  # a zip, but torch.export reads only .pt2 names (a checkpoint .pt, say)
+            raise ValueError("a zip archive without the .pt2 name that torch.export files have")
+        extra = {METADATA_FILE: ""}
+        torch.export.load(path, extra_files=extra)
+        return json.loads(extra[METADATA_FILE]) if extra[METADATA_FILE] else {}
+    except Exception as err:  # noqa: BLE001 - protobuf, zip and torch.export errors alike
+        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise SceneparseError(f"{path} is not a model exported by `sceneparse export` (ONNX or .pt2): {reason}",
+                              "pass the .onnx or .pt2 file that `sceneparse export` wrote") from None
 
 
 def _is_onnx(path: Path) -> bool:
