@@ -391,9 +391,9 @@ def serve(server: SegmentationServer, log=lambda msg: print(msg, file=sys.stderr
 
     # SIGTERM stops as Ctrl-C does (a clean exit, status 0); signals reach the main thread only
     previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() else None
-    log(f"serving {server.service.num_classes} classes on {server.url} "
-        f"(GET /health, POST /predict?format=png|json|color); Ctrl-C stops")
-    try:
+    try:  # the announcement inside: a SIGTERM right after it (a supervisor that saw it) stops cleanly too
+        log(f"serving {server.service.num_classes} classes on {server.url} "
+            f"(GET /health, POST /predict?format=png|json|color); Ctrl-C stops")
         server.serve_forever()
     except KeyboardInterrupt:
         log("stopping")
