@@ -113,10 +113,10 @@ def test_shrunk_recipe_trains_on_real_camvid_and_the_loss_falls(tmp_path):
     root = small_camvid(tmp_path, {"train": 4, "val": 1})
     cfg = load_config(RECIPE, [
         f"data.root={root}", f"output_dir={tmp_path / 'run'}",
-        # shrunk: small crops of zoomed-out images (more of each scene per crop), 40 steps on CPU
+        # shrunk: small crops of zoomed-out images (more of each scene per crop), 80 steps on CPU
         "data.crop_size=[64,96]", "data.scale_range=[0.5,1.0]", "data.batch_size=4", "data.num_workers=0",
-        "train.iterations=40", "train.warmup_iters=5", "train.log_every=5",
-        "train.val_every=40", "train.checkpoint_every=40",
+        "train.iterations=80", "train.warmup_iters=5", "train.log_every=10",
+        "train.val_every=80", "train.checkpoint_every=80",
         "train.amp=none", "train.channels_last=false", "train.device=cpu",
     ])
     result = train(cfg)
@@ -124,8 +124,10 @@ def test_shrunk_recipe_trains_on_real_camvid_and_the_loss_falls(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 8
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert last < 0.85 * first, losses  # measured: about 0.74
-    assert result["iterations"] == 40 and Path(result["last"]).is_file()
+    # measured 2026-11-23 with train.seed 0, 1, 2: 0.78, 0.72, 0.81 (at 40 steps: 0.86, 0.80, 0.82,
+    # too close to call, so 80)
+    assert last < 0.85 * first, losses
+    assert result["iterations"] == 80 and Path(result["last"]).is_file()
     assert 0.0 <= result["metrics"]["mean_iou"] <= 1.0  # validated once, at full 360x480
 
     # What the GPU run does next (benchmarks/gpu/camvid.sh): `sceneparse eval` of last.pt on val,
@@ -140,8 +142,8 @@ def test_shrunk_recipe_trains_on_real_camvid_and_the_loss_falls(tmp_path):
                            str(tmp_path / "eval"), "--wall-clock", "75", "--checkpoint", result["last"]],
                           capture_output=True, text=True, check=True).stdout
     speeds = [r["img_per_s"] for r in records if "img_per_s" in r][1:]  # the first window: warm-up
-    assert f"- iterations: 40 (last logged), final training loss {losses[-1]:.4f}" in text
-    assert "- evaluated checkpoint: last.pt of iteration 40\n" in text  # the run's end
+    assert f"- iterations: 80 (last logged), final training loss {losses[-1]:.4f}" in text
+    assert "- evaluated checkpoint: last.pt of iteration 80\n" in text  # the run's end
     assert f"median {statistics.median(speeds):.0f} img/s over 7 log windows" in text
     assert "1 min 15 s" in text
     assert f"`sceneparse eval`, eval (fp32): mIoU {100 * report['mean_iou']:.2f} %" in text
