@@ -127,7 +127,8 @@ def _evaluate(args, info, settings: dict, split: str, options: dict, where: str)
     from sceneparse.engine.visualize import save_confusion_png
 
     output = Path(args.output) if args.output else _default_output(args.model, split)
-    run_on_main(lambda: ensure_writable(output, "the evaluation results", "choose a writable --output folder"), info)  # before the evaluation, not after it
+    # before the evaluation, not after it
+    run_on_main(lambda: ensure_writable(output, "the evaluation results", "choose a writable --output folder"), info)
     dataset = build_dataset(settings, split)
     # a zoo name's cached files are converted by rank 0 alone; then every rank reads the checkpoint
     path = broadcast_object(run_on_main(lambda: str(resolve_model(args.model)), info))

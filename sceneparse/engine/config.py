@@ -254,9 +254,13 @@ def _check_loss_options(loss: DictConfig) -> None:
 def _check_finite(node: Any, key: str = "") -> None:
     """No setting may be inf or nan (YAML's .inf/.nan, or `=inf` on the command line): an
     infinite learning rate or weight passes every `>= 0` check and turns the first step into nan."""
-    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for name, value in children:
-        child = f"{key}.{name}" if isinstance(node, dict) and key else str(name) if not key else f"{key}[{name}]"
+    if isinstance(node, dict):
+        children = [(f"{key}.{name}" if key else str(name), value) for name, value in node.items()]
+    elif isinstance(node, list):
+        children = [(f"{key}[{i}]", value) for i, value in enumerate(node)]
+    else:
+        return
+    for child, value in children:
         if isinstance(value, float) and not math.isfinite(value):
             raise SceneparseError(f"{child}={value}: expected a finite number")
         _check_finite(value, child)

@@ -87,7 +87,8 @@ class TrainBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         for it, _, _, batch in self.walk():
-            yield [(index, dist_utils.mix_seed("sample", self.seed, self.rank, it, slot)) for slot, index in enumerate(batch)]
+            yield [(index, dist_utils.mix_seed("sample", self.seed, self.rank, it, slot))
+                   for slot, index in enumerate(batch)]
 
     def __len__(self) -> int:
         return self.iterations - self.start_iter
