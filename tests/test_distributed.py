@@ -559,6 +559,22 @@ def _worker_draws(seed: int, rank: int) -> list[float]:
     return [value for pair in loader for value in pair]
 
 
+def test_a_rank_beyond_the_world_is_refused_and_a_bad_world_size_is_no_crash_at_exit(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    with pytest.raises(SceneparseError, match=r"RANK=5 with WORLD_SIZE=2: ranks are 0 .. 1"):
+        D.init_from_env("cpu")
+    # an empty WORLD_SIZE (a script's `export WORLD_SIZE=`): a command that needs no process group
+    # still exits 0, with no traceback from the exit path
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["WORLD_SIZE"] = ""
+    done = subprocess.run([sys.executable, "-m", "sceneparse", "zoo", "list", "--cache-dir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_worker_seeds_differ_per_worker_and_rank_and_repeat():
     first = _worker_draws(7, rank=0)
     assert _worker_draws(7, rank=0) == first  # reproducible

@@ -207,6 +207,11 @@ def test_nonfinite_loss_stops_naming_iteration_and_files_and_keeps_good_checkpoi
     state = torch.load(out / "last.pt", weights_only=True)["train_state"]
     assert state["iteration"] == 4  # the NaN step was never saved
     assert all(torch.isfinite(v).all() for v in weights(out / "last.pt").values() if v.is_floating_point())
+    # before any checkpoint: the hint does not point at a last.pt that is not there
+    _nan_at(2, monkeypatch)
+    with pytest.raises(SceneparseError) as err:
+        train(config(tmp_path / "early", "train.checkpoint_every=100", "train.log_every=3"))
+    assert not (tmp_path / "early" / "last.pt").exists() and "no checkpoint was saved before it" in err.value.hint
 
 
 def test_nonfinite_loss_skip_mode_counts_and_goes_on(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from omegaconf import OmegaConf
+
 from sceneparse.engine.config import load_config
 from sceneparse.engine.feed import SeededDataset, TrainBatches, epoch_batches_fn
 from sceneparse.engine.optim import PolySchedule, param_groups
@@ -689,3 +691,55 @@ def test_a_batch_of_one_with_a_pooled_decoder_is_refused_before_training(tmp_pat
         model(torch.randn(1, 3, 64, 64))
     assert train(tiny_config(tmp_path / "c1", "model.decoder=c1_deepsup", "data.batch_size=1",
                              "train.iterations=2", "train.val_every=0"))["iterations"] == 2
+
+
+def test_overrides_may_follow_the_options(tmp_path):
+    """`train CFG --resume PATH key=value` and `train CFG --overwrite key=value`: argparse would end
+    the overrides at the first option; docs/distributed.md promises any order."""
+    from sceneparse.cli.main import main
+
+    common = [*TINY, f"output_dir={tmp_path / 'run'}", "train.val_every=0"]
+    assert main(["train", "configs/quickstart.yaml", "--overwrite", *common, "train.iterations=2"]) == 0
+    assert main(["train", "configs/quickstart.yaml", *common, "--resume", str(tmp_path / "run" / "last.pt"),
+                 "train.iterations=4"]) == 0
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train_state"]["iteration"] == 4
+    with pytest.raises(SystemExit):  # words that are no overrides stay an error
+        main(["train", "configs/quickstart.yaml", "--overwrite", "stray"])
+
+
+def test_a_distributed_runs_resume_command_keeps_torchrun_and_its_process_count(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sceneparse.engine.distributed import DistInfo
+    from sceneparse.engine.train import Trainer
+
+    def command(world_size, **env):
+        for name in ("LOCAL_WORLD_SIZE",):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        fake = SimpleNamespace(info=DistInfo(rank=0, world_size=world_size), output_dir=tmp_path)
+        return Trainer.resume_command.fget(fake)
+
+    tail = f"train {tmp_path / 'config.yaml'} --resume {tmp_path / 'last.pt'}"
+    assert command(1) == f"sceneparse {tail}"
+    assert command(4, LOCAL_WORLD_SIZE="4") == f"torchrun --nproc-per-node 4 -m sceneparse {tail}"
+    assert command(16, LOCAL_WORLD_SIZE="8") == (
+        f"torchrun --nnodes 2 --nproc-per-node 8 <your rendezvous options> -m sceneparse {tail}")
+
+
+def test_processes_started_with_different_settings_are_refused_at_start(monkeypatch):
+    from sceneparse.engine import distributed as dist_utils
+    from sceneparse.engine.distributed import DistInfo
+    from sceneparse.engine.train import _check_same_config, _flat_settings
+
+    cfg = load_config(None, TINY)
+    other = _flat_settings(OmegaConf.to_container(load_config(None, [*TINY, "train.iterations=10"]), resolve=True))
+    same = _flat_settings(OmegaConf.to_container(cfg, resolve=True))
+    info = DistInfo(rank=0, world_size=2)
+    monkeypatch.setattr(dist_utils, "all_gather_object", lambda obj: [obj, same])
+    _check_same_config(cfg, info)  # the same everywhere: fine
+    monkeypatch.setattr(dist_utils, "all_gather_object", lambda obj: [obj, other])
+    with pytest.raises(SceneparseError) as err:
+        _check_same_config(cfg, info)
+    assert err.value.message.endswith("rank(s) 1 differ from rank 0 in train.iterations")

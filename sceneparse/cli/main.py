@@ -41,7 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `train CFG --resume PATH key=value`: argparse ends the overrides at the first option; the
+    # key=value words after it are overrides too, in any order (as docs/distributed.md says)
+    if extra and getattr(args, "overrides", None) is not None and all(
+            "=" in word and not word.startswith("-") for word in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = args.func(args)
     except SceneparseError as err:
@@ -65,7 +72,9 @@ def entry() -> None:
     skipped.
     """
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # (a WORLD_SIZE that is no number was reported by the command; here it only means "not torchrun")
+    world_size = os.environ.get("WORLD_SIZE", "1").strip()
+    if world_size.isdigit() and int(world_size) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -126,6 +126,9 @@ def init_from_env(device: str | torch.device = "auto") -> DistInfo:
 
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world_size:  # it would wait forever for a rank that never comes
+        raise SceneparseError(f"RANK={rank} with WORLD_SIZE={world_size}: ranks are 0 .. {world_size - 1}",
+                              "start distributed runs with torchrun, which sets both")
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
         raise SceneparseError(

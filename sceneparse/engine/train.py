@@ -315,6 +315,35 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
         return Trainer(cfg, resume, info).run()
 
 
+def _env_count(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else default
+
+
+def _check_same_config(cfg: DictConfig, info) -> None:
+    """Every process must train with the same settings: a config edited on one machine only would
+    make the ranks wait on each other at different steps, silently, until the process group's
+    timeout. Refused on every rank at start-up, naming the settings that differ."""
+    if not info.distributed:
+        return
+    mine = _flat_settings(OmegaConf.to_container(cfg, resolve=True))
+    everyone = dist_utils.all_gather_object(mine)
+    differ = sorted({key for other in everyone for key in mine.keys() | other.keys()
+                     if other.get(key) != everyone[0].get(key)})
+    if differ:
+        ranks = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
+        raise SceneparseError(
+            f"the processes were started with different settings: rank(s) {', '.join(map(str, ranks))} differ from "
+            f"rank 0 in {', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}",
+            "start every process (every machine's torchrun) with the same config file and overrides")
+
+
+def _flat_settings(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat_settings(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): repr(node)}
+
+
 class Trainer:
     """One training run. `__init__` sets everything up (a user mistake fails there, before any
     step, on every rank alike); `run()` is the loop. `train()` is the way in."""
@@ -327,6 +356,7 @@ class Trainer:
         tc, dc = cfg.train, cfg.data
         device = info.device
         self.output_dir = output_dir = Path(cfg.output_dir)
+        _check_same_config(cfg, info)  # else ranks that disagree (iterations, say) wait on each other forever
         resume_path = (output_dir / "last.pt") if resume is True else (Path(resume) if resume else None)
         # Rank 0 checks/clears the folder while the others wait; then all of them fail alike or go on.
         replaced = dist_utils.run_on_main(lambda: prepare_output(output_dir, cfg.overwrite, resume_path is not None),
@@ -502,6 +532,12 @@ class Trainer:
         # Each rank's own RNG streams (dropout draws differ per rank); rank 0's when the process
         # count changed or the checkpoint predates per-rank states.
         per_rank = state.get("rng_per_rank") or []
+        if per_rank and len(per_rank) != self.info.world_size and self.info.is_main:
+            batch = self.cfg.data.batch_size
+            print(f"note: {path} was trained by {len(per_rank)} process(es), this run has {self.info.world_size}: "
+                  f"the global batch changes from {len(per_rank) * batch} to {self.info.world_size * batch} images "
+                  "(resume under torchrun with the earlier process count to continue the run unchanged)",
+                  file=sys.stderr)
         set_rng_state(per_rank[self.info.rank] if len(per_rank) == self.info.world_size else state["rng"])
         return state.get("elapsed_s", 0.0)
 
@@ -510,7 +546,16 @@ class Trainer:
 
     @property
     def resume_command(self) -> str:
-        return f"sceneparse train {self.output_dir / 'config.yaml'} --resume {self.output_dir / 'last.pt'}"
+        """The command that continues this run, under torchrun with the same processes if it ran
+        there: resumed by one process, the global batch would silently shrink."""
+        command = f"sceneparse train {self.output_dir / 'config.yaml'} --resume {self.output_dir / 'last.pt'}"
+        if not self.info.distributed:
+            return command
+        per_node = _env_count("LOCAL_WORLD_SIZE", self.info.world_size)
+        nodes = max(1, self.info.world_size // per_node)
+        launcher = (f"torchrun --nproc-per-node {per_node}" if nodes == 1 else
+                    f"torchrun --nnodes {nodes} --nproc-per-node {per_node} <your rendezvous options>")
+        return f"{launcher} -m {command}"
 
     # ------------------------------------------------------------------------------- the loop
     def run(self) -> dict:
@@ -650,10 +695,11 @@ class Trainer:
         rank = next(r for r, report in enumerate(reports) if report is not None)
         value, paths = reports[rank]
         where = f" (rank {rank})" if self.info.distributed else ""
+        last = self.output_dir / "last.pt"
         return NonFiniteLoss(
             f"training loss became {value} at iteration {iteration_bad} on images: {', '.join(paths)}{where}",
             "lower the learning rate, check those files, or set train.on_nonfinite=skip; "
-            f"the last good checkpoint is {self.output_dir / 'last.pt'}",
+            + (f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was saved before it"),
         )
 
     def _validate(self, iteration: int) -> None:
