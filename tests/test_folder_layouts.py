@@ -262,3 +262,17 @@ def test_the_ignored_row_lines_up_with_the_class_rows(tmp_path):
     rows = text.split("pixels per class:\n")[1].splitlines()[:3]
     assert rows[2].split()[1] == "(ignored)"
     assert len({row.index("%") for row in rows}) == 1 and len({len(row) for row in rows}) == 1
+
+
+@pytest.mark.parametrize("kind", ["ade20k", "camvid", "voc"])
+def test_a_builtin_kind_on_a_folder_of_ones_own_suggests_data_kind_folder(tmp_path, kind):
+    """The README's fine-tune command with `data.kind=folder` forgotten: the ADE20K config's kind
+    reads the folder, and its own message (no annotations, no label file) would not say why."""
+    from sceneparse.data import build_dataset
+
+    root = flat_with_lists(tmp_path / "mine")
+    with pytest.raises(SceneparseError) as err:
+        build_dataset({"kind": kind, "root": str(root)}, "train")
+    assert err.value.hint.endswith(f"{root / 'classes.yaml'} marks a dataset of your own: if this is one, "
+                                   "set data.kind=folder")
+    assert len(build_dataset({"kind": "folder", "root": str(root)}, "train")) == 2

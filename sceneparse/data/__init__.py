@@ -6,10 +6,11 @@ samples are `{"image": Image uint8 3xHxW, "mask": Mask int64 HxW, "path": str}`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from sceneparse.data.datasets import (
     ADE20K, VOC, CamVid, Cityscapes, COCOStuff, Folder, LabelMapper, PascalContext, PascalContext60,
-    SegmentationDataset, join_splits,
+    SegmentationDataset, find_classes_file, join_splits,
 )
 from sceneparse.data.meta import IGNORE_INDEX, builtin_meta, make_palette
 from sceneparse.data.synthetic import Synthetic
@@ -48,8 +49,23 @@ def build_dataset(data_cfg, split: str, transforms=None) -> SegmentationDataset:
     if kind not in DATASETS:
         raise SceneparseError(f"unknown dataset kind {kind!r} (`data.kind`)", f"use one of: {', '.join(DATASETS)}")
     splits = split.split("+") if isinstance(split, str) else [split]
-    parts = [DATASETS[kind].from_config(dict(data_cfg), name.strip(), transforms) for name in splits]
+    try:
+        parts = [DATASETS[kind].from_config(dict(data_cfg), name.strip(), transforms) for name in splits]
+    except SceneparseError as err:
+        raise _with_folder_kind_hint(err, data_cfg) from None
     dataset = parts[0] if len(parts) == 1 else join_splits(parts)
     if data_cfg.get("cache_in_memory"):
         dataset.cache_in_memory()
     return dataset
+
+
+def _with_folder_kind_hint(err: SceneparseError, data_cfg: Mapping) -> SceneparseError:
+    """A built-in kind's reader failed on a root that holds a classes file, the mark of a dataset of
+    the user's own: most likely `data.kind=folder` was forgotten (a config made for ADE20K, say),
+    and the reader's own message (no annotations folder, images without labels) would not say so."""
+    root = data_cfg.get("root")
+    classes = find_classes_file(Path(root).expanduser()) if root and data_cfg.get("kind") != "folder" else None
+    if classes is None or data_cfg.get("kind") == "synthetic":
+        return err
+    hint = f"{classes} marks a dataset of your own: if this is one, set data.kind=folder"
+    return SceneparseError(err.message, f"{err.hint}; or, {hint}" if err.hint else hint)
