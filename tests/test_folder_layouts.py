@@ -276,3 +276,13 @@ def test_a_builtin_kind_on_a_folder_of_ones_own_suggests_data_kind_folder(tmp_pa
     assert err.value.hint.endswith(f"{root / 'classes.yaml'} marks a dataset of your own: if this is one, "
                                    "set data.kind=folder")
     assert len(build_dataset({"kind": "folder", "root": str(root)}, "train")) == 2
+
+
+def test_the_check_of_a_flat_folder_with_lists_names_a_label_no_image_has(tmp_path):
+    root = flat_with_lists(tmp_path / "mine")
+    (root / "labels" / "b.png").rename(root / "labels" / "b_mask.png")
+    report = check_datasets(datasets_to_check(str(root), None, None)[0], progress=False)
+    found = {p.code: p.files for p in report.problems}
+    assert found["image_without_label"] == [str(root / "images" / "b.jpg")]
+    assert found["label_without_image"] == [str(root / "labels" / "b_mask.png")]
+    assert [p.code for p in report.problems].count("label_without_image") == 1  # not once per split

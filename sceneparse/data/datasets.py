@@ -928,7 +928,10 @@ class Folder(SegmentationDataset):
             else:
                 missing.append(root / "images" / entry)
         unsupported = {p: listing.unsupported_labels[p] for p in no_label if p in listing.unsupported_labels}
-        return Listing(pairs, no_label, [], missing, where=str(list_file), unsupported_labels=unsupported)
+        # labels no image has (a renamed label, say) belong to no list; told for each split, once by
+        # the data check: next to "image has no label file" they show the name that went wrong
+        return Listing(pairs, no_label, listing.labels_without_images, missing, where=str(list_file),
+                       unsupported_labels=unsupported)
 
     @staticmethod
     def _no_split(root: Path, split: str, missing: Path, what: str, have: list[str], make: str) -> SceneparseError:
