@@ -9,9 +9,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from omegaconf import OmegaConf
+from torch import nn
 
 from sceneparse.engine.config import load_config
 from sceneparse.engine.feed import SeededDataset, TrainBatches, epoch_batches_fn
@@ -696,15 +695,17 @@ def test_a_batch_of_one_with_a_pooled_decoder_is_refused_before_training(tmp_pat
 def test_overrides_may_follow_the_options(tmp_path):
     """`train CFG --resume PATH key=value` and `train CFG --overwrite key=value`: argparse would end
     the overrides at the first option; docs/distributed.md promises any order."""
+    from pathlib import Path
+
     from sceneparse.cli.main import main
 
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
     common = [*TINY, f"output_dir={tmp_path / 'run'}", "train.val_every=0"]
-    assert main(["train", "configs/quickstart.yaml", "--overwrite", *common, "train.iterations=2"]) == 0
-    assert main(["train", "configs/quickstart.yaml", *common, "--resume", str(tmp_path / "run" / "last.pt"),
-                 "train.iterations=4"]) == 0
+    assert main(["train", config, "--overwrite", *common, "train.iterations=2"]) == 0
+    assert main(["train", config, *common, "--resume", str(tmp_path / "run" / "last.pt"), "train.iterations=4"]) == 0
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train_state"]["iteration"] == 4
     with pytest.raises(SystemExit):  # words that are no overrides stay an error
-        main(["train", "configs/quickstart.yaml", "--overwrite", "stray"])
+        main(["train", config, "--overwrite", "stray"])
 
 
 def test_a_distributed_runs_resume_command_keeps_torchrun_and_its_process_count(tmp_path, monkeypatch):
@@ -714,8 +715,7 @@ def test_a_distributed_runs_resume_command_keeps_torchrun_and_its_process_count(
     from sceneparse.engine.train import Trainer
 
     def command(world_size, **env):
-        for name in ("LOCAL_WORLD_SIZE",):
-            monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         fake = SimpleNamespace(info=DistInfo(rank=0, world_size=world_size), output_dir=tmp_path)
