@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import random
 
 import numpy as np
@@ -121,6 +122,41 @@ def test_disk_full_is_a_user_error_and_leaves_no_partial_file(tmp_path, monkeypa
     assert str(path) in str(info.value)
     monkeypatch.undo()
     assert path.read_bytes() == before and _leftovers(tmp_path) == []
+
+
+def test_a_file_size_limit_hit_inside_torch_save_is_a_user_error_too(tmp_path):
+    """torch.save's zip writer reports a write that fails (a full disk, a file-size limit) as a
+    RuntimeError, not an OSError: still one message naming the file; the previous file stays."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "last.pt"
+    atomic_save({"w": torch.zeros(10)}, path)
+    script = textwrap.dedent(f"""
+        import resource, signal, torch
+        from sceneparse.engine.checkpoint import atomic_save
+        from sceneparse.errors import SceneparseError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        try:
+            atomic_save({{"w": torch.zeros(1 << 20)}}, {str(path)!r})
+        except SceneparseError as err:
+            print("user error:", err.message)
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert f"user error: could not write checkpoint {path}" in done.stdout, done.stderr[-2000:]
+    assert torch.load(path, weights_only=True)["w"].shape == (10,) and _leftovers(tmp_path) == []
+
+
+def test_a_checkpoint_gets_the_umasks_permissions_like_any_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_save({"a": 1}, tmp_path / "x.pt")
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.pt").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o644
 
 
 def test_unwritable_folder_is_a_user_error(tmp_path):

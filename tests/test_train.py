@@ -679,6 +679,49 @@ def test_a_resumed_log_keeps_the_checkpoints_own_points_in_json_and_tensorboard(
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(2, 2.0), (4, 4.0), (6, 6.0), (8, 80.0)]
 
 
+def test_a_run_resumed_to_validate_again_logs_that_validation_once(tmp_path):
+    """last.pt saved before the validation at 4, the validation logged, the process killed before
+    the second save: the resumed run validates 4 again, and the log must not hold it twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sceneparse.engine.logger import RunLogger
+
+    log = RunLogger(tmp_path)
+    log.log({"iter": 2, "loss": 2.0})
+    log.log({"iter": 4, "loss": 4.0})
+    log.log({"iter": 4, "val_miou": 0.25})
+    log.close()
+    log = RunLogger(tmp_path, resume_from=4, revalidating=True)
+    log.log({"iter": 4, "val_miou": 0.5})  # validated again
+    log.log({"iter": 6, "loss": 6.0})
+    log.close()
+    assert log.records() == [{"iter": 2, "loss": 2.0}, {"iter": 4, "loss": 4.0}, {"iter": 4, "val_miou": 0.5},
+                             {"iter": 6, "loss": 6.0}]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val/miou")] == [(4, 0.5)]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(2, 2.0), (4, 4.0), (6, 6.0)]
+
+
+def test_a_budget_run_resumed_with_its_time_used_up_still_validates_and_saves(tmp_path):
+    """A SIGTERM near the end of the time budget, then a resume: no step is left, but the run ends
+    as a budget run does, validated (best.pt written) at the iteration where it stands."""
+    short = ["train.iterations=6", "train.val_every=100", "train.checkpoint_every=3", "train.log_every=3"]
+    train(tiny_config(tmp_path, *short))
+    last = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["train_state"]["validated_iter"] == 6  # validated at its end: nothing to redo
+    (tmp_path / "run" / "best.pt").unlink()
+    ckpt["train_state"]["validated_iter"] = -1  # as if stopped by a signal at 6, never validated
+    ckpt["train_state"]["best_miou"] = float("-inf")
+    torch.save(ckpt, last)
+    spent = ckpt["train_state"]["elapsed_s"]
+    result = train(tiny_config(tmp_path, *short, f"train.time_budget_s={spent / 2}"), resume=True)
+    assert result["iterations"] == 6 and result["best"] and (tmp_path / "run" / "best.pt").is_file()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "val_miou" in r] == [6]  # the first run's record made way
+
+
 def test_a_batch_of_one_with_a_pooled_decoder_is_refused_before_training(tmp_path):
     cfg = tiny_config(tmp_path, "model.decoder=ppm_deepsup", "data.batch_size=1")
     with pytest.raises(SceneparseError, match="data.batch_size=1 cannot train the ppm_deepsup decoder"):

@@ -55,6 +55,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading it means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """`torch.save(obj)` to `path` atomically; OSError (disk full, read-only) -> SceneparseError."""
     path = Path(path)
@@ -62,6 +68,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename: others could not read it
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -69,9 +76,11 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         os.replace(tmp_name, path)
         tmp_name = None
         _fsync_dir(path.parent)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save's zip writer reports a full disk as RuntimeError
+        reason = getattr(err, "strerror", None) or next(
+            (line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise SceneparseError(
-            f"could not write checkpoint {path}: {err.strerror or err}",
+            f"could not write checkpoint {path}: {reason}",
             hint="free disk space or choose a writable output_dir; the previous checkpoint is untouched",
         ) from None
     finally:

@@ -399,7 +399,7 @@ class Trainer:
             # own random numbers (dropout), else every rank would drop the same units.
             _seed_everything(dist_utils.rank_seed(tc.seed, info.rank))
         self.start_iter, self.position, self.best_miou, self.skipped = 0, (0, 0), float("-inf"), 0
-        self.pending_validation = False
+        self.pending_validation, self.validated_iter = False, -1  # (-1: no validation yet)
         if ckpt is not None:
             started -= self._restore(ckpt["train_state"], resume_path)
         if info.is_main:
@@ -414,8 +414,8 @@ class Trainer:
         self.class_names = list(self.train_set.class_names)
         self.palette = [list(c) for c in self.train_set.palette]
         self.normalization = {"mean": list(dc.mean), "std": list(dc.std)}
-        self.logger = (RunLogger(output_dir, resume_from=self.start_iter if ckpt is not None else None)
-                       if info.is_main else None)
+        self.logger = (RunLogger(output_dir, resume_from=self.start_iter if ckpt is not None else None,
+                                 revalidating=self.pending_validation) if info.is_main else None)
         self.last_metrics: dict = {}
         # This log window's per-step losses (on the device), their (iteration, image paths), its start.
         self.window: list[torch.Tensor] = []
@@ -492,6 +492,11 @@ class Trainer:
             spent = ckpt["train_state"].get("elapsed_s", 0.0)
             self.schedule.horizon = self.budget.horizon(self.start_iter, tc.iterations, spent,
                                                         self.budget.steps_per_s)
+            used_up = self.schedule.horizon <= self.start_iter
+            if used_up and tc.val_every > 0 and self.validated_iter != self.start_iter:
+                # the time was up when it stopped (a SIGTERM at the budget's end, say): the run
+                # still ends as a budget run does, validated and saved where it stands
+                self.pending_validation = True
         # The rates of the next step under the schedule as now set: a resumed run's changed
         # settings apply from its first step (LambdaLR's own formula, so unchanged ones are exact).
         factor = self.schedule(self.scheduler.last_epoch)
@@ -529,6 +534,7 @@ class Trainer:
                 "is, evaluate or predict with it")
         self.pending_validation = bool(state.get("pending_validation")) and self.cfg.train.val_every > 0
         self.best_miou, self.skipped = state["best_miou"], state["skipped"]
+        self.validated_iter = state.get("validated_iter", -1)
         # Each rank's own RNG streams (dropout draws differ per rank); rank 0's when the process
         # count changed or the checkpoint predates per-rank states.
         per_rank = state.get("rng_per_rank") or []
@@ -719,6 +725,7 @@ class Trainer:
                                std=list(dc.std), num_workers=dc.num_workers,
                                progress=self.info.is_main)  # a long validation must not look like a hang
         self.last_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.validated_iter = iteration
         improved = metrics["mean_iou"] > self.best_miou
         self.best_miou = max(self.best_miou, metrics["mean_iou"])
         if self.logger is not None:
@@ -742,6 +749,7 @@ class Trainer:
     def _write_last(self, iteration: int, next_position, rng_states: list, pending_validation: bool) -> None:
         state = {
             "iteration": iteration, "data_position": list(next_position), "pending_validation": pending_validation,
+            "validated_iter": self.validated_iter,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "best_miou": self.best_miou, "skipped": self.skipped,
             "rng": rng_states[0], "rng_per_rank": rng_states, "config": OmegaConf.to_container(self.cfg),
