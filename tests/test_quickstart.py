@@ -75,3 +75,20 @@ output_dir: "{out}"
     image = root / "images" / "train_0000.png"
     assert main(["predict", "--model", str(out / "best.pt"), str(image), "--output", str(tmp_path / "pred")]) == 0
     assert any(p.name.startswith("train_0000") for p in (tmp_path / "pred").iterdir())
+
+
+def test_quickstart_refuses_a_folder_holding_another_run_and_names_its_option(tmp_path, capsys):
+    from sceneparse.cli.main import main
+
+    run = tmp_path / "r50d"
+    (run / "tb").mkdir(parents=True)
+    (run / "tb" / "events.keep").write_text("keep")
+    (run / "best.pt").write_bytes(b"a real model")
+    (run / "config.yaml").write_text("data:\n  kind: ade20k\n")
+    assert main(["quickstart", "--output", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} holds a training run that is not a quickstart's" in err and "data.kind=ade20k" in err
+    assert (run / "best.pt").read_bytes() == b"a real model" and (run / "tb" / "events.keep").is_file()
+    (tmp_path / "a file").write_text("")
+    assert main(["quickstart", "--output", str(tmp_path / "a file" / "qs")]) == 2
+    assert "fix: choose a writable --output folder" in capsys.readouterr().err

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from sceneparse.errors import SceneparseError, ensure_writable
+
 # Overrides onto the config defaults; mirrored by configs/quickstart.yaml.
 QUICKSTART = {
     "model": {"encoder": "timm:resnet18", "decoder": "c1", "encoder_options": {"out_indices": [0, 1, 2]}},
@@ -93,6 +95,8 @@ def _run(output_dir, overrides, start: float) -> dict:
 
     cfg = quickstart_config(output_dir, ["overwrite=true", *overrides])
     out = Path(cfg.output_dir)
+    _refuse_another_run(out)  # overwrite=true replaces an earlier quickstart, never a real run
+    ensure_writable(out, "the quickstart", "choose a writable --output folder")
     print(f"quickstart: training {cfg.model.encoder} + {cfg.model.decoder} on "
           f"{cfg.data.synthetic.num_images.train} generated street scenes ({cfg.train.iterations} iterations)",
           file=sys.stderr)
@@ -109,13 +113,35 @@ def _run(output_dir, overrides, start: float) -> dict:
     }
 
 
+def _refuse_another_run(folder: Path) -> None:
+    """A quickstart replaces the run files of an earlier quickstart in its folder: refuse a folder
+    whose run trained on anything but generated scenes (`--output runs/r50d` by mistake)."""
+    from omegaconf import OmegaConf
+
+    from sceneparse.engine.train import RUN_FILES
+
+    found = [name for name in RUN_FILES if (folder / name).exists()]
+    if not found:
+        return
+    try:
+        kind = OmegaConf.select(OmegaConf.load(folder / "config.yaml"), "data.kind")
+    except Exception:  # noqa: BLE001 - absent or unreadable: not known to be a quickstart's
+        kind = None
+    if kind != "synthetic":
+        raise SceneparseError(
+            f"{folder} holds a training run that is not a quickstart's ({', '.join(found)}"
+            + (f"; it trained on data.kind={kind}" if kind else "") + "): the quickstart would replace it",
+            "choose another --output folder")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "quickstart",
         help="train and evaluate a small model on generated scenes (offline, CPU, minutes)",
         description="Generate a small synthetic street-scene dataset, train a small model on it, "
         "evaluate it and write coloured predictions. Needs no download and no GPU. Files of a "
-        "previous quickstart in the output folder are replaced.",
+        "previous quickstart in the output folder are replaced; a folder holding another training "
+        "run is refused.",
     )
     parser.add_argument("--output", default="quickstart_output", help="output folder (default: quickstart_output)")
     parser.set_defaults(func=run)
