@@ -164,6 +164,12 @@ def test_bench_refuses_class_count_mismatch_with_data(capsys):
     assert "--num-classes 11" in capsys.readouterr().err
 
 
+def test_bench_data_that_is_no_folder_says_so(tmp_path, capsys):
+    assert main(["bench", *TINY, "--tasks", "train-data", "--data", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {tmp_path / 'nope'}: no such folder" in err and "--data-kind" not in err
+
+
 ADE_SAMPLES = SHARED / "data" / "ade20k_samples"
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 from sceneparse.cli.options import DATASET_KINDS
 from sceneparse.errors import SceneparseError
@@ -99,6 +100,8 @@ def run(args) -> int:
     if args.data:
         from sceneparse.data.datasets import detect_kind
 
+        if not Path(args.data).expanduser().is_dir():
+            raise SceneparseError(f"--data {args.data}: no such folder", "pass the folder that holds the dataset")
         kind = args.data_kind or detect_kind(args.data)
         if kind is None:
             raise SceneparseError(f"cannot tell the dataset layout of {args.data}",
