@@ -306,6 +306,25 @@ def test_cli_predict_writes_and_matches_predictor(tiny_checkpoint, tmp_path, cap
     assert len([p for p in out.rglob("*") if p.is_file()]) == 12
 
 
+def test_cli_predict_with_csails_protocol_is_predictor_csail(tiny_checkpoint, tmp_path, capsys):
+    """`predict --protocol csail [--single-scale]`: CSAIL's own test resizing (Pillow, sizes rounded
+    up to the model's multiple), which `--scales 450` is not."""
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, size=(37, 53, 3), dtype=np.uint8)).save(image)
+    model = load_model(tiny_checkpoint)
+    for extra, single in (([], False), (["--single-scale"], True)):
+        out = tmp_path / f"out{len(extra)}"
+        assert main(["predict", "--model", str(tiny_checkpoint), str(image), "--output", str(out), "--device", "cpu",
+                     "--protocol", "csail", *extra]) == 0
+        expected = Predictor.csail(model, single_scale=single).predict(read_image(image)).numpy()
+        assert np.array_equal(np.asarray(Image.open(out / "photo_labels.png")), expected)
+    for wrong, message in ((["--protocol", "csail", "--scales", "450"], "--scales cannot be combined"),
+                           (["--single-scale"], "--single-scale belongs to --protocol csail")):
+        assert main(["predict", "--model", str(tiny_checkpoint), str(image), "--output", str(tmp_path / "x"),
+                     *wrong]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_cli_predict_skips_an_unreadable_image_and_goes_on(tiny_checkpoint, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
