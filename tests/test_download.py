@@ -208,6 +208,12 @@ def test_hand_placed_file_is_recorded(server, tmp_path):
     assert server.log == []
     key = path.relative_to(tmp_path).as_posix()
     assert manifest(tmp_path)[key]["sha256"] == sha(b"put here by hand")
+    # the wrong file replaced by hand with the right one: the user's new file, not a corrupted download
+    before = path.stat().st_mtime_ns
+    path.write_bytes(b"the right file, by hand")
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+    assert fetch(url, cache_dir=tmp_path, progress=False).read_bytes() == b"the right file, by hand"
+    assert server.log == [] and manifest(tmp_path)[key]["sha256"] == sha(b"the right file, by hand")
 
 
 def test_404(server, tmp_path):

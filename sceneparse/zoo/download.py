@@ -91,10 +91,12 @@ def _unchanged(entry: dict | None, path: Path) -> bool:
     return stat.st_size == entry["size"] and stat.st_mtime_ns == entry["mtime_ns"]
 
 
-def _record_hash(root: Path, key: str, digest: str, path: Path) -> None:
+def _record_hash(root: Path, key: str, digest: str, path: Path, by_hand: bool = False) -> None:
     stat = path.stat()
     manifest = _read_manifest(root)
     manifest[key] = {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if by_hand:  # the user's file, not a download: replacing it later is the user's right
+        manifest[key]["by_hand"] = True
     _write_manifest(root, manifest)
 
 
@@ -132,14 +134,17 @@ def fetch(url: str, sha256: str | None = None, cache_dir: str | os.PathLike | No
     dest = root / key
     entry = _read_manifest(root).get(key)
     recorded = entry["sha256"] if entry else None
-    expected = sha256 or recorded
+    # a hand-placed file's record says what the user put there, not what the server sends
+    expected = sha256 or (None if entry and entry.get("by_hand") and not dest.exists() else recorded)
 
     if dest.exists():
         if expected == recorded and _unchanged(entry, dest):
             return dest  # hashed before and untouched since
         actual = sha256_file(dest)
-        if expected is None:
-            _record_hash(root, key, actual, dest)  # e.g. a file the user put there by hand
+        if expected is None or (sha256 is None and entry and entry.get("by_hand")):
+            # a file the user put there by hand (or replaced by hand, a wrong one by the right one,
+            # say): recorded as it is now, never deleted as "corrupted"
+            _record_hash(root, key, actual, dest, by_hand=True)
             return dest
         if actual == expected:
             # record size and mtime so the next fetch need not hash it; a read-only (shared) cache
@@ -278,11 +283,14 @@ def _convert(entry: ZooEntry, cache_dir, output: Path) -> None:
         convert_csail_files(encoder, decoder, entry.name, output)
     except UnreadableFileError as err:
         root = _root(cache_dir)
-        for path in (encoder, decoder):
+        # only the file the error names: a good encoder (hundreds of MB, maybe copied by hand) stays
+        bad = [path for path in (encoder, decoder) if str(path) in err.message] or [encoder, decoder]
+        for path in bad:
             _forget(root, path.relative_to(root).as_posix())
         raise SceneparseError(
-            f"{err.message}\n(CSAIL's files of {entry.name!r} were removed from the cache {root})",
-            f"download them again: sceneparse zoo download {entry.name}",
+            f"{err.message}\n(removed from the cache {root}: {', '.join(path.name for path in bad)})",
+            f"download it again (sceneparse zoo download {entry.name}), or, offline, put a good copy "
+            f"in {bad[0].parent}/",
         ) from None
 
 
