@@ -373,3 +373,13 @@ def test_timm_weights_load_into_an_encoder_cut_short_with_out_indices(tmp_path):
     assert torch.equal(loaded["body.conv1.0.weight"], full.state_dict()["conv1.0.weight"])
     assert torch.equal(loaded["body.layer2.0.conv1.weight"], full.state_dict()["layer2.0.conv1.weight"])
     assert not any(k.startswith("body.layer3") for k in loaded)
+
+
+def test_a_patch_14_vit_pads_to_its_patch_not_to_32():
+    """DINOv2's 14-pixel patches divide no multiple of 32 but 224: padding to 32 broke every size."""
+    model = build_model("timm:vit_small_patch14_dinov2", "segformer", 3, encoder_options={"out_indices": [11]}).eval()
+    assert model.encoder.pad_multiple == 14
+    with torch.no_grad():
+        for h, w in [(64, 96), (70, 98)]:
+            assert model(torch.randn(1, 3, h, w)).shape == (1, 3, h, w)
+    assert build_model("timm:resnet18", "c1", 3).encoder.pad_multiple == 32  # unchanged where 32 works

@@ -10,6 +10,7 @@ names, timm's names) and which keys of a classification checkpoint form the clas
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from functools import cached_property, partial
 
@@ -273,6 +274,10 @@ class TimmEncoder(Encoder):
         self.channels = list(self.body.feature_info.channels())
         self.reductions = list(self.body.feature_info.reduction())
         self.pad_multiple = max(32, max(self.reductions))
+        if any(self.pad_multiple % r for r in self.reductions):
+            # a reduction that does not divide 32 (a patch-14 ViT such as DINOv2): the input must be a
+            # multiple of the patch itself, and padding to 32 would break it
+            self.pad_multiple = math.lcm(*self.reductions)
         self.channels_last_maps = getattr(self.body, "output_fmt", "NCHW") == "NHWC"
         # timm's feature getter (models whose features come from `forward_intermediates`, e.g. ViT)
         # keeps the whole model under `model.`; the other wrappers hold its modules directly.
