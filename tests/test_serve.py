@@ -386,12 +386,19 @@ def test_the_serve_command_passes_its_options_to_the_server(model, tmp_path, mon
     predictor = srv.service.predictor
     assert predictor.scales == (40, 60) and predictor.flip and srv.service.max_body_bytes == 512 * 1024
     assert srv.service.class_names == NAMES and srv.quiet and srv.service.max_concurrent == 2
+    # --protocol csail: CSAIL's own resizing (Pillow, sizes rounded up to the model's multiple)
+    assert main(["serve", "--model", str(path), "--port", "0", "--protocol", "csail", "--single-scale",
+                 "--device", "cpu", "--quiet"]) == 0
+    csail = served[-1].service.predictor
+    assert csail.scales == (450,) and csail.resize == "pil" and csail.max_size == 1000
     # the CLI spells its default out (`--help` imports no torch): it must be the server's
     assert build_parser().parse_args(["serve", "--model", "m"]).max_concurrent == serve_mod.DEFAULT_MAX_CONCURRENT
     for bad, message in ((["--port", "70000"], "--port must be between 0 and 65535"),
                          (["--window", "8"], "--window must be at least 32 pixels"),
                          (["--max-body-mb", "0"], "--max-body-mb must be positive"),
-                         (["--max-concurrent", "0"], "--max-concurrent must be positive")):
+                         (["--max-concurrent", "0"], "--max-concurrent must be positive"),
+                         (["--protocol", "csail", "--scales", "450"], "--scales cannot be combined"),
+                         (["--single-scale"], "--single-scale belongs to --protocol csail")):
         assert main(["serve", "--model", str(tmp_path / "absent.pt"), *bad]) == 2
         assert message in capsys.readouterr().err
 

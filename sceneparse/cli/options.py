@@ -23,14 +23,35 @@ def add_prediction_args(parser) -> None:
                         help="network inputs larger than this run as overlapping windows, bounding memory "
                              "(default: 1024)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--protocol", choices=["default", "csail"], default="default",
+                        help="csail: CSAIL's ADE20K test protocol, as `sceneparse eval --protocol csail` (short "
+                             "sides 300..600, long side <= 1000, Pillow resizing; --scales and --max-size do "
+                             "not apply)")
+    parser.add_argument("--single-scale", action="store_true", help="with --protocol csail: short side 450 alone")
 
 
 def check_prediction_args(args) -> None:
-    """The sizes of `add_prediction_args`, refused before any model is loaded."""
+    """The sizes and the protocol of `add_prediction_args`, refused before any model is loaded."""
     if args.window < 32:
         raise SceneparseError(f"--window must be at least 32 pixels, got {args.window}")
     if (args.scales and min(args.scales) < 1) or args.max_size < 1:
         raise SceneparseError("--scales and --max-size must be positive sizes in pixels")
+    if args.protocol == "csail" and args.scales:
+        raise SceneparseError("--scales cannot be combined with --protocol csail (it fixes the scales)",
+                              "drop --scales (--single-scale: 450 alone), or use --protocol default")
+    if args.single_scale and args.protocol != "csail":
+        raise SceneparseError("--single-scale belongs to --protocol csail", "add --protocol csail, or give --scales 450")
+
+
+def build_predictor(model, args, device, **speed):
+    """The Predictor that `add_prediction_args`' options describe (`speed`: inference_speed_options)."""
+    from sceneparse.engine.infer import Predictor
+
+    if args.protocol == "csail":
+        return Predictor.csail(model, single_scale=args.single_scale, flip=args.flip, device=device,
+                               window=args.window, **speed)
+    return Predictor(model, scales=tuple(args.scales) if args.scales else (None,), flip=args.flip,
+                     max_size=args.max_size, device=device, window=args.window, **speed)
 
 
 def add_inference_speed_args(parser) -> None:

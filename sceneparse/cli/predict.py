@@ -8,6 +8,7 @@ from pathlib import Path
 from sceneparse.cli.options import (
     add_inference_speed_args,
     add_prediction_args,
+    build_predictor,
     check_prediction_args,
     compile_errors_explained,
     inference_speed_options,
@@ -31,10 +32,6 @@ def register(subparsers) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("--output", default="outputs/predict", help="folder for the result PNGs (default: outputs/predict)")
     add_prediction_args(p)
-    p.add_argument("--protocol", choices=["default", "csail"], default="default",
-                   help="csail: CSAIL's ADE20K test protocol, as `sceneparse eval --protocol csail` (short sides "
-                        "300..600, long side <= 1000, Pillow resizing; --scales and --max-size do not apply)")
-    p.add_argument("--single-scale", action="store_true", help="with --protocol csail: short side 450 alone")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the colours in the overlay (default: 0.5)")
     p.add_argument("--top", type=int, default=5, help="how many of the largest classes to print (default: 5)")
     add_inference_speed_args(p)
@@ -122,11 +119,6 @@ def run(args) -> int:
     if not 0 <= args.alpha <= 1:
         raise SceneparseError(f"--alpha must be between 0 and 1, got {args.alpha}")
     check_prediction_args(args)
-    if args.protocol == "csail" and args.scales:
-        raise SceneparseError("--scales cannot be combined with --protocol csail (it fixes the scales)",
-                              "drop --scales (--single-scale: 450 alone), or use --protocol default")
-    if args.single_scale and args.protocol != "csail":
-        raise SceneparseError("--single-scale belongs to --protocol csail", "add --protocol csail, or give --scales 450")
     speed = inference_speed_options(args)
     output = Path(args.output).expanduser()
     inputs = expand_inputs(args.inputs, exclude=output)
@@ -143,7 +135,6 @@ def _predict(args, info, inputs: list[tuple[Path, str]], output: Path, speed: di
     from sceneparse.data.meta import make_palette
     from sceneparse.engine.checkpoint import load_model, resolve_model
     from sceneparse.engine.distributed import all_reduce_, barrier, broadcast_object, run_on_main
-    from sceneparse.engine.infer import Predictor
     from sceneparse.engine.visualize import colorize, overlay
 
     # before loading the model; on rank 0 alone, since every rank would race for the same probe file
@@ -152,12 +143,7 @@ def _predict(args, info, inputs: list[tuple[Path, str]], output: Path, speed: di
     model = load_model(broadcast_object(run_on_main(lambda: str(resolve_model(args.model)), info)), device=info.device)
     num_classes = len(model.class_names)
     palette = getattr(model, "palette", None) or make_palette(num_classes)
-    if args.protocol == "csail":
-        predictor = Predictor.csail(model, single_scale=args.single_scale, flip=args.flip, device=info.device,
-                                    window=args.window, **speed)
-    else:
-        predictor = Predictor(model, scales=tuple(args.scales) if args.scales else (None,), flip=args.flip,
-                              max_size=args.max_size, device=info.device, window=args.window, **speed)
+    predictor = build_predictor(model, args, info.device, **speed)
 
     jobs = list(zip([path for path, _ in inputs], output_stems([name for _, name in inputs])))
     skipped = 0

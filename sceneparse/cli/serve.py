@@ -1,7 +1,7 @@
 """`sceneparse serve --model M`: a small HTTP server (GET /health, POST /predict)."""
 from __future__ import annotations
 
-from sceneparse.cli.options import add_prediction_args, check_prediction_args
+from sceneparse.cli.options import add_prediction_args, build_predictor, check_prediction_args
 from sceneparse.errors import SceneparseError
 
 
@@ -48,8 +48,7 @@ def run(args) -> int:
     check_prediction_args(args)
     device = resolve_device(args.device)
     model = load_model(args.model, device=device)
-    server = make_server(model, args.host, args.port, scales=tuple(args.scales) if args.scales else (None,),
-                         flip=args.flip, max_size=args.max_size, window=args.window, device=device,
+    server = make_server(model, args.host, args.port, predictor=build_predictor(model, args, device),
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                          max_concurrent=args.max_concurrent, quiet=args.quiet)
     serve(server)

@@ -367,11 +367,15 @@ class SegmentationServer(ThreadingHTTPServer):
 def make_server(model, host: str = "127.0.0.1", port: int = 8080, *, scales=(None,), flip: bool = False,
                 max_size: int = 1000, window: int | None = 1024, device=None,
                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-                max_concurrent: int = DEFAULT_MAX_CONCURRENT, quiet: bool = False) -> SegmentationServer:
-    """A server for `model` bound to host:port (port 0: any free port, see `server.url`), not yet serving."""
+                max_concurrent: int = DEFAULT_MAX_CONCURRENT, quiet: bool = False,
+                predictor=None) -> SegmentationServer:
+    """A server for `model` bound to host:port (port 0: any free port, see `server.url`), not yet
+    serving. `predictor`: a ready Predictor of `model` (CSAIL's protocol, say) instead of one made
+    from scales, flip, max_size, window and device."""
     from sceneparse.engine.infer import Predictor
 
-    predictor = Predictor(model, scales=scales, flip=flip, max_size=max_size, device=device, window=window)
+    if predictor is None:
+        predictor = Predictor(model, scales=scales, flip=flip, max_size=max_size, device=device, window=window)
     service = SegmentationService(model, predictor, max_body_bytes=max_body_bytes, max_pixels=max_pixels,
                                   max_concurrent=max_concurrent)
     try:
