@@ -23,6 +23,12 @@ class UnreadableFileError(SceneparseError):
     deletes such a cached download, unlike a file that reads but does not fit."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first non-empty line (its type's name if it has none): the part worth showing
+    of a library error whose next lines are internals (tracer guards, C++ frames)."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
 def ensure_writable(folder: Path, what: str, fix: str) -> None:
     """Create `folder` and write a probe file there, so that a read-only or full disk, or a file
     where the folder should be, is found before hours of work rather than when saving it."""

@@ -27,7 +27,7 @@ import torch
 
 from sceneparse.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sceneparse.engine.distributed import unwrap as _unwrap  # the Segmenter inside DDP/compile
-from sceneparse.errors import SceneparseError
+from sceneparse.errors import SceneparseError, first_line
 from sceneparse.models.pretrained import (
     CHECKPOINT_FORMAT_PREFIX,
     as_state_dict,
@@ -77,8 +77,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         tmp_name = None
         _fsync_dir(path.parent)
     except (OSError, RuntimeError) as err:  # torch.save's zip writer reports a full disk as RuntimeError
-        reason = getattr(err, "strerror", None) or next(
-            (line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        reason = getattr(err, "strerror", None) or first_line(err)
         raise SceneparseError(
             f"could not write checkpoint {path}: {reason}",
             hint="free disk space or choose a writable output_dir; the previous checkpoint is untouched",

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sceneparse.data.transforms import normalize
-from sceneparse.errors import SceneparseError
+from sceneparse.errors import SceneparseError, first_line
 from sceneparse.models.layers import resize
 
 FORMATS = ("onnx", "pt2")
@@ -354,7 +354,7 @@ def _write_error(err: Exception, output: Path, staged: Path) -> SceneparseError:
     if isinstance(err, OSError) and err.strerror:
         reason = err.strerror
     else:
-        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        reason = first_line(err)
     return SceneparseError(f"cannot write {output}: {reason.replace(str(staged.parent), str(output.parent))}",
                            f"check the free space and permissions of {output.parent}")
 
@@ -383,7 +383,7 @@ def _capture(module: nn.Module, example: torch.Tensor, shapes: dict | None):
             return torch.export.export(module, (example,), dynamic_shapes=shapes)
     except Exception as err:  # noqa: BLE001 - shown to the user with the way out
         # the first line says what failed; the next ones are the tracer's symbolic guards
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = first_line(err)
         first = first if len(first) <= 200 else first[:200] + "..."
         raise SceneparseError(f"torch.export could not capture the model: {type(err).__name__}: {first}",
                               "try without --dynamic (a fixed --size)" if dynamic else None) from None
@@ -408,7 +408,7 @@ def _save_onnx(program, example, output: Path, metadata: dict, opset: int | None
                                              input_names=["image"], output_names=[metadata["output"]["name"]],
                                              dynamic_shapes=shapes, verbose=False)
     except Exception as err:  # noqa: BLE001
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = first_line(err)
         raise SceneparseError(f"ONNX export failed: {type(err).__name__}: {first}",
                               "try another --opset (the exporter's own is the default), or --format pt2") from None
     finally:
@@ -450,7 +450,7 @@ def read_metadata(path: str | Path) -> dict:
         torch.export.load(path, extra_files=extra)
         return json.loads(extra[METADATA_FILE]) if extra[METADATA_FILE] else {}
     except Exception as err:  # noqa: BLE001 - protobuf, zip and torch.export errors alike
-        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        reason = first_line(err)
         raise SceneparseError(f"{path} is not a model exported by `sceneparse export` (ONNX or .pt2): {reason}",
                               "pass the .onnx or .pt2 file that `sceneparse export` wrote") from None
 
@@ -498,7 +498,7 @@ def _compare(model, mean, std, run, shape, input_dtype, argmax, tolerance) -> di
     try:
         out = run(images)
     except Exception as err:  # noqa: BLE001 - e.g. an ONNX graph that baked in the example's size
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = first_line(err)
         return {"shape": list(shape), "max_abs_diff": float("inf"), "tolerance": tolerance,
                 "argmax_agreement": 0.0, "ok": False, "error": f"{type(err).__name__}: {first}"}
     ref_ids = reference.argmax(dim=1)
