@@ -401,6 +401,8 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_step_and_resume_continues(r
     assert ranks[1]["stop"].startswith("TrainingInterrupted: SIGTERM received: stopped after iteration 2")
     assert ranks[0]["stop"].startswith("TrainingInterrupted: stop signal on another process received: "
                                        "stopped after iteration 2")
+    # the resume command keeps torchrun and its process count (LOCAL_WORLD_SIZE, as torchrun sets it)
+    assert "Resume with:\n  torchrun --nproc-per-node 2 -m sceneparse train " in ranks[0]["stop"]
     out = ranks[0]["out_dir"]
     state = load_checkpoint(out / "stop" / "last.pt")["train_state"]
     assert state["iteration"] == 4  # after the resume

@@ -751,23 +751,20 @@ def test_overrides_may_follow_the_options(tmp_path):
         main(["train", config, "--overwrite", "stray"])
 
 
-def test_a_distributed_runs_resume_command_keeps_torchrun_and_its_process_count(tmp_path, monkeypatch):
+def test_a_distributed_runs_resume_command_keeps_torchrun_and_its_process_count(tmp_path):
     from types import SimpleNamespace
 
     from sceneparse.engine.distributed import DistInfo
     from sceneparse.engine.train import Trainer
 
-    def command(world_size, **env):
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        fake = SimpleNamespace(info=DistInfo(rank=0, world_size=world_size), output_dir=tmp_path)
-        return Trainer.resume_command.fget(fake)
+    def command(world_size, per_node=1):
+        info = DistInfo(rank=0, world_size=world_size, local_world_size=per_node)
+        return Trainer.resume_command.fget(SimpleNamespace(info=info, output_dir=tmp_path))
 
     tail = f"train {tmp_path / 'config.yaml'} --resume {tmp_path / 'last.pt'}"
     assert command(1) == f"sceneparse {tail}"
-    assert command(4, LOCAL_WORLD_SIZE="4") == f"torchrun --nproc-per-node 4 -m sceneparse {tail}"
-    assert command(16, LOCAL_WORLD_SIZE="8") == (
+    assert command(4, per_node=4) == f"torchrun --nproc-per-node 4 -m sceneparse {tail}"
+    assert command(16, per_node=8) == (
         f"torchrun --nnodes 2 --nproc-per-node 8 <your rendezvous options> -m sceneparse {tail}")
 
 

@@ -58,6 +58,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1  # processes on this machine (torchrun's --nproc-per-node)
 
     @property
     def is_main(self) -> bool:
@@ -153,7 +154,8 @@ def init_from_env(device: str | torch.device = "auto") -> DistInfo:
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
+                    local_world_size=_env_int("LOCAL_WORLD_SIZE", world_size))
 
 
 def wrap_model(

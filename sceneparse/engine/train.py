@@ -315,11 +315,6 @@ def train(cfg: DictConfig, resume: str | Path | bool | None = None) -> dict:
         return Trainer(cfg, resume, info).run()
 
 
-def _env_count(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else default
-
-
 def _check_same_config(cfg: DictConfig, info) -> None:
     """Every process must train with the same settings: a config edited on one machine only would
     make the ranks wait on each other at different steps, silently, until the process group's
@@ -557,7 +552,7 @@ class Trainer:
         command = f"sceneparse train {self.output_dir / 'config.yaml'} --resume {self.output_dir / 'last.pt'}"
         if not self.info.distributed:
             return command
-        per_node = _env_count("LOCAL_WORLD_SIZE", self.info.world_size)
+        per_node = max(1, self.info.local_world_size)
         nodes = max(1, self.info.world_size // per_node)
         launcher = (f"torchrun --nproc-per-node {per_node}" if nodes == 1 else
                     f"torchrun --nnodes {nodes} --nproc-per-node {per_node} <your rendezvous options>")
